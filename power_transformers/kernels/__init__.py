@@ -1,0 +1,25 @@
+"""Power attention kernels: the PyTorch reference of every form, the Triton kernels, one dispatch."""
+
+from .dispatch import BACKENDS, power_attention, power_attention_decode_
+from .reference import (
+    check_degree,
+    empty_state,
+    expanded_dim,
+    power_attention_chunked,
+    power_attention_quadratic,
+    power_attention_recurrent,
+    symmetric_power_embedding,
+)
+
+__all__ = [
+    "BACKENDS",
+    "check_degree",
+    "empty_state",
+    "expanded_dim",
+    "power_attention",
+    "power_attention_chunked",
+    "power_attention_decode_",
+    "power_attention_quadratic",
+    "power_attention_recurrent",
+    "symmetric_power_embedding",
+]

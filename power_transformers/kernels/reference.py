@@ -1,0 +1,318 @@
+"""Pure PyTorch power attention: every form of DESIGN.md, on any device.
+
+These functions are the oracle for the Triton kernels and the fallback the model
+uses wherever the kernels cannot run (CPU, unusual shapes).
+
+Layout (the same as the kernels and the model's projections):
+
+    q        [B, T, Hq, d]     query heads, Hq a multiple of Hk
+    k, v     [B, T, Hk, d]     key / value heads
+    log_g    [B, T, Hk]        per-token log-gates (<= 0), or None for no gating
+    state    (S, z)            S [B, Hk, D, d] and z [B, Hk, D], fp32 (fp64 for fp64 inputs)
+
+    A_ij = (scale * q_i . k_j)^p * exp(G_i - G_j)   (j <= i, G the running sum of log_g)
+    y_i  = sum_j A_ij v_j / (sum_j A_ij + eps)
+
+All arithmetic runs in fp32 (fp64 when the inputs are fp64); outputs are cast back to
+the dtype of `v`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from functools import lru_cache
+
+import torch
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------
+
+
+def check_degree(degree: int) -> None:
+    """Raise unless `degree` is a positive even integer (odd degrees give negative scores)."""
+    if not isinstance(degree, int) or isinstance(degree, bool) or degree < 2 or degree % 2:
+        raise ValueError(f"degree must be a positive even integer, got {degree!r}")
+
+
+def expanded_dim(head_dim: int, degree: int) -> int:
+    """D = C(d + p - 1, p): the size of the symmetric power embedding."""
+    return math.comb(head_dim + degree - 1, degree)
+
+
+@lru_cache(maxsize=None)
+def _embedding_plan(head_dim: int, degree: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tuples i1 <= ... <= ip ([D, p]) and the sqrt-multinomial weight of each ([D])."""
+    index, weight = [], []
+    for combo in itertools.combinations_with_replacement(range(head_dim), degree):
+        counts = [combo.count(i) for i in set(combo)]
+        multinomial = math.factorial(degree)
+        for c in counts:
+            multinomial //= math.factorial(c)
+        index.append(combo)
+        weight.append(math.sqrt(multinomial))
+    return torch.tensor(index, dtype=torch.long), torch.tensor(weight, dtype=torch.float64)
+
+
+def symmetric_power_embedding(x: torch.Tensor, degree: int) -> torch.Tensor:
+    """phi_p(x): [..., d] -> [..., D] with phi_p(a) . phi_p(b) == (a . b)^p."""
+    check_degree(degree)
+    index, weight = _embedding_plan(x.shape[-1], degree)
+    index, weight = index.to(x.device), weight.to(device=x.device, dtype=x.dtype)
+    return x[..., index].prod(dim=-1) * weight
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_g: torch.Tensor | None) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [batch, time, heads, head_dim]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree in batch, time or head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+    if log_g is not None and log_g.shape != k.shape[:3]:
+        raise ValueError(f"log_g must be [batch, time, kv_heads] = {tuple(k.shape[:3])}, got {tuple(log_g.shape)}")
+
+
+def _grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, T, Hq, d] -> [B, T, Hk, G, d]: query heads grouped by the key/value head they share."""
+    b, t, hq, d = q.shape
+    return q.reshape(b, t, num_kv_heads, hq // num_kv_heads, d)
+
+
+def _log_scores(q: torch.Tensor, k: torch.Tensor, degree: int, scale: float) -> torch.Tensor:
+    """p * log|scale q.k| for grouped q [B, Tq, Hk, G, d], k [B, Tk, Hk, d] -> [B, Hk, G, Tq, Tk].
+
+    Exact zeros map to -inf with a zero (not NaN) gradient.
+    """
+    dot = torch.einsum("bihgd,bjhd->bhgij", q, k) * scale
+    zero = dot == 0
+    safe = torch.where(zero, torch.ones_like(dot), dot)
+    return torch.where(zero, torch.full_like(dot, -math.inf), degree * torch.log(safe.abs()))
+
+
+def _init_state(batch: int, num_kv_heads: int, head_dim: int, degree: int, dtype, device) -> State:
+    dim = expanded_dim(head_dim, degree)
+    return (
+        torch.zeros(batch, num_kv_heads, dim, head_dim, dtype=dtype, device=device),
+        torch.zeros(batch, num_kv_heads, dim, dtype=dtype, device=device),
+    )
+
+
+def empty_state(batch: int, num_kv_heads: int, head_dim: int, degree: int, device=None, dtype=torch.float32) -> State:
+    """A zero state (S [B, Hk, D, d], z [B, Hk, D]) in fp32: what a new sequence starts from."""
+    check_degree(degree)
+    return _init_state(batch, num_kv_heads, head_dim, degree, dtype, device)
+
+
+# ----------------------------------------------------------------------------------
+# Form 1: attention, O(T^2 d)
+# ----------------------------------------------------------------------------------
+
+
+def power_attention_quadratic(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_g: torch.Tensor | None = None,
+    *,
+    degree: int = 2,
+    scale: float | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """The attention form: y [B, T, Hq, d] from the full T x T score matrix."""
+    check_degree(degree)
+    _check_shapes(q, k, v, log_g)
+    b, t, hq, d = q.shape
+    hk = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    cdt = _compute_dtype(v)
+    qg, k32, v32 = _grouped(q, hk).to(cdt), k.to(cdt), v.to(cdt)
+
+    log_a = _log_scores(qg, k32, degree, scale)  # [B, Hk, G, T, T]
+    if log_g is not None:
+        # Differences of a running sum: computed in fp64 so that long contexts keep their digits.
+        cum = log_g.to(torch.float64).cumsum(dim=1).transpose(1, 2)  # [B, Hk, T]
+        log_a = log_a + (cum[..., :, None] - cum[..., None, :]).to(cdt)[:, :, None]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    log_a = log_a.masked_fill(~causal, -math.inf)
+    y = _normalised_output(log_a, v32, None, None, eps)
+    return y.reshape(b, hk, -1, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, hq, d).to(v.dtype)
+
+
+def _normalised_output(
+    log_a: torch.Tensor,
+    v: torch.Tensor,
+    inter_num: torch.Tensor | None,
+    inter_log_den: tuple[torch.Tensor, torch.Tensor] | None,
+    eps: float,
+) -> torch.Tensor:
+    """sum_j A_ij v_j / (sum_j A_ij + eps), in a scale that cannot overflow.
+
+    log_a [B, Hk, G, Tq, Tk] holds log A_ij for the (chunk-local) keys, v [B, Tk, Hk, d].
+    inter_num [B, Hk, G, Tq, d] and inter_log_den = (den [B, Hk, G, Tq], log_decay [B, Hk, G, Tq])
+    add the contribution of the state carried from earlier chunks, already multiplied by
+    phi(q), and the log of its decay from the chunk start.
+    Every term is divided by exp(m_i), m_i = max(0, row max of log A): the largest local
+    term becomes 1 and nothing grows past it.
+    """
+    m = log_a.amax(dim=-1).detach().clamp_min(0.0)  # [B, Hk, G, Tq]
+    a = torch.exp(log_a - m[..., None])
+    num = torch.einsum("bhgij,bjhd->bhgid", a, v)
+    den = a.sum(dim=-1)
+    eps_term = eps * torch.exp(-m)
+    if inter_num is not None:
+        state_den, log_decay = inter_log_den
+        w = torch.exp(log_decay - m)  # <= 1: log_decay <= 0 <= m
+        num = num + w[..., None] * inter_num
+        den = den + w * state_den
+    return num / (den + eps_term)[..., None]  # [B, Hk, G, Tq, d]
+
+
+# ----------------------------------------------------------------------------------
+# Form 2: recurrent, one token at a time, O(T D d)
+# ----------------------------------------------------------------------------------
+
+
+def power_attention_decode_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_g: torch.Tensor | None,
+    state: State,
+    *,
+    degree: int = 2,
+    scale: float | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Feed t tokens through the recurrence, updating `state` (S, z) in place; y [B, t, Hq, d].
+
+    S_t = e^{g_t} S_{t-1} + phi(k_t) v_t^T,  z_t = e^{g_t} z_{t-1} + phi(k_t),
+    y_t = phi(s q_t)^T S_t / (phi(s q_t)^T z_t + eps).
+    """
+    check_degree(degree)
+    _check_shapes(q, k, v, log_g)
+    b, t, hq, d = q.shape
+    hk = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    s_state, z_state = state
+    cdt = s_state.dtype
+    outputs = []
+    for i in range(t):
+        phi_q = symmetric_power_embedding(_grouped(q[:, i : i + 1], hk)[:, 0].to(cdt) * scale, degree)  # [B, Hk, G, D]
+        phi_k = symmetric_power_embedding(k[:, i].to(cdt), degree)  # [B, Hk, D]
+        if log_g is not None:
+            decay = torch.exp(log_g[:, i].to(cdt))  # [B, Hk]
+            s_state.mul_(decay[..., None, None])
+            z_state.mul_(decay[..., None])
+        s_state.add_(phi_k[..., :, None] * v[:, i].to(cdt)[..., None, :])
+        z_state.add_(phi_k)
+        num = torch.einsum("bhgD,bhDd->bhgd", phi_q, s_state)
+        den = torch.einsum("bhgD,bhD->bhg", phi_q, z_state)
+        outputs.append((num / (den + eps)[..., None]).reshape(b, hq, d))
+    return torch.stack(outputs, dim=1).to(v.dtype)
+
+
+def power_attention_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_g: torch.Tensor | None = None,
+    *,
+    degree: int = 2,
+    scale: float | None = None,
+    eps: float = 1e-6,
+    initial_state: State | None = None,
+) -> tuple[torch.Tensor, State]:
+    """The recurrent form over a whole sequence: (y [B, T, Hq, d], final state). Inputs untouched."""
+    check_degree(degree)
+    b, _, _, d = q.shape
+    hk = k.shape[2]
+    if initial_state is None:
+        state = _init_state(b, hk, d, degree, _compute_dtype(v), q.device)
+    else:
+        state = (initial_state[0].clone(), initial_state[1].clone())
+    y = power_attention_decode_(q, k, v, log_g, state, degree=degree, scale=scale, eps=eps)
+    return y, state
+
+
+# ----------------------------------------------------------------------------------
+# Form 3: chunked, O(T (C d + D d))
+# ----------------------------------------------------------------------------------
+
+
+def power_attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_g: torch.Tensor | None = None,
+    *,
+    degree: int = 2,
+    scale: float | None = None,
+    eps: float = 1e-6,
+    chunk_size: int = 64,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, State | None]:
+    """The chunked form: attention inside each chunk of `chunk_size`, the state between chunks.
+
+    Returns y [B, T, Hq, d] and, when `output_final_state`, the state after the last token.
+    T need not be a multiple of `chunk_size`: the last chunk is simply shorter.
+    Differentiable with respect to q, k, v, log_g (and the initial state).
+    """
+    check_degree(degree)
+    _check_shapes(q, k, v, log_g)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    b, t, hq, d = q.shape
+    hk = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    cdt = _compute_dtype(v)
+    qg, kc, vc = _grouped(q, hk).to(cdt), k.to(cdt), v.to(cdt)
+    gc = None if log_g is None else log_g.to(cdt)
+    if initial_state is None:
+        s_state, z_state = _init_state(b, hk, d, degree, cdt, q.device)
+    else:
+        s_state, z_state = initial_state[0].to(cdt), initial_state[1].to(cdt)
+
+    outputs = []
+    for start in range(0, t, chunk_size):
+        end = min(start + chunk_size, t)
+        q_c, k_c, v_c = qg[:, start:end], kc[:, start:end], vc[:, start:end]
+        n = end - start
+        log_a = _log_scores(q_c, k_c, degree, scale)  # [B, Hk, G, n, n]
+        if gc is None:
+            local = torch.zeros(b, hk, n, dtype=cdt, device=q.device)
+        else:
+            local = gc[:, start:end].cumsum(dim=1).transpose(1, 2)  # [B, Hk, n]: G_i - G_chunk_start
+            log_a = log_a + (local[..., :, None] - local[..., None, :])[:, :, None]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        log_a = log_a.masked_fill(~causal, -math.inf)
+
+        # The state from earlier chunks, seen by each query: phi(s q)^T S and phi(s q)^T z.
+        phi_q = symmetric_power_embedding(q_c * scale, degree)  # [B, n, Hk, G, D]
+        inter_num = torch.einsum("bihgD,bhDd->bhgid", phi_q, s_state)
+        inter_den = torch.einsum("bihgD,bhD->bhgi", phi_q, z_state)
+        log_decay = local[:, :, None, :].expand_as(inter_den)
+        y_c = _normalised_output(log_a, v_c, inter_num, (inter_den, log_decay), eps)
+        outputs.append(y_c.permute(0, 3, 1, 2, 4).reshape(b, n, hq, d))
+
+        # Fold the chunk into the state: decay the old state by the chunk's total gate, add
+        # each key weighted by its own decay to the chunk end (all exponents <= 0).
+        total = local[..., -1]  # [B, Hk]
+        w = torch.exp(total[..., None] - local).transpose(1, 2)  # [B, n, Hk]
+        phi_k = symmetric_power_embedding(k_c, degree)  # [B, n, Hk, D]
+        s_state = torch.exp(total)[..., None, None] * s_state + torch.einsum("bjhD,bjhd->bhDd", phi_k * w[..., None], v_c)
+        z_state = torch.exp(total)[..., None] * z_state + (phi_k * w[..., None]).sum(dim=1)
+
+    y = torch.cat(outputs, dim=1).to(v.dtype) if outputs else torch.zeros_like(q, dtype=v.dtype)
+    return y, ((s_state, z_state) if output_final_state else None)
