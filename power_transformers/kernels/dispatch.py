@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -36,7 +37,17 @@ def _triton_module():
     return triton_power
 
 
-def _use_triton(backend: str, q: torch.Tensor, degree: int) -> bool:
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Warn about a fallback to the reference once per distinct reason (not on every layer and step)."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"power attention falls back to the PyTorch reference: {message}", stacklevel=3)
+
+
+def _use_triton(backend: str, q: torch.Tensor, degree: int, k=None, v=None, log_g=None, state=None) -> bool:
     backend = _resolve_backend(backend)
     if backend == "reference":
         return False
@@ -44,9 +55,19 @@ def _use_triton(backend: str, q: torch.Tensor, degree: int) -> bool:
     if backend == "triton":
         if module is None:
             raise RuntimeError("backend='triton' was asked for but the Triton kernels are not available (pip install triton)")
-        module.check_supported(q, degree)  # raises with the reason
+        module.check_supported(q, degree, k, v, log_g, state)  # raises with the reason
         return True
-    return module is not None and q.is_cuda and module.is_supported(q, degree)
+    if not q.is_cuda:
+        return False  # "auto" uses the kernels on CUDA tensors only; no warning for the CPU
+    if module is None:
+        _warn_once("Triton is not installed (pip install triton)")
+        return False
+    try:
+        module.check_supported(q, degree, k, v, log_g, state)
+    except ValueError as err:
+        _warn_once(str(err))
+        return False
+    return True
 
 
 def power_attention(
@@ -69,7 +90,7 @@ def power_attention(
     z [B, Hk, D]) fp32 or None. Returns y [B, T, Hq, d] (dtype of v) and the final state when
     `output_final_state`.
     """
-    if _use_triton(backend, q, degree):
+    if _use_triton(backend, q, degree, k, v, log_g, initial_state):
         return _triton_module().power_attention(
             q, k, v, log_g, degree=degree, scale=scale, eps=eps, chunk_size=chunk_size,
             initial_state=initial_state, output_final_state=output_final_state,
@@ -97,6 +118,6 @@ def power_attention_decode_(
     q [B, t, Hq, d], k/v [B, t, Hk, d], log_g [B, t, Hk] or None, state (S, z) fp32.
     Returns y [B, t, Hq, d]. The state keeps its shape and storage (static caches rely on it).
     """
-    if _use_triton(backend, q, degree):
+    if _use_triton(backend, q, degree, k, v, log_g, state):
         return _triton_module().power_attention_decode_(q, k, v, log_g, state, degree=degree, scale=scale, eps=eps)
     return reference.power_attention_decode_(q, k, v, log_g, state, degree=degree, scale=scale, eps=eps)

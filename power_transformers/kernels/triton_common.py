@@ -1,0 +1,112 @@
+"""Shared pieces of the Triton power attention kernels (degree 2).
+
+The symmetric power embedding phi_2: R^d -> R^D, D = d (d + 1) / 2, has one entry per pair
+i <= j, w_ij x_i x_j with w_ij = sqrt(2) off the diagonal and 1 on it, in the order of
+`itertools.combinations_with_replacement` (the reference's order): (0,0), (0,1), ..., (0,d-1),
+(1,1), ..., (d-1,d-1). Row-block i of that order is the d - i pairs (i, j >= i); it starts at
+index i d - i (i - 1) / 2.
+
+The kernels never form phi(x) for all D entries at once. They walk over the d row-blocks and
+build block i on chip from the d-dimensional tile x [M, d] and its column x[:, i] [M]:
+
+    phi_i(x)[m, j] = w_ij x[m, i] x[m, j]     for j >= i, and 0 for j < i.
+
+A row-block of a state S [D, d] is then the [d, d] tile of rows (i, j), j = 0..d-1 (rows j < i
+masked out), and phi(x)^T S = sum_i phi_i(x) @ S_i, S += phi(k) v^T is S_i += phi_i(k)^T v.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import triton
+import triton.language as tl
+
+SQRT2 = math.sqrt(2.0)
+#: head sizes the kernels are compiled for (tl.arange needs powers of two; tl.dot >= 16)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DEGREES = (2,)
+
+
+def interpreting() -> bool:
+    """True when Triton runs through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_dtype(torch_dtype):
+    """The operand type of tl.dot for inputs of `torch_dtype`.
+
+    fp16/bf16 inputs multiply in their own type (full tensor-core rate) with fp32
+    accumulation; fp32 inputs in fp32 (tf32 on the GPU). Under the interpreter bf16 dots are
+    wrong (FACTS.md), so they run in fp32 there.
+    """
+    import torch
+
+    if torch_dtype == torch.float16:
+        return tl.float16
+    if torch_dtype == torch.bfloat16 and not interpreting():
+        return tl.bfloat16
+    return tl.float32
+
+
+@triton.jit
+def pair_weights(i, offs_d):
+    """[d] weights of the pairs (i, j): sqrt(2) for j > i, 1 for j == i, 0 for j < i (no such pair)."""
+    return tl.where(offs_d > i, 1.4142135623730951, tl.where(offs_d == i, 1.0, 0.0))
+
+
+@triton.jit
+def phi_rows(x, xi, i, offs_d):
+    """Row-block i of phi_2, built on chip: x [M, d] fp32, xi [M] (= x[:, i], possibly times a
+    per-row weight) -> [M, d] with entry (m, j) = w_ij xi[m] x[m, j] (0 for j < i)."""
+    w = pair_weights(i, offs_d)
+    return x * (xi[:, None] * w[None, :])
+
+
+@triton.jit
+def phi_rows_grad(x, xi, dphi, i, offs_d):
+    """The gradient with respect to x [M, d] of sum(dphi * phi_rows(x, x[:, i], i)).
+
+    dphi [M, d] is the gradient of row-block i. Entry (i, j) = w_ij x_i x_j sends
+    w_ij dphi_ij x_i to x_j and w_ij dphi_ij x_j to x_i (both to x_i on the diagonal).
+    """
+    gw = dphi * pair_weights(i, offs_d)[None, :]
+    dx = gw * xi[:, None]
+    col = tl.sum(gw * x, axis=1)  # [M]: everything that lands in column i
+    return dx + tl.where(offs_d[None, :] == i, col[:, None], 0.0)
+
+
+@triton.jit
+def row_block_rows(i, offs_d, HEAD_DIM: tl.constexpr):
+    """Indices in [0, D) of the rows (i, j) of row-block i ([d], valid where j >= i) and that mask."""
+    start = i * HEAD_DIM - (i * (i - 1)) // 2
+    return start + offs_d - i, offs_d >= i
+
+
+@triton.jit
+def chunk_gates(g_ptr, t0, T, stride_t, offs_c, HAS_GATE: tl.constexpr):
+    """Chunk-local running sums of the log-gates of tokens t0 + offs_c.
+
+    Returns b [C] with b_t = sum_{u = t0}^{t} g_u and the chunk total (a scalar). Tokens at or
+    past T count as g = 0 (they decay nothing), so the total is b at the last real token.
+    """
+    if HAS_GATE:
+        g = tl.load(g_ptr + (t0 + offs_c) * stride_t, mask=t0 + offs_c < T, other=0.0).to(tl.float32)
+    else:
+        g = tl.zeros(offs_c.shape, dtype=tl.float32)
+    return tl.cumsum(g, axis=0), tl.sum(g, axis=0)
+
+
+@triton.jit
+def load_rows(base, t0, T, stride_t, offs_c, offs_d):
+    """A [C, d'] fp32 tile of tokens t0 + offs_c (rows past T are 0); offs_d the column offsets."""
+    t = t0 + offs_c
+    return tl.load(base + t[:, None] * stride_t + offs_d[None, :], mask=(t < T)[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_col(base, t0, T, stride_t, offs_c, i):
+    """Column i of the same tile: [C] fp32."""
+    t = t0 + offs_c
+    return tl.load(base + t * stride_t + i, mask=t < T, other=0.0).to(tl.float32)

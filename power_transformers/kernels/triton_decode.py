@@ -1,0 +1,107 @@
+"""Decode: a few new tokens against the recurrent state, updated in place (degree 2).
+
+Shapes:
+
+    q         [B, t, Hq, d]   the new tokens' queries (t small: 1 for plain decoding)
+    k, v      [B, t, Hk, d]
+    log_g     [B, t, Hk] or None
+    S         [B, Hk, D, d] fp32, z [B, Hk, D] fp32: updated in place (same storage)
+    y         [B, t, Hq, d]   dtype of v
+
+Per token: S = e^g S + phi(k) v^T, z = e^g z + phi(k), y = phi(s q)^T S / (phi(s q)^T z + eps).
+
+One program per (batch row, kv head) walks the d row-blocks of its state: each [d, d] block is
+read once, updated for every new token in turn (the row-blocks are independent), written back
+once; the queries of all t tokens and the G query heads of the group (rows r = token * G + g)
+take their share of the output from the block between the updates. The state is read and
+written once per call: that is the memory floor of a decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import expanded_dim
+from .triton_common import interpreting, pair_weights, phi_rows, row_block_rows
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, LG, S, Z, Y,
+    t, HQ, HK, scale, eps,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // HK
+    h = bh % HK
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_r = tl.arange(0, ROWS)
+    r_tok = offs_r // G
+    r_ok = r_tok < t
+    row_off = ((b * t + r_tok) * HQ + h * G + offs_r % G).to(tl.int64) * HEAD_DIM  # [ROWS], same in q and y
+    q_rows = Q + row_off
+    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32) * scale
+
+    s_base = S + bh.to(tl.int64) * D * HEAD_DIM
+    z_base = Z + bh.to(tl.int64) * D
+    num = tl.zeros((ROWS, HEAD_DIM), dtype=tl.float32)
+    den = tl.zeros((ROWS,), dtype=tl.float32)
+    for i in range(HEAD_DIM):
+        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
+        s_ptr = s_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
+        s_i = tl.load(s_ptr, mask=row_ok[:, None], other=0.0)
+        z_i = tl.load(z_base + rows, mask=row_ok, other=0.0)
+        qi = tl.load(q_rows + i, mask=r_ok, other=0.0).to(tl.float32) * scale
+        phiq_all = phi_rows(q, qi, i, offs_d)  # [ROWS, d]
+        w = pair_weights(i, offs_d)
+        for tok in range(t):
+            kv_off = ((b * t + tok) * HK + h).to(tl.int64) * HEAD_DIM
+            k = tl.load(K + kv_off + offs_d).to(tl.float32)
+            ki = tl.load(K + kv_off + i).to(tl.float32)
+            v = tl.load(V + kv_off + offs_d).to(tl.float32)
+            if HAS_GATE:
+                a = tl.exp(tl.load(LG + (b * t + tok).to(tl.int64) * HK + h).to(tl.float32))
+                s_i = s_i * a
+                z_i = z_i * a
+            phik = k * ki * w
+            s_i += phik[:, None] * v[None, :]
+            z_i += phik
+            phiq = tl.where((r_tok == tok)[:, None], phiq_all, 0.0)
+            num += tl.sum(phiq[:, :, None] * s_i[None, :, :], axis=1)
+            den += tl.sum(phiq * z_i[None, :], axis=1)
+        tl.store(s_ptr, s_i, mask=row_ok[:, None])
+        tl.store(z_base + rows, z_i, mask=row_ok)
+
+    y = num / (den + eps)[:, None]
+    tl.store(Y + row_off[:, None] + offs_d[None, :], y, mask=r_ok[:, None])
+
+
+def _rows(tokens: int, group: int) -> int:
+    return triton.next_power_of_2(max(1, tokens * group))
+
+
+def decode_(q, k, v, log_g, s_state, z_state, scale: float, eps: float) -> torch.Tensor:
+    """Feed q/k/v [B, t, *, d] through the state (S, z), in place; returns y [B, t, Hq, d]."""
+    bsz, t, hq, d = q.shape
+    hk = k.shape[2]
+    group = hq // hk
+    y = torch.empty(bsz, t, hq, d, dtype=v.dtype, device=q.device)
+    # Tokens per launch: the on-chip product [rows, d, d] stays within ~32k numbers.
+    per_launch = max(1, (32768 // (d * d)) // group)
+    opts = {} if interpreting() else {"num_warps": 4 if d <= 64 else 8}
+    for start in range(0, t, per_launch):
+        n = min(per_launch, t - start)
+        sl = slice(start, start + n)
+        qs, ks, vs = q[:, sl].contiguous(), k[:, sl].contiguous(), v[:, sl].contiguous()
+        gs = log_g[:, sl].contiguous() if log_g is not None else ks
+        ys = y if n == t else torch.empty(bsz, n, hq, d, dtype=v.dtype, device=q.device)
+        _decode_kernel[(bsz * hk,)](
+            qs, ks, vs, gs, s_state, z_state, ys, n, hq, hk, scale, eps,
+            HEAD_DIM=d, D=expanded_dim(d, 2), G=group, ROWS=_rows(n, group), HAS_GATE=log_g is not None, **opts,
+        )
+        if ys is not y:
+            y[:, sl] = ys
+    return y

@@ -1,0 +1,215 @@
+"""Triton power attention: the entry points `dispatch` uses, registered as torch custom ops.
+
+    power_attention(q, k, v, log_g, *, degree, scale, eps, chunk_size, initial_state,
+                    output_final_state) -> (y, state | None)       autograd: q, k, v, log_g, state
+    power_attention_decode_(q, k, v, log_g, state, *, degree, scale, eps) -> y
+                    updates state = (S, z) in place (same storage: static caches, CUDA graphs)
+
+Shapes as in reference.py: q [B, T, Hq, d], k/v [B, T, Hk, d], log_g [B, T, Hk] or None,
+S [B, Hk, D, d] fp32, z [B, Hk, D] fp32, D = d (d + 1) / 2, in the reference's symmetric order
+(so states from either implementation are interchangeable).
+
+The kernels are wrapped as `torch.library.custom_op`s with fake (meta) implementations and a
+registered autograd formula, so `torch.compile(fullgraph=True)` sees one opaque op per call and
+no graph break. Nothing here keeps per-process state: device and stream come from the inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .reference import State, expanded_dim
+from .triton_common import SUPPORTED_DEGREES, SUPPORTED_HEAD_DIMS, interpreting
+from .triton_chunk import chunk_backward, chunk_forward
+from .triton_decode import decode_
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------
+# What the kernels take
+# ----------------------------------------------------------------------------------
+
+
+def _problem(q: Tensor, degree: int, k=None, v=None, log_g=None, state=None) -> Optional[str]:
+    """Why the kernels cannot take these inputs, or None if they can."""
+    if degree not in SUPPORTED_DEGREES:
+        return f"degree {degree!r} is not supported by the Triton kernels (supported: {SUPPORTED_DEGREES})"
+    if q.dim() != 4:
+        return f"q must be [batch, time, heads, head_dim], got shape {tuple(q.shape)}"
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        return f"head size {d} is not supported by the Triton kernels (supported: {SUPPORTED_HEAD_DIMS})"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} is not supported by the Triton kernels (supported: fp16, bf16, fp32)"
+    if not q.is_cuda and not interpreting():
+        return f"the Triton kernels need CUDA tensors (got device {q.device}; on CPU set TRITON_INTERPRET=1)"
+    for name, x in (("k", k), ("v", v)):
+        if x is None:
+            continue
+        if x.dim() != 4 or x.shape[0] != q.shape[0] or x.shape[1] != q.shape[1] or x.shape[3] != d:
+            return f"{name} {tuple(x.shape)} does not match q {tuple(q.shape)} in batch, time or head size"
+        if x.dtype != q.dtype:
+            return f"{name} has dtype {x.dtype} but q has {q.dtype}: the Triton kernels need one dtype"
+        if x.device != q.device:
+            return f"{name} is on {x.device} but q on {q.device}"
+    if k is not None:
+        if v is not None and v.shape != k.shape:
+            return f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape"
+        if q.shape[2] % k.shape[2]:
+            return f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})"
+        if log_g is not None and tuple(log_g.shape) != tuple(k.shape[:3]):
+            return f"log_g must be [batch, time, kv_heads] = {tuple(k.shape[:3])}, got {tuple(log_g.shape)}"
+        if state is not None:
+            s, z = state
+            want = (k.shape[0], k.shape[2], expanded_dim(d, degree))
+            if tuple(s.shape) != want + (d,) or tuple(z.shape) != want:
+                return f"state shapes {tuple(s.shape)}, {tuple(z.shape)} do not match {want + (d,)}, {want}"
+            if s.dtype != torch.float32 or z.dtype != torch.float32:
+                return f"the state must be fp32, got {s.dtype} and {z.dtype}"
+    return None
+
+
+def is_supported(q: Tensor, degree: int, k=None, v=None, log_g=None, state=None) -> bool:
+    """True when the Triton kernels can run on these inputs."""
+    return _problem(q, degree, k, v, log_g, state) is None
+
+
+def check_supported(q: Tensor, degree: int, k=None, v=None, log_g=None, state=None) -> None:
+    """Raise ValueError naming the problem when the Triton kernels cannot run on these inputs."""
+    problem = _problem(q, degree, k, v, log_g, state)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+# ----------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("power_transformers::chunk_forward", mutates_args=())
+def _chunk_forward_op(
+    q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], initial_s: Optional[Tensor], initial_z: Optional[Tensor],
+    scale: float, eps: float, chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y [B,T,Hq,d], den [B,T,Hq] fp32, S_final [B,Hk,D,d] fp32, z_final [B,Hk,D] fp32)."""
+    return chunk_forward(q, k, v, log_g, initial_s, initial_z, scale, eps, chunk_size)
+
+
+@_chunk_forward_op.register_fake
+def _(q, k, v, log_g, initial_s, initial_z, scale, eps, chunk_size):
+    b, t, hq, d = q.shape
+    hk, dim = k.shape[2], expanded_dim(d, 2)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    return (q.new_empty(b, t, hq, d, dtype=v.dtype), q.new_empty(b, t, hq, **f32),
+            q.new_empty(b, hk, dim, d, **f32), q.new_empty(b, hk, dim, **f32))
+
+
+@torch.library.custom_op("power_transformers::chunk_backward", mutates_args=())
+def _chunk_backward_op(
+    q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], initial_s: Optional[Tensor], initial_z: Optional[Tensor],
+    y: Tensor, den: Tensor, dy: Tensor, ds_final: Optional[Tensor], dz_final: Optional[Tensor],
+    scale: float, eps: float, chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dlog_g [B,T,Hk] fp32 (empty without gates), dS0, dz0 (empty without an initial state))."""
+    dq, dk, dv, dlog_g, ds0, dz0 = chunk_backward(
+        q, k, v, log_g, initial_s, initial_z, y, den, dy, ds_final, dz_final, scale, eps, chunk_size)
+    if dlog_g is None:
+        dlog_g = q.new_empty(0, dtype=torch.float32)
+    else:
+        dlog_g = dlog_g.to(log_g.dtype).contiguous()
+    if initial_s is None:
+        ds0, dz0 = q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+    else:
+        ds0, dz0 = ds0.to(initial_s.dtype).contiguous(), dz0.to(initial_z.dtype).contiguous()
+    return dq, dk, dv, dlog_g, ds0, dz0
+
+
+@_chunk_backward_op.register_fake
+def _(q, k, v, log_g, initial_s, initial_z, y, den, dy, ds_final, dz_final, scale, eps, chunk_size):
+    empty = q.new_empty(0, dtype=torch.float32)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(log_g) if log_g is not None else empty,
+            torch.empty_like(initial_s) if initial_s is not None else empty,
+            torch.empty_like(initial_z) if initial_z is not None else empty.clone())
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, log_g, initial_s, initial_z, scale, eps, chunk_size = inputs
+    y, den, _, _ = output
+    ctx.save_for_backward(q, k, v, log_g, initial_s, initial_z, y, den)
+    ctx.args = (scale, eps, chunk_size)
+
+
+def _backward(ctx, dy, dden, ds_final, dz_final):
+    q, k, v, log_g, initial_s, initial_z, y, den = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(y)
+    dq, dk, dv, dlog_g, ds0, dz0 = _chunk_backward_op(
+        q, k, v, log_g, initial_s, initial_z, y, den, dy.contiguous(),
+        None if ds_final is None else ds_final.contiguous(), None if dz_final is None else dz_final.contiguous(),
+        *ctx.args)
+    return (dq, dk, dv, dlog_g if log_g is not None else None,
+            ds0 if initial_s is not None else None, dz0 if initial_z is not None else None, None, None, None)
+
+
+_chunk_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("power_transformers::decode_", mutates_args=("state_s", "state_z"))
+def _decode_op(
+    q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], state_s: Tensor, state_z: Tensor, scale: float, eps: float,
+) -> Tensor:
+    """y [B, t, Hq, d]; state_s [B, Hk, D, d] and state_z [B, Hk, D] updated in place."""
+    return decode_(q, k, v, log_g, state_s, state_z, scale, eps)
+
+
+@_decode_op.register_fake
+def _(q, k, v, log_g, state_s, state_z, scale, eps):
+    return q.new_empty(q.shape, dtype=v.dtype)
+
+
+# ----------------------------------------------------------------------------------
+# Public entry points (what dispatch.py calls)
+# ----------------------------------------------------------------------------------
+
+
+def _scale(scale: Optional[float], head_dim: int) -> float:
+    return float(head_dim**-0.5 if scale is None else scale)
+
+
+def power_attention(
+    q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor] = None, *, degree: int = 2, scale: Optional[float] = None,
+    eps: float = 1e-6, chunk_size: int = 64, initial_state: Optional[State] = None, output_final_state: bool = False,
+) -> tuple[Tensor, Optional[State]]:
+    """Chunked power attention with the Triton kernels: y [B, T, Hq, d] and the final state if asked.
+
+    Differentiable with respect to q, k, v, log_g and the initial state. `chunk_size` is rounded
+    to a power of two in [16, 128] (64 at d = 128); that changes only rounding.
+    """
+    check_supported(q, degree, k, v, log_g, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    s0 = z0 = None
+    if initial_state is not None:
+        s0, z0 = initial_state[0].contiguous(), initial_state[1].contiguous()
+    y, _, s_final, z_final = _chunk_forward_op(
+        q.contiguous(), k.contiguous(), v.contiguous(), None if log_g is None else log_g.contiguous(),
+        s0, z0, _scale(scale, q.shape[-1]), float(eps), int(chunk_size))
+    return y, ((s_final, z_final) if output_final_state else None)
+
+
+def power_attention_decode_(
+    q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], state: State, *, degree: int = 2,
+    scale: Optional[float] = None, eps: float = 1e-6,
+) -> Tensor:
+    """A few new tokens against `state` = (S, z), updated in place; y [B, t, Hq, d]."""
+    check_supported(q, degree, k, v, log_g, state)
+    s, z = state
+    if not (s.is_contiguous() and z.is_contiguous()):
+        raise ValueError("the decode state (S, z) must be contiguous: it is updated in place")
+    return _decode_op(q.contiguous(), k.contiguous(), v.contiguous(), None if log_g is None else log_g.contiguous(),
+                      s, z, _scale(scale, q.shape[-1]), float(eps))

@@ -1,0 +1,264 @@
+"""The Triton kernels against the PyTorch reference (fp64), under Triton's CPU interpreter.
+
+Shapes are tiny on purpose: the interpreter costs ~1 ms per tl.dot step, and these run in CI
+on two cores. The same comparisons at real sizes on a GPU: benchmarks/check_gpu.py.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from power_transformers.kernels import dispatch, reference  # noqa: E402
+from power_transformers.kernels import triton_power as tp  # noqa: E402
+
+
+def rel(a, b):
+    """||a - b|| / ||b|| in fp64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(b, t, hq, hk, d, *, gated=True, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, hq, d, generator=g).to(dtype)
+    k = torch.randn(b, t, hk, d, generator=g).to(dtype)
+    v = torch.randn(b, t, hk, d, generator=g).to(dtype)
+    # gates near 1 (log-gates in about [-1, 0]) so that the state matters across chunks
+    log_g = F.logsigmoid(torch.randn(b, t, hk, generator=g) + 2.0) if gated else None
+    return q, k, v, log_g
+
+
+def random_state(b, hk, d, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(b, hk, 8, d, generator=g)
+    vals = torch.randn(b, hk, 8, d, generator=g)
+    phi = reference.symmetric_power_embedding(keys * d**-0.25, 2)
+    return torch.einsum("bhnD,bhnd->bhDd", phi, vals), phi.sum(2)  # a state that real keys could give
+
+
+def leaf(*xs):
+    return [None if x is None else x.detach().clone().requires_grad_() for x in xs]
+
+
+def leaf64(*xs):
+    return [None if x is None else x.detach().double().requires_grad_() for x in xs]
+
+
+# ----------------------------------------------------------------------------------
+# Forward and every gradient
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "b,t,hq,hk,d,gated,chunk,with_state",
+    [
+        (2, 37, 2, 1, 32, True, 16, True),  # GQA, ragged T, gates, initial and final state
+        (1, 20, 1, 1, 32, False, 16, False),  # no gates
+        (1, 33, 4, 2, 16, True, 32, True),  # groups of 2, chunk 32, one token in the last chunk
+    ],
+)
+def test_forward_and_gradients(b, t, hq, hk, d, gated, chunk, with_state):
+    q, k, v, log_g = make_inputs(b, t, hq, hk, d, gated=gated, seed=t)
+    s0, z0 = random_state(b, hk, d, seed=t + 1) if with_state else (None, None)
+    ins, ins64 = leaf(q, k, v, log_g, s0, z0), leaf64(q, k, v, log_g, s0, z0)
+    init = tuple(ins[4:]) if with_state else None
+    init64 = tuple(ins64[4:]) if with_state else None
+
+    y, state = tp.power_attention(*ins[:4], chunk_size=chunk, initial_state=init, output_final_state=True)
+    y_ref, state_ref = reference.power_attention_chunked(
+        *ins64[:4], chunk_size=chunk, initial_state=init64, output_final_state=True)
+    assert y.dtype == v.dtype and y.shape == q.shape
+    assert rel(y, y_ref) < 1e-5
+    assert rel(state[0], state_ref[0]) < 1e-5 and rel(state[1], state_ref[1]) < 1e-5
+
+    # a loss through the output and the final state (as truncated backprop through time would)
+    gen = torch.Generator().manual_seed(7)
+    gy, gs, gz = (torch.randn(x.shape, generator=gen) for x in (y, state[0], state[1]))
+    ((y * gy).sum() + (state[0] * gs).sum() + (state[1] * gz).sum()).backward()
+    ((y_ref * gy.double()).sum() + (state_ref[0] * gs.double()).sum() + (state_ref[1] * gz.double()).sum()).backward()
+    for name, x, x64 in zip(["q", "k", "v", "log_g", "S0", "z0"], ins, ins64):
+        if x is None:
+            continue
+        assert x.grad is not None, name
+        assert rel(x.grad, x64.grad) < 1e-4, (name, rel(x.grad, x64.grad))
+
+
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+def test_chunk_sizes_forward(chunk):
+    q, k, v, log_g = make_inputs(1, 70, 2, 2, 32, seed=chunk)
+    y, state = tp.power_attention(q, k, v, log_g, chunk_size=chunk, output_final_state=True)
+    # the quadratic form is chunk-free: every chunk size must give it
+    y_ref = reference.power_attention_quadratic(q.double(), k.double(), v.double(), log_g.double())
+    _, state_ref = reference.power_attention_chunked(q.double(), k.double(), v.double(), log_g.double(),
+                                                     chunk_size=16, output_final_state=True)
+    assert rel(y, y_ref) < 1e-5
+    assert rel(state[0], state_ref[0]) < 1e-5 and rel(state[1], state_ref[1]) < 1e-5
+
+
+def test_only_the_loss_through_y():
+    """No gradient for the final state flows in: the backward takes None for it."""
+    q, k, v, log_g = make_inputs(1, 24, 1, 1, 16, seed=3)
+    ins, ins64 = leaf(q, k, v, log_g), leaf64(q, k, v, log_g)
+    y, _ = tp.power_attention(*ins, chunk_size=16)
+    y_ref, _ = reference.power_attention_chunked(*ins64, chunk_size=16)
+    (y**2).sum().backward()
+    (y_ref**2).sum().backward()
+    for x, x64 in zip(ins, ins64):
+        assert rel(x.grad, x64.grad) < 1e-4
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
+def test_half_precision_inputs(dtype, tol):
+    q, k, v, log_g = make_inputs(1, 40, 2, 1, 32, dtype=dtype, seed=11)
+    y, state = tp.power_attention(q, k, v, log_g, chunk_size=16, output_final_state=True)
+    y_ref, state_ref = reference.power_attention_chunked(q.double(), k.double(), v.double(), log_g.double(),
+                                                         chunk_size=16, output_final_state=True)
+    assert y.dtype == dtype and state[0].dtype == torch.float32
+    assert not torch.isnan(y).any()
+    assert rel(y, y_ref) < tol and rel(state[0], state_ref[0]) < tol
+
+
+def test_left_padding_is_invisible():
+    """Pad tokens with zeroed k, v, log_g add nothing and decay nothing: the padded row gives
+    the unpadded row's outputs and final state."""
+    q, k, v, log_g = make_inputs(2, 29, 2, 1, 32, seed=5)
+    pad = 11  # row 1 is left-padded by 11 tokens
+    k, v, log_g = k.clone(), v.clone(), log_g.clone()
+    k[1, :pad] = 0
+    v[1, :pad] = 0
+    log_g[1, :pad] = 0
+    y, state = tp.power_attention(q, k, v, log_g, chunk_size=16, output_final_state=True)
+    y_alone, state_alone = tp.power_attention(q[1:, pad:], k[1:, pad:], v[1:, pad:], log_g[1:, pad:],
+                                              chunk_size=16, output_final_state=True)
+    assert rel(y[1:, pad:], y_alone) < 1e-5
+    assert rel(state[0][1:], state_alone[0]) < 1e-5 and rel(state[1][1:], state_alone[1]) < 1e-5
+    # and the kernel agrees with the reference on the padded batch
+    y_ref, _ = reference.power_attention_chunked(q.double(), k.double(), v.double(), log_g.double(), chunk_size=16)
+    assert rel(y[:, pad:], y_ref[:, pad:]) < 1e-5
+
+
+# ----------------------------------------------------------------------------------
+# Decode
+# ----------------------------------------------------------------------------------
+
+
+def test_decode_chain_equals_chunked_forward():
+    """Prefill with the chunked kernel, then decode token by token (and three at once):
+    outputs and states equal the chunked forward over the whole sequence."""
+    t_prefill, t_total = 21, 29
+    q, k, v, log_g = make_inputs(1, t_total, 4, 2, 32, seed=9)
+    y_full, state_full = reference.power_attention_chunked(q.double(), k.double(), v.double(), log_g.double(),
+                                                           chunk_size=16, output_final_state=True)
+    _, state = tp.power_attention(q[:, :t_prefill], k[:, :t_prefill], v[:, :t_prefill], log_g[:, :t_prefill],
+                                  chunk_size=16, output_final_state=True)
+    ptrs = (state[0].data_ptr(), state[1].data_ptr())
+    outs = []
+    t = t_prefill
+    while t < t_total:
+        n = 3 if t == t_prefill else 1  # a few tokens at once, then one at a time
+        sl = slice(t, t + n)
+        outs.append(tp.power_attention_decode_(q[:, sl], k[:, sl], v[:, sl], log_g[:, sl], state))
+        t += n
+    assert (state[0].data_ptr(), state[1].data_ptr()) == ptrs  # updated in place
+    assert rel(torch.cat(outs, 1), y_full[:, t_prefill:]) < 1e-5
+    assert rel(state[0], state_full[0]) < 1e-5 and rel(state[1], state_full[1]) < 1e-5
+
+
+def test_decode_matches_reference_decode_ungated_with_padding_row():
+    q, k, v, _ = make_inputs(2, 5, 1, 1, 32, gated=False, seed=4)
+    k, v = k.clone(), v.clone()
+    k[0, :2] = 0  # a left-padded row still in its padding
+    v[0, :2] = 0
+    s, z = random_state(2, 1, 32)
+    state, state_ref = (s.clone(), z.clone()), (s.double(), z.double())
+    y = tp.power_attention_decode_(q, k, v, None, state)
+    y_ref = reference.power_attention_decode_(q.double(), k.double(), v.double(), None, state_ref)
+    assert rel(y, y_ref) < 1e-5
+    assert rel(state[0], state_ref[0]) < 1e-5 and rel(state[1], state_ref[1]) < 1e-5
+
+
+# ----------------------------------------------------------------------------------
+# Bad input, dispatch
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make,needle",
+    [
+        (lambda: (torch.randn(1, 4, 1, 48),) * 3 + (None, 2), "head size 48"),
+        (lambda: (torch.randn(1, 4, 1, 32),) * 3 + (None, 4), "degree 4"),
+        (lambda: (torch.randn(1, 4, 1, 32, dtype=torch.float64),) * 3 + (None, 2), "dtype torch.float64"),
+        (lambda: (torch.randn(1, 4, 1, 32), torch.randn(1, 4, 1, 32).half(), torch.randn(1, 4, 1, 32), None, 2), "k has dtype"),
+        (lambda: (torch.randn(1, 4, 3, 32), torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 32), None, 2), "multiple"),
+        (lambda: (torch.randn(1, 4, 1, 32),) * 3 + (torch.zeros(1, 5, 1), 2), "log_g"),
+    ],
+)
+def test_unsupported_inputs_name_the_problem(make, needle):
+    q, k, v, log_g, degree = make()
+    with pytest.raises(ValueError, match=needle):
+        dispatch.power_attention(q, k, v, log_g, degree=degree, backend="triton")
+
+
+def test_decode_rejects_a_wrong_state():
+    q = torch.randn(1, 1, 1, 32)
+    bad = (torch.zeros(1, 1, 10, 32), torch.zeros(1, 1, 10))
+    with pytest.raises(ValueError, match="state shapes"):
+        dispatch.power_attention_decode_(q, q, q, None, bad, backend="triton")
+    half = (torch.zeros(1, 1, 528, 32, dtype=torch.float16), torch.zeros(1, 1, 528, dtype=torch.float16))
+    with pytest.raises(ValueError, match="fp32"):
+        dispatch.power_attention_decode_(q, q, q, None, half, backend="triton")
+
+
+def test_dispatch_triton_backend_and_auto_fallback(monkeypatch):
+    q, k, v, log_g = make_inputs(1, 18, 1, 1, 16, seed=2)
+    y, _ = dispatch.power_attention(q, k, v, log_g, chunk_size=16, backend="triton")
+    y_ref, _ = reference.power_attention_chunked(q.double(), k.double(), v.double(), log_g.double(), chunk_size=16)
+    assert rel(y, y_ref) < 1e-5
+    # "auto" on an input the kernels cannot take (pretend CUDA): one warning, then the reference
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    x = torch.randn(1, 4, 1, 48)
+    with pytest.warns(UserWarning, match="head size 48"):
+        dispatch.power_attention(x, x, x, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dispatch.power_attention(x, x, x, None)  # no second warning
+
+
+# ----------------------------------------------------------------------------------
+# Custom ops: opcheck and torch.compile without graph breaks
+# ----------------------------------------------------------------------------------
+
+
+def test_opcheck_custom_ops():
+    q, k, v, log_g = make_inputs(1, 16, 1, 1, 16, seed=8)
+    s, z = random_state(1, 1, 16)
+    args = leaf(q, k, v, log_g, s, z)
+    torch.library.opcheck(torch.ops.power_transformers.chunk_forward.default, (*args, 0.25, 1e-6, 16),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.power_transformers.decode_.default,
+                          (q[:, :1], k[:, :1], v[:, :1], log_g[:, :1], s.clone(), z.clone(), 0.25, 1e-6),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, log_g = make_inputs(1, 16, 1, 1, 16, seed=12)
+    ins = leaf(q, k, v, log_g)
+
+    def f(q, k, v, log_g):
+        y, state = tp.power_attention(q, k, v, log_g, chunk_size=16, output_final_state=True)
+        return (y.float() ** 2).sum() + state[1].sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(*ins)
+    loss.backward()
+    ins_eager = leaf(q, k, v, log_g)
+    f(*ins_eager).backward()
+    assert math.isclose(loss.item(), f(q, k, v, log_g).item(), rel_tol=1e-6)
+    for x, xe in zip(ins, ins_eager):
+        assert rel(x.grad, xe.grad) < 1e-6
