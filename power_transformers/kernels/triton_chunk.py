@@ -5,8 +5,9 @@ Shapes (all inputs contiguous):
     q              [B, T, Hq, d]    query heads, Hq = G * Hk (GQA groups of G)
     k, v           [B, T, Hk, d]
     log_g          [B, T, Hk]       log-gates, or None
-    states         [B, Hk, N + 1, D, d] fp32, z_states [B, Hk, N + 1, D] fp32:
-                   the state before chunk n (n = N: after the last token); N = ceil(T / C)
+    states         [B, Hk, N + 1, D, d] in the dtype of the products (bf16 for bf16 inputs),
+    z_states       [B, Hk, N + 1, D] fp32: the state before chunk n (n = N: after the last
+                   token); N = ceil(T / C). The final state is also returned in fp32.
     y              [B, T, Hq, d]    output, dtype of v
     den            [B, T, Hq]       fp32 denominator sum_j A_ij (+ the state's), kept for backward
 
@@ -18,13 +19,14 @@ and beta the chunk total:
     den_t  = sum_j A_tj     + e^{b_t} phi(s q_t)^T z_n,    y_t = num_t / (den_t + eps)
     S_{n+1} = e^{beta} S_n + sum_j e^{beta - b_j} phi(k_j) v_j^T   (z likewise with v = 1)
 
-Kernels (phi(q), phi(k) built row-block by row-block on chip, never stored; see triton_common):
+Kernels (phi(q), phi(k) built on chip BLOCK_D entries at a time from gathers of the
+d-dimensional rows, never stored; see triton_common.flat_pairs / phi_block):
 
-    _state_fwd_kernel   grid (d row-blocks, d / BLOCK_V, B Hk): the recurrence over chunks,
-                        writing every chunk-start state. One [d, BLOCK_V] tile of S per program.
+    _state_fwd_kernel   grid (D / BLOCK_D, d / BLOCK_V, B Hk): the recurrence over chunks,
+                        writing every chunk-start state. One [BLOCK_D, BLOCK_V] tile of S per program.
     _chunk_fwd_kernel   grid (N, B Hq): chunk-local attention + state query + normalisation,
                         y written once.
-    _state_bwd_kernel   grid (d, d / BLOCK_V, B Hk): the reverse recurrence of dL/dS.
+    _state_bwd_kernel   grid (D / BLOCK_D, d / BLOCK_V, B Hk): the reverse recurrence of dL/dS.
     _chunk_bwd_q_kernel grid (N, B Hq): dq and the query part of the gate gradient.
     _chunk_bwd_kv_kernel grid (N, B Hk): dk, dv and the key part of the gate gradient.
 
@@ -38,21 +40,13 @@ reverse running sum inside each chunk.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (
-    chunk_gates,
-    dot_dtype,
-    interpreting,
-    load_col,
-    load_rows,
-    phi_rows,
-    phi_rows_grad,
-    row_block_rows,
-)
+from .triton_common import chunk_gates, dot_dtype, flat_pairs, interpreting, load_rows, phi_block, phi_block_grad
 from .reference import expanded_dim
 
 
@@ -63,52 +57,53 @@ from .reference import expanded_dim
 
 @triton.jit
 def _state_fwd_kernel(
-    K, V, LG, S0, Z0, STATES, ZSTATES,
+    K, V, LG, S0, Z0, STATES, ZSTATES, SF, ZF,
     T, NUM_CHUNKS, HK,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_INIT: tl.constexpr, OP: tl.constexpr,
 ):
-    i = tl.program_id(0)
+    """One [BLOCK_D, BLOCK_V] tile of the state, carried over the chunks; SF/ZF get the final state (fp32)."""
+    rb = tl.program_id(0)
     vb = tl.program_id(1)
     bh = tl.program_id(2)
     b = bh // HK
     h = bh % HK
     offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, HEAD_DIM)
     offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-    rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
-    s_off = rows[:, None] * HEAD_DIM + offs_v[None, :]  # [d, BLOCK_V] inside one [D, d] state
+    r, pi, pj, w, r_ok = flat_pairs(rb * BLOCK_D, BLOCK_D, HEAD_DIM, D)
+    s_off = r[:, None] * HEAD_DIM + offs_v[None, :]  # inside one [D, d] state
+    s_mask = r_ok[:, None]
+    z_ok = r_ok & (r * 0 + vb == 0)  # one program per row block writes z
 
     stride_t = HK * HEAD_DIM
     kv_base = (b * T * HK + h).to(tl.int64) * HEAD_DIM
     g_base = LG + b.to(tl.int64) * T * HK + h
     st_base = STATES + bh.to(tl.int64) * (NUM_CHUNKS + 1) * D * HEAD_DIM
     z_base = ZSTATES + bh.to(tl.int64) * (NUM_CHUNKS + 1) * D
-    z_ok = row_ok & (offs_d * 0 + vb == 0)  # one program per row-block writes z
 
     if HAS_INIT:
-        acc = tl.load(S0 + bh.to(tl.int64) * D * HEAD_DIM + s_off, mask=row_ok[:, None], other=0.0)
-        zacc = tl.load(Z0 + bh.to(tl.int64) * D + rows, mask=row_ok, other=0.0)
+        acc = tl.load(S0 + bh.to(tl.int64) * D * HEAD_DIM + s_off, mask=s_mask, other=0.0)
+        zacc = tl.load(Z0 + bh.to(tl.int64) * D + r, mask=r_ok, other=0.0)
     else:
-        acc = tl.zeros((HEAD_DIM, BLOCK_V), dtype=tl.float32)
-        zacc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_D, BLOCK_V), dtype=tl.float32)
+        zacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
     for n in range(NUM_CHUNKS):
-        tl.store(st_base + n * D * HEAD_DIM + s_off, acc, mask=row_ok[:, None])
-        tl.store(z_base + n * D + rows, zacc, mask=z_ok)
+        tl.store(st_base + n * D * HEAD_DIM + s_off, acc, mask=s_mask)
+        tl.store(z_base + n * D + r, zacc, mask=z_ok)
         t0 = n * CHUNK
-        k = load_rows(K + kv_base, t0, T, stride_t, offs_c, offs_d)
-        ki = load_col(K + kv_base, t0, T, stride_t, offs_c, i)
+        phik, _, _ = phi_block(K + kv_base, t0, T, stride_t, offs_c, pi, pj, w)
         v = load_rows(V + kv_base, t0, T, stride_t, offs_c, offs_v)
         bcum, total = chunk_gates(g_base, t0, T, HK, offs_c, HAS_GATE)
-        # each key weighted by its decay to the chunk end (exponent <= 0)
-        phik = phi_rows(k, ki * tl.exp(total - bcum), i, offs_d)  # [C, d]
+        phik = phik * tl.exp(total - bcum)[:, None]  # each key decayed to the chunk end (exponent <= 0)
         decay = tl.exp(total)
         acc = acc * decay + tl.dot(tl.trans(phik.to(OP)), v.to(OP))
         zacc = zacc * decay + tl.sum(phik, axis=0)
 
-    tl.store(st_base + NUM_CHUNKS * D * HEAD_DIM + s_off, acc, mask=row_ok[:, None])
-    tl.store(z_base + NUM_CHUNKS * D + rows, zacc, mask=z_ok)
+    tl.store(st_base + NUM_CHUNKS * D * HEAD_DIM + s_off, acc, mask=s_mask)
+    tl.store(z_base + NUM_CHUNKS * D + r, zacc, mask=z_ok)
+    tl.store(SF + bh.to(tl.int64) * D * HEAD_DIM + s_off, acc, mask=s_mask)
+    tl.store(ZF + bh.to(tl.int64) * D + r, zacc, mask=z_ok)
 
 
 @triton.jit
@@ -124,7 +119,7 @@ def _intra_scores(q, k, bcum, offs_c, OP: tl.constexpr):
 def _chunk_fwd_kernel(
     Q, K, V, LG, STATES, ZSTATES, Y, DEN,
     T, NUM_CHUNKS, HQ, HK, scale, eps,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
     n = tl.program_id(0)
@@ -148,19 +143,19 @@ def _chunk_fwd_kernel(
     num = tl.dot(a.to(OP), v.to(OP))
     den = tl.sum(a, axis=1)
 
-    # The state carried from earlier chunks: phi(s q)^T S_n, phi(s q)^T z_n, row-block by row-block.
+    # The state carried from earlier chunks: phi(s q)^T S_n, phi(s q)^T z_n, block by block.
     st_base = STATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D * HEAD_DIM
     z_base = ZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D
     inter_num = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
     inter_den = tl.zeros((CHUNK,), dtype=tl.float32)
-    for i in range(HEAD_DIM):
-        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
-        s_i = tl.load(st_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        z_i = tl.load(z_base + rows, mask=row_ok, other=0.0)
-        qi = load_col(q_base, t0, T, HQ * HEAD_DIM, offs_c, i) * scale
-        phiq = phi_rows(q, qi, i, offs_d)
-        inter_num += tl.dot(phiq.to(OP), s_i.to(OP))
-        inter_den += tl.sum(phiq * z_i[None, :], axis=1)
+    for r0 in range(0, D, BLOCK_D):
+        r, pi, pj, w, r_ok = flat_pairs(r0, BLOCK_D, HEAD_DIM, D)
+        s_blk = tl.load(st_base + r[:, None] * HEAD_DIM + offs_d[None, :], mask=r_ok[:, None], other=0.0)
+        z_blk = tl.load(z_base + r, mask=r_ok, other=0.0)
+        phiq, _, _ = phi_block(q_base, t0, T, HQ * HEAD_DIM, offs_c, pi, pj, w)
+        phiq = phiq * (scale * scale)
+        inter_num += tl.dot(phiq.to(OP), s_blk.to(OP))
+        inter_den += tl.sum(phiq * z_blk[None, :], axis=1)
 
     qdec = tl.exp(bcum)  # decay from the chunk start to each query (<= 1)
     num += qdec[:, None] * inter_num
@@ -183,64 +178,62 @@ def _chunk_fwd_kernel(
 def _state_bwd_kernel(
     Q, DO, DELTA, LG, DSN, DZN, DSTATES, DZSTATES,
     T, NUM_CHUNKS, HQ, HK, scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_DFINAL: tl.constexpr, OP: tl.constexpr,
 ):
     """dS_n = sum_t e^{b_t} phi(s q_t) do_t^T (chunk n's queries) + e^{beta_n} dS_{n+1}."""
-    i = tl.program_id(0)
+    rb = tl.program_id(0)
     vb = tl.program_id(1)
     bh = tl.program_id(2)
     b = bh // HK
     h = bh % HK
     G = HQ // HK
     offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, HEAD_DIM)
     offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-    rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
-    s_off = rows[:, None] * HEAD_DIM + offs_v[None, :]
+    r, pi, pj, w, r_ok = flat_pairs(rb * BLOCK_D, BLOCK_D, HEAD_DIM, D)
+    s_off = r[:, None] * HEAD_DIM + offs_v[None, :]
+    s_mask = r_ok[:, None]
+    z_ok = r_ok & (r * 0 + vb == 0)
     g_base = LG + b.to(tl.int64) * T * HK + h
     st_base = DSTATES + bh.to(tl.int64) * (NUM_CHUNKS + 1) * D * HEAD_DIM
     z_base = DZSTATES + bh.to(tl.int64) * (NUM_CHUNKS + 1) * D
-    z_ok = row_ok & (offs_d * 0 + vb == 0)
 
     if HAS_DFINAL:
-        acc = tl.load(DSN + bh.to(tl.int64) * D * HEAD_DIM + s_off, mask=row_ok[:, None], other=0.0)
-        zacc = tl.load(DZN + bh.to(tl.int64) * D + rows, mask=row_ok, other=0.0)
+        acc = tl.load(DSN + bh.to(tl.int64) * D * HEAD_DIM + s_off, mask=s_mask, other=0.0)
+        zacc = tl.load(DZN + bh.to(tl.int64) * D + r, mask=r_ok, other=0.0)
     else:
-        acc = tl.zeros((HEAD_DIM, BLOCK_V), dtype=tl.float32)
-        zacc = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_D, BLOCK_V), dtype=tl.float32)
+        zacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
     for n_rev in range(NUM_CHUNKS):
         n = NUM_CHUNKS - 1 - n_rev
-        tl.store(st_base + (n + 1) * D * HEAD_DIM + s_off, acc, mask=row_ok[:, None])
-        tl.store(z_base + (n + 1) * D + rows, zacc, mask=z_ok)
+        tl.store(st_base + (n + 1) * D * HEAD_DIM + s_off, acc, mask=s_mask)
+        tl.store(z_base + (n + 1) * D + r, zacc, mask=z_ok)
         t0 = n * CHUNK
         bcum, total = chunk_gates(g_base, t0, T, HK, offs_c, HAS_GATE)
-        qdec = tl.exp(bcum)
+        qdec = tl.exp(bcum) * (scale * scale)  # e^{b_t} and the s^2 of phi(s q)
         decay = tl.exp(total)
         acc = acc * decay
         zacc = zacc * decay
         for g in range(G):
             hq = h * G + g
-            q_base = Q + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM
-            q = load_rows(q_base, t0, T, HQ * HEAD_DIM, offs_c, offs_d) * scale
-            qi = load_col(q_base, t0, T, HQ * HEAD_DIM, offs_c, i) * scale
-            phiq = phi_rows(q, qi * qdec, i, offs_d)  # e^{b_t} phi_i(s q_t)
+            phiq, _, _ = phi_block(Q + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, t0, T, HQ * HEAD_DIM, offs_c, pi, pj, w)
+            phiq = phiq * qdec[:, None]
             do = load_rows(DO + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, t0, T, HQ * HEAD_DIM, offs_c, offs_v)
             delta = tl.load(DELTA + (b * T * HQ + hq).to(tl.int64) + (t0 + offs_c) * HQ,
                             mask=t0 + offs_c < T, other=0.0)
             acc += tl.dot(tl.trans(phiq.to(OP)), do.to(OP))
             zacc += tl.sum(phiq * delta[:, None], axis=0)
 
-    tl.store(st_base + s_off, acc, mask=row_ok[:, None])
-    tl.store(z_base + rows, zacc, mask=z_ok)
+    tl.store(st_base + s_off, acc, mask=s_mask)
+    tl.store(z_base + r, zacc, mask=z_ok)
 
 
 @triton.jit
 def _chunk_bwd_q_kernel(
     Q, K, V, LG, STATES, ZSTATES, DO, DELTA, DQ, DBQ,
     T, T_PAD, NUM_CHUNKS, HQ, HK, scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
     """dq of chunk n for one query head, and dL/db_t from the query side (DBQ [B, T_PAD, Hq])."""
@@ -273,15 +266,17 @@ def _chunk_bwd_q_kernel(
     st_base = STATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D * HEAD_DIM
     z_base = ZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D
     qdec = tl.exp(bcum)
-    for i in range(HEAD_DIM):
-        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
-        s_i = tl.load(st_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        z_i = tl.load(z_base + rows, mask=row_ok, other=0.0)
-        qi = load_col(q_base, t0, T, HQ * HEAD_DIM, offs_c, i) * scale
-        # gradient with respect to e^{b_t} phi_i(s q_t): S_i do_t + z_i delta_t
-        r = (tl.dot(do.to(OP), tl.trans(s_i.to(OP))) + delta[:, None] * z_i[None, :]) * qdec[:, None]
-        db += tl.sum(phi_rows(q, qi, i, offs_d) * r, axis=1)
-        dqs += phi_rows_grad(q, qi, r, i, offs_d)
+    for r0 in range(0, D, BLOCK_D):
+        r, pi, pj, w, r_ok = flat_pairs(r0, BLOCK_D, HEAD_DIM, D)
+        s_blk = tl.load(st_base + r[:, None] * HEAD_DIM + offs_d[None, :], mask=r_ok[:, None], other=0.0)
+        z_blk = tl.load(z_base + r, mask=r_ok, other=0.0)
+        _, qi, qj = phi_block(q_base, t0, T, HQ * HEAD_DIM, offs_c, pi, pj, w)
+        qi = qi * scale
+        qj = qj * scale
+        # gradient with respect to e^{b_t} phi(s q_t) on this block: S do_t + z delta_t
+        rg = (tl.dot(do.to(OP), tl.trans(s_blk.to(OP))) + delta[:, None] * z_blk[None, :]) * qdec[:, None]
+        db += tl.sum(qi * qj * w[None, :] * rg, axis=1)
+        dqs += phi_block_grad(rg, qi, qj, w, pi, pj, offs_d)
 
     t = t0 + offs_c
     tl.store(DQ + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM + t[:, None] * (HQ * HEAD_DIM) + offs_d[None, :],
@@ -293,7 +288,7 @@ def _chunk_bwd_q_kernel(
 def _chunk_bwd_kv_kernel(
     Q, K, V, LG, STATES, ZSTATES, DSTATES, DZSTATES, DO, DELTA, DK, DV, DBK,
     T, T_PAD, NUM_CHUNKS, HQ, HK, scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
     """dk, dv of chunk n for one kv head (its whole query group) and dL/db_j from the key side
@@ -335,22 +330,21 @@ def _chunk_bwd_kv_kernel(
     dz_base = DZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + 1) * D
     dv_state = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
     dbeta = tl.sum(tl.zeros((CHUNK,), dtype=tl.float32), axis=0)
-    for i in range(HEAD_DIM):
-        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
-        s_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
-        ds_i = tl.load(dst_base + s_off, mask=row_ok[:, None], other=0.0)
-        dz_i = tl.load(dz_base + rows, mask=row_ok, other=0.0)
-        s_i = tl.load(st_base + s_off, mask=row_ok[:, None], other=0.0)
-        z_i = tl.load(z_base + rows, mask=row_ok, other=0.0)
-        ki = load_col(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, i)
-        phik = phi_rows(k, ki, i, offs_d)
-        dv_state += tl.dot(phik.to(OP), ds_i.to(OP))
-        # gradient with respect to c_j phi_i(k_j): dS_i v_j + dz_i
-        r = (tl.dot(v.to(OP), tl.trans(ds_i.to(OP))) + dz_i[None, :]) * c[:, None]
-        db -= tl.sum(phik * r, axis=1)
-        dk += phi_rows_grad(k, ki, r, i, offs_d)
+    for r0 in range(0, D, BLOCK_D):
+        r, pi, pj, w, r_ok = flat_pairs(r0, BLOCK_D, HEAD_DIM, D)
+        s_off = r[:, None] * HEAD_DIM + offs_d[None, :]
+        ds_blk = tl.load(dst_base + s_off, mask=r_ok[:, None], other=0.0)
+        dz_blk = tl.load(dz_base + r, mask=r_ok, other=0.0)
+        s_blk = tl.load(st_base + s_off, mask=r_ok[:, None], other=0.0).to(tl.float32)
+        z_blk = tl.load(z_base + r, mask=r_ok, other=0.0)
+        phik, ki, kj = phi_block(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, pi, pj, w)
+        dv_state += tl.dot(phik.to(OP), ds_blk.to(OP))
+        # gradient with respect to c_j phi(k_j) on this block: dS v_j + dz
+        rg = (tl.dot(v.to(OP), tl.trans(ds_blk.to(OP))) + dz_blk[None, :]) * c[:, None]
+        db -= tl.sum(phik * rg, axis=1)
+        dk += phi_block_grad(rg, ki, kj, w, pi, pj, offs_d)
         # every term of S_{n+1} carries e^beta (with b_j held fixed): d/dbeta = <dS_{n+1}, S_{n+1}>
-        dbeta += tl.sum(tl.sum(ds_i * s_i, axis=1), axis=0) + tl.sum(dz_i * z_i, axis=0)
+        dbeta += tl.sum(tl.sum(ds_blk.to(tl.float32) * s_blk, axis=1), axis=0) + tl.sum(dz_blk * z_blk, axis=0)
     dv += c[:, None] * dv_state
     db += tl.where(offs_c == CHUNK - 1, dbeta, 0.0)
 
@@ -378,29 +372,42 @@ def _block_v(head_dim: int) -> int:
     return min(head_dim, 64)
 
 
-def _launch_opts(chunk: int, head_dim: int) -> dict:
+#: rows of phi per on-chip block (tuning knob; the environment override is for benchmarks)
+BLOCK_D = int(os.environ.get("POWER_TRITON_BLOCK_D", "64"))
+
+
+def _launch_opts(chunk: int, width: int) -> dict:
     if interpreting():
         return {}
-    return {"num_warps": 8 if chunk * head_dim >= 128 * 64 else 4, "num_stages": 2}
+    return {"num_warps": 8 if chunk * width >= 128 * 64 else 4, "num_stages": 2}
 
 
-def _states_forward(k, v, log_g, s0, z0, scale_unused, chunk, op):
-    """Run the chunk recurrence: (states [B, Hk, N+1, D, d], z_states [B, Hk, N+1, D]) fp32."""
+def _state_dtype(op) -> torch.dtype:
+    """Chunk states are kept in the dtype the matrix products read them in (bf16 for bf16 inputs):
+    half the memory traffic, and the same numbers the products would see."""
+    return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(op, torch.float32)
+
+
+def _states_forward(k, v, log_g, s0, z0, chunk, op):
+    """The chunk recurrence: states [B, Hk, N+1, D, d] (dtype of the products), z_states
+    [B, Hk, N+1, D] fp32 (state before chunk n; n = N the final one), and the final state in fp32."""
     bsz, t, hk, d = k.shape
     dim = expanded_dim(d, 2)
     n_chunks = triton.cdiv(t, chunk)
-    states = torch.empty(bsz, hk, n_chunks + 1, dim, d, dtype=torch.float32, device=k.device)
+    states = torch.empty(bsz, hk, n_chunks + 1, dim, d, dtype=_state_dtype(op), device=k.device)
     z_states = torch.empty(bsz, hk, n_chunks + 1, dim, dtype=torch.float32, device=k.device)
+    s_final = torch.empty(bsz, hk, dim, d, dtype=torch.float32, device=k.device)
+    z_final = torch.empty(bsz, hk, dim, dtype=torch.float32, device=k.device)
     bv = _block_v(d)
-    grid = (d, d // bv, bsz * hk)
+    grid = (triton.cdiv(dim, BLOCK_D), d // bv, bsz * hk)
     _state_fwd_kernel[grid](
-        k, v, log_g if log_g is not None else k, s0 if s0 is not None else states,
-        z0 if z0 is not None else z_states, states, z_states,
+        k, v, log_g if log_g is not None else k, s0 if s0 is not None else s_final,
+        z0 if z0 is not None else z_final, states, z_states, s_final, z_final,
         t, n_chunks, hk,
-        HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK_V=bv,
+        HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_V=bv,
         HAS_GATE=log_g is not None, HAS_INIT=s0 is not None, OP=op, **_launch_opts(chunk, bv),
     )
-    return states, z_states
+    return states, z_states, s_final, z_final
 
 
 def chunk_forward(q, k, v, log_g, s0, z0, scale: float, eps: float, chunk_size: int):
@@ -410,7 +417,7 @@ def chunk_forward(q, k, v, log_g, s0, z0, scale: float, eps: float, chunk_size: 
     chunk = kernel_chunk_size(chunk_size, d)
     op = dot_dtype(q.dtype)
     dim = expanded_dim(d, 2)
-    states, z_states = _states_forward(k, v, log_g, s0, z0, scale, chunk, op)
+    states, z_states, s_final, z_final = _states_forward(k, v, log_g, s0, z0, chunk, op)
     n_chunks = states.shape[2] - 1
     y = torch.empty(bsz, t, hq, d, dtype=v.dtype, device=q.device)
     den = torch.empty(bsz, t, hq, dtype=torch.float32, device=q.device)
@@ -418,9 +425,10 @@ def chunk_forward(q, k, v, log_g, s0, z0, scale: float, eps: float, chunk_size: 
         _chunk_fwd_kernel[(n_chunks, bsz * hq)](
             q, k, v, log_g if log_g is not None else k, states, z_states, y, den,
             t, n_chunks, hq, hk, scale, eps,
-            HEAD_DIM=d, D=dim, CHUNK=chunk, HAS_GATE=log_g is not None, OP=op, **_launch_opts(chunk, d),
+            HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK_D=BLOCK_D, HAS_GATE=log_g is not None, OP=op,
+            **_launch_opts(chunk, d),
         )
-    return y, den, states[:, :, n_chunks].clone(), z_states[:, :, n_chunks].clone()
+    return y, den, s_final, z_final
 
 
 def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale: float, eps: float, chunk_size: int):
@@ -434,17 +442,18 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
     t_pad = n_chunks * chunk
 
     # Recompute the chunk-start states rather than keep them from the forward (memory).
-    states, z_states = _states_forward(k, v, log_g, s0, z0, scale, chunk, op)
+    states, z_states, _, _ = _states_forward(k, v, log_g, s0, z0, chunk, op)
     do = dy.float() / (den + eps)[..., None]
     delta = -(do * y.float()).sum(-1)
+    # dS_n, the gradient of the state before chunk n (n = 0: the initial state's), fp32 for n = 0
     dstates = torch.empty_like(states)
     dz_states = torch.empty_like(z_states)
     bv = _block_v(d)
     lg = log_g if log_g is not None else k
-    _state_bwd_kernel[(d, d // bv, bsz * hk)](
-        q, do, delta, lg, ds_final if ds_final is not None else states, dz_final if dz_final is not None else z_states,
+    _state_bwd_kernel[(triton.cdiv(dim, BLOCK_D), d // bv, bsz * hk)](
+        q, do, delta, lg, ds_final if ds_final is not None else z_states, dz_final if dz_final is not None else z_states,
         dstates, dz_states, t, n_chunks, hq, hk, scale,
-        HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK_V=bv, HAS_GATE=log_g is not None,
+        HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_V=bv, HAS_GATE=log_g is not None,
         HAS_DFINAL=ds_final is not None, OP=op, **_launch_opts(chunk, bv),
     )
     dq = torch.empty_like(q)
@@ -453,7 +462,8 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
     dbq = torch.empty(bsz, t_pad, hq, dtype=torch.float32, device=q.device)
     dbk = torch.empty(bsz, t_pad, hk, dtype=torch.float32, device=q.device)
     if n_chunks:
-        common = dict(HEAD_DIM=d, D=dim, CHUNK=chunk, HAS_GATE=log_g is not None, OP=op, **_launch_opts(chunk, d))
+        common = dict(HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK_D=BLOCK_D, HAS_GATE=log_g is not None, OP=op,
+                      **_launch_opts(chunk, d))
         _chunk_bwd_q_kernel[(n_chunks, bsz * hq)](
             q, k, v, lg, states, z_states, do, delta, dq, dbq, t, t_pad, n_chunks, hq, hk, scale, **common)
         _chunk_bwd_kv_kernel[(n_chunks, bsz * hk)](
@@ -465,4 +475,4 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
         # b_t = sum_{u <= t in the chunk} g_u, so dL/dg_u = sum_{t >= u in the chunk} dL/db_t
         db = db.view(bsz, n_chunks, chunk, hk).flip(2).cumsum(2).flip(2)
         dlog_g = db.reshape(bsz, t_pad, hk)[:, :t]
-    return dq, dk, dv, dlog_g, dstates[:, :, 0], dz_states[:, :, 0]
+    return dq, dk, dv, dlog_g, dstates[:, :, 0].float(), dz_states[:, :, 0]

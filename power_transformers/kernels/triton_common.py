@@ -110,3 +110,56 @@ def load_col(base, t0, T, stride_t, offs_c, i):
     """Column i of the same tile: [C] fp32."""
     t = t0 + offs_c
     return tl.load(base + t * stride_t + i, mask=t < T, other=0.0).to(tl.float32)
+
+
+# ----------------------------------------------------------------------------------
+# Flat blocks of phi: BLOCK_D consecutive entries of the symmetric order at once
+# ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def flat_pairs(r0, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr):
+    """Entries r = r0 .. r0 + BLOCK_D of phi's symmetric order.
+
+    Returns (r, I, J, w, ok), each [BLOCK_D]: the entry's pair I <= J, its weight w (sqrt(2)
+    off the diagonal, 1 on it) and whether r < D (entries past D get w = 0 and I = J = 0).
+    Row I of the order starts at start(I) = I (2d - I + 1) / 2; I is the root of that
+    quadratic, corrected by one step where fp32 rounding lands on the wrong side.
+    """
+    r = r0 + tl.arange(0, BLOCK_D)
+    ok = r < D
+    n2 = 2 * HEAD_DIM + 1
+    disc = tl.maximum((n2 * n2 - 8 * r).to(tl.float32), 0.0)
+    i = ((n2 - tl.sqrt(disc)) * 0.5).to(tl.int32)
+    i = tl.minimum(tl.maximum(i, 0), HEAD_DIM - 1)
+    i = tl.where(i * (2 * HEAD_DIM - i + 1) // 2 > r, i - 1, i)
+    i = tl.where((i + 1) * (2 * HEAD_DIM - i) // 2 <= r, i + 1, i)
+    j = r - i * (2 * HEAD_DIM - i + 1) // 2 + i
+    w = tl.where(j == i, 1.0, 1.4142135623730951)
+    return r, tl.where(ok, i, 0), tl.where(ok, j, 0), tl.where(ok, w, 0.0), ok
+
+
+@triton.jit
+def phi_block(x_base, t0, T, stride_t, offs_c, pi, pj, w):
+    """phi of the tokens t0 + offs_c for the entries (pi, pj, w) of one flat block, built from
+    two gathers of the d-dimensional rows (L1-resident): (phi [C, BLOCK_D], x_I, x_J) fp32."""
+    t = t0 + offs_c
+    m = (t < T)[:, None]
+    row = x_base + t[:, None] * stride_t
+    xi = tl.load(row + pi[None, :], mask=m, other=0.0).to(tl.float32)
+    xj = tl.load(row + pj[None, :], mask=m, other=0.0).to(tl.float32)
+    return xi * xj * w[None, :], xi, xj
+
+
+@triton.jit
+def phi_block_grad(dphi, xi, xj, w, pi, pj, offs_d):
+    """The gradient [C, d] with respect to x of sum(dphi * phi_block(x)), dphi [C, BLOCK_D].
+
+    Entry (I, J) = w x_I x_J sends w dphi x_J to column I and w dphi x_I to column J (both to
+    column I on the diagonal). The scatter onto the d columns is a product with one-hot
+    [BLOCK_D, d] matrices, in fp32 operands (tf32 on the GPU).
+    """
+    gw = dphi * w[None, :]
+    onehot_i = (pi[:, None] == offs_d[None, :]).to(tl.float32)
+    onehot_j = (pj[:, None] == offs_d[None, :]).to(tl.float32)
+    return tl.dot(gw * xj, onehot_i) + tl.dot(gw * xi, onehot_j)

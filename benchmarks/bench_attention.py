@@ -1,0 +1,292 @@
+"""Attention kernel benchmark (issue 3): ours vs SDPA flash vs Manifest's `retention`, one run.
+
+    python benchmarks/bench_attention.py [--out results.md] [--retention-budget 240]
+
+Training: T = 1k, 4k, 16k, 64k at 64k tokens per batch (b = 65536 / T), 16 heads, d = 64,
+degree 2, gating, bf16: forward and forward+backward.
+Decode: batch 8, 16 heads, d = 64, one token: ours against its fp32 state, `retention`'s
+power_retention_inference against its state, SDPA against KV caches of 4k ... 128k tokens.
+Ceilings measured in the same run: bf16 matmul rate (8192^3) and copy bandwidth (1 GiB
+device-to-device copy, bytes read + written).
+
+FLOP count (ours, per token per head, degree 2, chunk C, D = d (d + 1) / 2):
+    forward   2 C d   (causal half of the two chunk-local products Q K^T and A V)
+            + 2 D d   (state update phi(K)^T V)
+            + 2 D d   (state query phi(Q) S)
+    forward+backward = 3 x forward (the usual convention; the backward's recomputation of
+    the chunk states is not counted). These are the useful FLOPs; the kernels do more
+    (full [d, d] tiles for the triangular row-blocks of phi).
+SDPA (causal) per head: forward 2 T^2 d per sequence, forward+backward 3.5 x forward.
+Timing: triton.testing.do_bench, median, after warm-up; inputs random (never zeros).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import signal
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from power_transformers.kernels import triton_power as tp
+from power_transformers.kernels.reference import expanded_dim
+
+TOKENS = 65536
+HEADS = 16
+D_HEAD = 64
+
+
+def bench(fn, grad_to_none=None, rep=200):
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def ceilings():
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b)
+    matmul_tflops = 2 * 8192**3 / ms / 1e9
+    x = torch.randn(256 * 1024 * 1024, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    copy_tbs = 2 * x.numel() * 4 / ms / 1e9
+    return matmul_tflops, copy_tbs
+
+
+def train_inputs(t, requires_grad=True, seed=0):
+    b = TOKENS // t
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(b, t, HEADS, D_HEAD, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    log_g = F.logsigmoid(torch.randn(b, t, HEADS, device="cuda", generator=g) + 3.0)
+    return [x.requires_grad_(requires_grad) for x in (q, k, v, log_g)]
+
+
+def ours_flops(t, chunk):
+    dim = expanded_dim(D_HEAD, 2)
+    return TOKENS * HEADS * (2 * chunk * D_HEAD + 4 * dim * D_HEAD)
+
+
+def time_ours(t, chunk):
+    q, k, v, log_g = train_inputs(t)
+    with torch.no_grad():
+        fwd = bench(lambda: tp.power_attention(q, k, v, log_g, chunk_size=chunk))
+    gy = torch.randn_like(q)
+
+    def fb():
+        y, _ = tp.power_attention(q, k, v, log_g, chunk_size=chunk)
+        y.backward(gy)
+
+    fwdbwd = bench(fb, grad_to_none=[q, k, v, log_g])
+    return fwd, fwdbwd
+
+
+def profile_parts(t, chunk):
+    """Time each kernel of ours separately (ms): where the forward+backward goes."""
+    from power_transformers.kernels import triton_chunk as tc
+
+    q, k, v, log_g = train_inputs(t, requires_grad=False)
+    scale = D_HEAD**-0.5
+    y, den, _, _ = tc.chunk_forward(q, k, v, log_g, None, None, scale, 1e-6, chunk)
+    gy = torch.randn_like(y)
+    parts = {
+        "forward (states + chunk)": lambda: tc.chunk_forward(q, k, v, log_g, None, None, scale, 1e-6, chunk),
+        "backward (all)": lambda: tc.chunk_backward(q, k, v, log_g, None, None, y, den, gy, None, None, scale, 1e-6, chunk),
+    }
+    op = tc.dot_dtype(q.dtype)
+    parts["state pass alone"] = lambda: tc._states_forward(k, v, log_g, None, None, scale, chunk, op)
+    return {name: bench(fn, rep=100) for name, fn in parts.items()}
+
+
+def time_sdpa(t):
+    b = TOKENS // t
+    q, k, v = (torch.randn(b, HEADS, t, D_HEAD, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with torch.no_grad():
+            fwd = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        gy = torch.randn_like(q)
+
+        def fb():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(gy)
+
+        fwdbwd = bench(fb, grad_to_none=[q, k, v])
+    return fwd, fwdbwd
+
+
+class Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Timeout()
+
+
+def with_budget(seconds, fn, *args):
+    """fn(*args), or None if it is still running after `seconds` (retention autotunes for minutes)."""
+    if seconds <= 0:
+        return None
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(int(seconds))
+    try:
+        return fn(*args)
+    except Timeout:
+        return None
+    finally:
+        signal.alarm(0)
+
+
+def time_retention(t, chunk):
+    from retention import power_retention
+
+    q, k, v, log_g = train_inputs(t)
+    kw = dict(deg=2, chunk_size=chunk)
+    with torch.no_grad():
+        fwd = bench(lambda: power_retention(q, k, v, log_g, **kw), rep=100)
+    gy = torch.randn_like(q)
+
+    def fb():
+        power_retention(q, k, v, log_g, **kw).backward(gy)
+
+    fwdbwd = bench(fb, grad_to_none=[q, k, v, log_g], rep=100)
+    return fwd, fwdbwd
+
+
+def decode_rows(copy_tbs, retention_ok):
+    b = 8
+    dim = expanded_dim(D_HEAD, 2)
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(b, 1, HEADS, D_HEAD, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    log_g = F.logsigmoid(torch.randn(b, 1, HEADS, device="cuda", generator=g) + 3.0)
+    s = torch.randn(b, HEADS, dim, D_HEAD, device="cuda", generator=g) * 0.01
+    z = torch.rand(b, HEADS, dim, device="cuda", generator=g)
+    state_bytes = s.numel() * 4 + z.numel() * 4
+    ms = bench(lambda: tp.power_attention_decode_(q, k, v, log_g, (s, z)), rep=100)
+    floor = state_bytes / (copy_tbs * 1e12) * 1e3
+    rows.append(("ours (fp32 state, updated in place)", state_bytes, ms, floor))
+
+    # the same step captured in a CUDA graph (what a static cache + reduce-overhead gives the model)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        tp.power_attention_decode_(q, k, v, log_g, (s, z))
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        tp.power_attention_decode_(q, k, v, log_g, (s, z))
+    ms = bench(graph.replay, rep=100)
+    rows.append(("ours, CUDA graph replay", state_bytes, ms, floor))
+
+    if retention_ok:
+        try:
+            from retention import power_retention_inference
+            from retention._utils import compute_expanded_dim
+
+            rdim = compute_expanded_dim(D_HEAD, 2)
+            rs = torch.randn(b, HEADS, rdim, D_HEAD, device="cuda", dtype=torch.bfloat16) * 0.01
+            rz = torch.rand(b, HEADS, rdim, device="cuda")
+            rbytes = rs.numel() * 2 + rz.numel() * 4
+
+            def step():
+                return power_retention_inference(q, k, v, log_g, initial_state=rs, sum_of_keys=rz, deg=2)
+
+            ms = with_budget(90, bench, step, None, 100)
+            if ms is not None:
+                rows.append((f"retention power_retention_inference (bf16 state, D={rdim}, read only)", rbytes, ms,
+                             rbytes / (copy_tbs * 1e12) * 1e3))
+        except Exception as err:  # noqa: BLE001 - report, do not abort the run
+            print("retention decode failed:", repr(err)[:300], flush=True)
+
+    for ctx in (4096, 16384, 65536, 131072):
+        kc, vc = (torch.randn(b, HEADS, ctx, D_HEAD, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        qq = q.transpose(1, 2)
+        ms = bench(lambda: F.scaled_dot_product_attention(qq, kc, vc), rep=100)
+        kv_bytes = 2 * kc.numel() * 2
+        rows.append((f"SDPA, KV cache {ctx // 1024}k", kv_bytes, ms, kv_bytes / (copy_tbs * 1e12) * 1e3))
+        del kc, vc
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None, help="write the markdown tables here")
+    parser.add_argument("--retention-budget", type=float, default=240.0, help="seconds for all retention rows")
+    parser.add_argument("--chunks", default="64,128", help="our chunk sizes to time")
+    parser.add_argument("--retention-chunk", type=int, default=1024)
+    parser.add_argument("--no-retention", action="store_true", help="skip the retention rows")
+    parser.add_argument("--seqlens", default="1024,4096,16384,65536")
+    parser.add_argument("--profile", action="store_true", help="also time our kernels one by one at the last T")
+    args = parser.parse_args()
+    chunks = [int(c) for c in args.chunks.split(",")]
+    seqlens = [int(t) for t in args.seqlens.split(",")]
+
+    try:
+        import retention  # noqa: F401
+
+        retention_ok = not args.no_retention
+    except ImportError:
+        retention_ok = False
+    dev = torch.cuda.get_device_name()
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"Device: {dev}; torch {torch.__version__}, triton {triton.__version__}; {when}", ""]
+
+    matmul, copy_tbs = ceilings()
+    lines += [f"Ceilings measured in this run: bf16 matmul {matmul:.0f} TFLOP/s, copy {copy_tbs:.2f} TB/s "
+              "(bytes read + written).", ""]
+    print("\n".join(lines), flush=True)
+
+    lines += ["Training, 64k tokens per batch, 16 heads, d = 64, p = 2, gating, bf16 (ms, median):", "",
+              "| T | batch | SDPA fwd | SDPA fwd+bwd | retention fwd (C=%d) | retention fwd+bwd | "
+              % args.retention_chunk + " | ".join(f"ours fwd (C={c}) | ours fwd+bwd (C={c}) | ours TFLOP/s fwd / fwd+bwd (C={c})" for c in chunks)
+              + " |",
+              "|---" * (6 + 3 * len(chunks)) + "|"]
+    ret_deadline = time.time() + args.retention_budget
+    for t in seqlens:
+        s_f, s_fb = time_sdpa(t)
+        cells = [f"{t // 1024}k", str(TOKENS // t), f"{s_f:.3f}", f"{s_fb:.3f}"]
+        r = None
+        if retention_ok:
+            try:
+                r = with_budget(ret_deadline - time.time(), time_retention, t, args.retention_chunk)
+            except Exception as err:  # noqa: BLE001
+                print("retention failed:", repr(err)[:300], flush=True)
+        cells += [f"{r[0]:.3f}", f"{r[1]:.3f}"] if r else ["not run (budget)" if retention_ok else "not installed"] * 2
+        for c in chunks:
+            try:
+                o_f, o_fb = time_ours(t, c)
+            except Exception as err:  # noqa: BLE001 - report, keep the other rows
+                print(f"ours C={c} failed:", repr(err)[:500], flush=True)
+                cells += ["failed"] * 3
+                continue
+            fl = ours_flops(t, c)
+            cells += [f"{o_f:.3f}", f"{o_fb:.3f}", f"{fl / o_f / 1e9:.0f} / {3 * fl / o_fb / 1e9:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+        torch.cuda.empty_cache()
+
+    if args.profile:
+        for c in chunks:
+            for name, ms in profile_parts(seqlens[-1], c).items():
+                print(f"profile T={seqlens[-1]} C={c}: {name}: {ms:.3f} ms", flush=True)
+
+    lines += ["", "Decode, batch 8, 16 heads, d = 64, one token (ms, median); floor = bytes / copy bandwidth:", "",
+              "| what | bytes (MB) | time (ms) | floor (ms) | time / floor |", "|---|---|---|---|---|"]
+    for name, nbytes, ms, floor in decode_rows(copy_tbs, retention_ok):
+        lines.append(f"| {name} | {nbytes / 1e6:.1f} | {ms:.4f} | {floor:.4f} | {ms / floor:.1f} |")
+        print(lines[-1], flush=True)
+
+    text = "\n".join(lines)
+    print("\n" + text, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
