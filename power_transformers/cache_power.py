@@ -28,13 +28,17 @@ class PowerStateLayer(DynamicLayer):
     is_croppable = False
     is_compileable = False
 
-    def __init__(self, num_key_value_heads: int | None = None, head_dim: int | None = None, degree: int = 2, **kwargs):
+    def __init__(self, num_key_value_heads: int | None = None, head_dim: int | None = None, degree: int = 2, static: bool = False, **kwargs):
         super().__init__()
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
         self.degree = degree
+        self.static = static
+        self.is_compileable = static
         self.state_s: torch.Tensor | None = None
         self.state_z: torch.Tensor | None = None
+        # Dynamic mode counts tokens here; a static cache counts them in one device tensor
+        # (PowerCache.position) so that a compiled step reads no Python int that changes.
         self.seen_tokens = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
@@ -43,6 +47,9 @@ class PowerStateLayer(DynamicLayer):
         self.device = key_states.device
         dtype = torch.float64 if key_states.dtype == torch.float64 else torch.float32
         self.state_s, self.state_z = empty_state(batch, heads, head_dim, self.degree, device=key_states.device, dtype=dtype)
+        if self.static and not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.state_s)  # CUDA graphs replay on these very buffers
+            torch._dynamo.mark_static_address(self.state_z)
         self.is_initialized = True
 
     @property
@@ -51,17 +58,21 @@ class PowerStateLayer(DynamicLayer):
 
     def set_state(self, state: tuple[torch.Tensor, torch.Tensor], num_new_tokens: int) -> None:
         """Store the state after `num_new_tokens` more tokens (copied in place once allocated)."""
-        if self.state_s is None or self.state_s.shape != state[0].shape:
-            self.state_s, self.state_z = state[0].contiguous(), state[1].contiguous()
-        else:
-            self.state_s.copy_(state[0])
+        if self.static and self.state_s is not None:
+            if self.state_s.shape != state[0].shape:
+                raise ValueError(f"a static PowerCache holds states of shape {tuple(self.state_s.shape)}, got {tuple(state[0].shape)}")
+            self.state_s.copy_(state[0])  # keep the storage a compiled step reads
             self.state_z.copy_(state[1])
+        else:
+            # Dynamic: take the new tensors (an in-place copy would break autograd when training with a cache).
+            self.state_s, self.state_z = state[0].contiguous(), state[1].contiguous()
         self.is_initialized = True
-        self.seen_tokens += num_new_tokens
+        self.advance(num_new_tokens)
 
     def advance(self, num_new_tokens: int) -> None:
         """Count tokens whose contribution was written into the state in place."""
-        self.seen_tokens += num_new_tokens
+        if not self.static:
+            self.seen_tokens += num_new_tokens
 
     def update(self, key_states, value_states, *args, **kwargs):
         raise TypeError("a power layer keeps a recurrent state, not keys and values: use its state / set_state")
@@ -119,24 +130,144 @@ class PowerStateLayer(DynamicLayer):
         return 0 if self.state_s is None else self.state_s.nbytes + self.state_z.nbytes
 
 
+class StaticKVLayer(DynamicLayer):
+    """A softmax layer's keys and values in buffers of a fixed length, written at the cache's position.
+
+    keys / values [B, H, max_cache_len, d]; entries past the position are masked out by
+    `PowerCache.softmax_mask`. Our own class (not transformers' StaticLayer, whose update
+    arguments differ between versions).
+    """
+
+    is_compileable = True
+    is_croppable = False
+
+    def __init__(self, max_cache_len: int, cache: "PowerCache"):
+        super().__init__()
+        self.max_cache_len = max_cache_len
+        self._cache = cache
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        self.device = key_states.device
+        self.keys = torch.zeros(batch, heads, self.max_cache_len, head_dim, dtype=key_states.dtype, device=self.device)
+        self.values = torch.zeros_like(self.keys, dtype=value_states.dtype)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        slots = self._cache.position + torch.arange(key_states.shape[2], device=self.device)
+        self.keys.index_copy_(2, slots, key_states.to(self.keys.dtype))
+        self.values.index_copy_(2, slots, value_states.to(self.values.dtype))
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._cache.get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            beam_idx = beam_idx.to(self.device)
+            self.keys.copy_(self.keys.index_select(0, beam_idx))
+            self.values.copy_(self.values.index_select(0, beam_idx))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise ValueError("a static PowerCache cannot be cropped")
+
+
 class PowerCache(Cache):
     """The cache `generate()` uses for a [`PowerForCausalLM`]: one layer per entry of `config.layer_types`.
+
+    With `max_cache_len` it is static: every tensor is allocated once at its final shape and updated
+    in place (power states, softmax layers' KV buffers of `max_cache_len`, a device-tensor token
+    count), so a decode step can be compiled and replayed as one CUDA graph. `max_cache_len` only
+    bounds the softmax layers of a hybrid: power layers hold any number of tokens.
 
     Example:
         >>> cache = PowerCache(model.config)
         >>> out = model(input_ids, cache=cache, use_cache=True)   # `past_key_values=` on transformers < 5.24
     """
 
-    def __init__(self, config, **kwargs):
+    def __init__(self, config, max_cache_len: int | None = None, **kwargs):
         text_config = config.get_text_config(decoder=True)
-        layers = [
-            PowerStateLayer(text_config.num_key_value_heads, text_config.head_dim, text_config.degree)
-            if kind == POWER_LAYER
-            else DynamicLayer()
-            for kind in text_config.layer_types
-        ]
+        self.static = max_cache_len is not None
+        self.max_cache_len = max_cache_len
+        self.position: torch.Tensor | None = None  # static mode: tokens seen, a 0-d long tensor
+        self.key_valid: torch.Tensor | None = None  # static hybrids: [B, max_cache_len] real (not pad) keys
+        layers = []
+        for kind in text_config.layer_types:
+            if kind == POWER_LAYER:
+                layers.append(PowerStateLayer(text_config.num_key_value_heads, text_config.head_dim, text_config.degree, static=self.static))
+            else:
+                layers.append(StaticKVLayer(max_cache_len, self) if self.static else DynamicLayer())
         super().__init__(layers=layers)
         self.config = text_config
+
+    @property
+    def is_compileable(self) -> bool:
+        return self.static
+
+    def begin_step(self, attention_mask: torch.Tensor | None, batch: int, length: int, device) -> None:
+        """Static mode, before a forward of `length` tokens: allocate, check room, record which keys are real."""
+        if not self.static:
+            return
+        if self.position is None:
+            self.position = torch.zeros((), dtype=torch.long, device=device)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.position)
+        has_softmax = any(isinstance(layer, StaticKVLayer) for layer in self.layers)
+        if not has_softmax:
+            return
+        if not torch.compiler.is_compiling() and int(self.position) + length > self.max_cache_len:
+            raise ValueError(
+                f"the static PowerCache holds {self.max_cache_len} tokens per softmax layer; "
+                f"{int(self.position)} are cached and {length} more were given"
+            )
+        if self.key_valid is None:
+            self.key_valid = torch.zeros(batch, self.max_cache_len, dtype=torch.bool, device=device)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.key_valid)
+        valid = torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None else attention_mask[:, -length:].bool()
+        self.key_valid.index_copy_(1, self.position + torch.arange(length, device=device), valid)
+
+    def softmax_mask(self, length: int, dtype) -> torch.Tensor:
+        """Static mode: additive mask [B, 1, length, max_cache_len] for the softmax layers."""
+        key_pos = torch.arange(self.max_cache_len, device=self.position.device)[None, :]
+        query_pos = self.position + torch.arange(length, device=self.position.device)[:, None]
+        allowed = ((key_pos <= query_pos)[None] & self.key_valid[:, None, :]) | (key_pos == query_pos)[None]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+    def end_step(self, length: int) -> None:
+        """Static mode, after a forward: count the tokens (in place)."""
+        if self.static:
+            self.position.add_(length)
+
+    def reset(self) -> None:
+        super().reset()
+        if self.position is not None:
+            self.position.zero_()
+        if self.key_valid is not None:
+            self.key_valid.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.key_valid is not None:
+            self.key_valid.copy_(self.key_valid.index_select(0, beam_idx.to(self.key_valid.device)))
 
     @property
     def is_croppable(self) -> bool:  # a property on 5.24's Cache, a plain attribute before
@@ -149,6 +280,8 @@ class PowerCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen so far (every layer has seen the same tokens)."""
+        if self.static:
+            return 0 if self.position is None else int(self.position)
         return self.layers[layer_idx].get_seq_length() if self.layers else 0
 
     def nbytes(self) -> int:
@@ -157,7 +290,7 @@ class PowerCache(Cache):
         for layer in self.layers:
             if isinstance(layer, PowerStateLayer):
                 total += layer.nbytes()
-            elif layer.is_initialized and layer.keys is not None:
+            elif layer.is_initialized and layer.keys is not None and layer.keys.numel():
                 total += layer.keys.nbytes + layer.values.nbytes
         return total
 
@@ -168,4 +301,4 @@ class PowerCache(Cache):
         return per_layer * sum(isinstance(layer, PowerStateLayer) for layer in self.layers)
 
 
-__all__ = ["PowerCache", "PowerStateLayer"]
+__all__ = ["PowerCache", "PowerStateLayer", "StaticKVLayer"]

@@ -191,15 +191,18 @@ class PowerAttention(PowerAttentionBase):
         layer = cache.layers[self.layer_idx] if cache is not None else None
         if layer is None:
             attn, _ = power_attention(q, k, v, log_g, chunk_size=self.config.chunk_size, **options)
-        elif layer.get_seq_length() > 0 and q.shape[1] == 1:
-            attn = power_attention_decode_(q, k, v, log_g, layer.state, **options)
-            layer.advance(1)
         else:
-            attn, state = power_attention(
-                q, k, v, log_g, chunk_size=self.config.chunk_size, output_final_state=True,
-                initial_state=layer.state if layer.get_seq_length() > 0 else None, **options,
-            )
-            layer.set_state(state, q.shape[1])
+            if not layer.is_initialized:
+                layer.lazy_initialization(k)  # a zero state is an empty context
+            if q.shape[1] == 1:
+                attn = power_attention_decode_(q, k, v, log_g, layer.state, **options)
+                layer.advance(1)
+            else:
+                attn, state = power_attention(
+                    q, k, v, log_g, chunk_size=self.config.chunk_size, initial_state=layer.state,
+                    output_final_state=True, **options,
+                )
+                layer.set_state(state, q.shape[1])
         return self.output(attn)
 
 
@@ -281,6 +284,7 @@ class PowerPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False  # softmax layers take an additive 4D mask
     _supports_attention_backend = True
     _is_stateful = True  # generate() refuses assisted decoding (a recurrent state cannot be rolled back)
+    _can_compile_fullgraph = True  # with a static PowerCache (cache_implementation="static")
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -371,9 +375,19 @@ class PowerModel(PowerPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
+        static = cache is not None and cache.static
+        if static and length == 1:
+            # A generated token is never padding, and the prompt's padding is already in the cache:
+            # the growing 2D mask is not needed, which keeps a compiled decode step's inputs static.
+            attention_mask = None
+        if cache is not None:
+            cache.begin_step(attention_mask, batch, length, inputs_embeds.device)
         if position_ids is None:
-            position_ids = _positions(attention_mask, past, length, inputs_embeds.device)
+            if static and attention_mask is None:
+                position_ids = (cache.position + torch.arange(length, device=inputs_embeds.device))[None]
+            else:
+                past = cache.get_seq_length() if cache is not None else 0
+                position_ids = _positions(attention_mask, past, length, inputs_embeds.device)
 
         hidden_states = inputs_embeds
         if self.config.position_embedding_type == "learned":
@@ -385,7 +399,11 @@ class PowerModel(PowerPreTrainedModel):
             padding_mask = attention_mask[:, -length:].bool()
         softmax_mask = None
         if any(kind != POWER_LAYER for kind in self.config.layer_types):
-            softmax_mask = _softmax_mask(attention_mask, batch, past, length, hidden_states.dtype, hidden_states.device)
+            if static:
+                softmax_mask = cache.softmax_mask(length, hidden_states.dtype)
+            else:
+                past = cache.get_seq_length() if cache is not None else 0
+                softmax_mask = _softmax_mask(attention_mask, batch, past, length, hidden_states.dtype, hidden_states.device)
 
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
@@ -398,6 +416,8 @@ class PowerModel(PowerPreTrainedModel):
                 attention_mask=softmax_mask,
                 cache=cache,
             )
+        if cache is not None:
+            cache.end_step(length)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -471,17 +491,35 @@ class PowerForCausalLM(PowerPreTrainedModel, GenerationMixin):
         return output if return_dict else output.to_tuple()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate() gets a PowerCache (fixed-size states) instead of transformers' default caches."""
-        if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
+        """generate() gets a PowerCache: dynamic by default, static for cache_implementation="static"."""
+        cache = model_kwargs.get(CACHE_NAME)
+        if cache is None and generation_config.use_cache is not False:
             implementation = generation_config.cache_implementation
-            if implementation not in (None, "dynamic"):
+            if implementation in (None, "dynamic"):
+                model_kwargs[CACHE_NAME] = PowerCache(self.config)
+                return
+            if implementation != "static":
                 raise ValueError(
-                    f"cache_implementation={implementation!r} is not supported by power models: their PowerCache "
-                    "already has a fixed size (leave cache_implementation unset)"
+                    f"cache_implementation={implementation!r} is not supported by power models: use None (a dynamic "
+                    "PowerCache) or 'static' (fixed buffers, for torch.compile / CUDA graphs)"
                 )
-            model_kwargs[CACHE_NAME] = PowerCache(self.config)
-            return
+        elif isinstance(cache, PowerCache) and cache.static and cache.max_cache_len < generation_config.max_length:
+            if any(kind != POWER_LAYER for kind in self.config.layer_types):
+                raise ValueError(
+                    f"the static PowerCache holds {cache.max_cache_len} tokens per softmax layer but generation may "
+                    f"reach {generation_config.max_length}: build it with a larger max_cache_len"
+                )
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """Keep generate()'s 2D padding mask: the model builds its masks from it and from the PowerCache."""
+        return attention_mask
+
+    def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, *args, **kwargs) -> PowerCache:
+        """The static cache generate() asks for: a PowerCache with fixed buffers."""
+        if cache_implementation != "static":
+            raise ValueError(f"cache_implementation={cache_implementation!r} is not supported by power models")
+        return PowerCache(self.config, max_cache_len=max_cache_len)
 
 
 __all__ = ["PowerForCausalLM", "PowerModel", "PowerPreTrainedModel"]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from functools import lru_cache
 
 import torch
 
@@ -44,18 +43,26 @@ def expanded_dim(head_dim: int, degree: int) -> int:
     return math.comb(head_dim + degree - 1, degree)
 
 
-@lru_cache(maxsize=None)
+_PLANS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _embedding_plan(head_dim: int, degree: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index tuples i1 <= ... <= ip ([D, p]) and the sqrt-multinomial weight of each ([D])."""
-    index, weight = [], []
-    for combo in itertools.combinations_with_replacement(range(head_dim), degree):
-        counts = [combo.count(i) for i in set(combo)]
-        multinomial = math.factorial(degree)
-        for c in counts:
-            multinomial //= math.factorial(c)
-        index.append(combo)
-        weight.append(math.sqrt(multinomial))
-    return torch.tensor(index, dtype=torch.long), torch.tensor(weight, dtype=torch.float64)
+    """Index tuples i1 <= ... <= ip ([D, p]) and the sqrt-multinomial weight of each ([D]).
+
+    Kept in a plain dict (not lru_cache) so that torch.compile reads a built plan as a constant.
+    """
+    plan = _PLANS.get((head_dim, degree))
+    if plan is None:
+        index, weight = [], []
+        for combo in itertools.combinations_with_replacement(range(head_dim), degree):
+            multinomial = math.factorial(degree)
+            for i in set(combo):
+                multinomial //= math.factorial(combo.count(i))
+            index.append(combo)
+            weight.append(math.sqrt(multinomial))
+        plan = torch.tensor(index, dtype=torch.long), torch.tensor(weight, dtype=torch.float64)
+        _PLANS[(head_dim, degree)] = plan
+    return plan
 
 
 def symmetric_power_embedding(x: torch.Tensor, degree: int) -> torch.Tensor:
