@@ -1,0 +1,232 @@
+"""Generation end to end on the GPU: a power model against a Llama of the same shape.
+
+    python benchmarks/bench_generate.py [--contexts 4096,16384,65536,131072] [--batches 1,8] [--out DIR]
+
+Both models: 12 layers, hidden 768, 12 heads of 64, vocab 32k, random weights, bf16.
+For each (context, batch): prefill time (the prompt fed in chunks of 4k tokens through the cache,
+the same for both models, so that prefill activations do not decide what fits), decode tokens/s
+and peak memory, in these settings:
+
+    llama eager     DynamicCache, one eager forward per token (what plain generate() runs)
+    llama static    StaticCache + torch.compile(mode="reduce-overhead") of the decode step
+    power eager     dynamic PowerCache, one eager forward per token
+    power static    static PowerCache + torch.compile(mode="reduce-overhead") of the decode step
+
+Also the largest batch each model fits at 64k context (prefill + decode steps), and the memory
+floor of one decode step: weights + every layer's state (or KV cache) read once, at the copy
+bandwidth measured in this run. Prints one markdown table; writes it under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.cache_utils import DynamicCache, StaticCache  # noqa: E402
+
+from power_transformers import PowerCache, PowerConfig, PowerForCausalLM  # noqa: E402
+from power_transformers.compat import CACHE_NAME  # noqa: E402
+
+SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+             num_key_value_heads=12, head_dim=64, max_position_embeddings=140_000)
+PREFILL_CHUNK = 4096
+DECODE_STEPS = 32
+
+
+def build(kind: str):
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE, attn_implementation="sdpa"))
+    else:
+        model = PowerForCausalLM(PowerConfig(**SHAPE, chunk_size=128))
+    return model.to("cuda", torch.bfloat16).eval()
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 20 / (start.elapsed_time(end) / 1e3)
+
+
+def make_cache(kind: str, model, static: bool, batch: int, max_len: int):
+    if kind == "llama":
+        return StaticCache(config=model.config, max_cache_len=max_len) if static else DynamicCache(config=model.config)
+    return PowerCache(model.config, max_cache_len=max_len if static else None)
+
+
+@torch.no_grad()
+def prefill(model, cache, batch: int, context: int) -> torch.Tensor:
+    """Feed `context` random tokens in chunks; returns the last logits' argmax [B, 1]."""
+    ids = torch.randint(100, 32000, (batch, context), device="cuda")
+    for start in range(0, context, PREFILL_CHUNK):
+        chunk = ids[:, start : start + PREFILL_CHUNK]
+        positions = torch.arange(start, start + chunk.shape[1], device="cuda")[None].expand(batch, -1)
+        out = model(chunk, position_ids=positions, use_cache=True, logits_to_keep=1, **{CACHE_NAME: cache})
+    return out.logits[:, -1:].argmax(-1)
+
+
+def decode_step_fn(model, cache):
+    def step(token, position):
+        logits = model(token, position_ids=position, use_cache=True, logits_to_keep=1, **{CACHE_NAME: cache}).logits
+        return logits[:, -1:].argmax(-1)
+
+    return step
+
+
+@torch.no_grad()
+def measure(kind: str, model, static: bool, batch: int, context: int) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cache = make_cache(kind, model, static, batch, context + 2 * DECODE_STEPS + 8)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    token = prefill(model, cache, batch, context)
+    torch.cuda.synchronize()
+    prefill_s = time.perf_counter() - t0
+    step = decode_step_fn(model, cache)
+    if static:
+        step = torch.compile(step, mode="reduce-overhead", fullgraph=False)
+    position = torch.full((batch, 1), context, device="cuda", dtype=torch.long)
+    for _ in range(4):  # warm-up (compilation, graph capture)
+        token = step(token, position).clone()
+        position += 1
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(DECODE_STEPS):
+        token = step(token, position).clone()
+        position += 1
+    torch.cuda.synchronize()
+    per_token = (time.perf_counter() - t0) / DECODE_STEPS
+    return dict(prefill_s=prefill_s, ms_per_step=per_token * 1e3, tokens_per_s=batch / per_token,
+                peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+
+
+def fits(kind: str, model, batch: int, context: int) -> bool:
+    try:
+        measure(kind, model, False, batch, context)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.empty_cache()
+
+
+def largest_batch(kind: str, model, context: int, start: int, limit: int) -> int:
+    """Doubling then bisection on the batch size that completes prefill + decode at `context`."""
+    good, bad = 0, None
+    b = start
+    while b <= limit and fits(kind, model, b, context):
+        good, b = b, b * 2
+    bad = b if b <= limit else None
+    if bad is None:
+        return good
+    while bad - good > max(1, good // 8):
+        mid = (good + bad) // 2
+        if fits(kind, model, mid, context):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def floor_ms(kind: str, model, batch: int, context: int, bandwidth: float) -> float:
+    """Fewest bytes a decode step must read: the weights, plus each layer's state / KV once."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    c = model.config
+    if kind == "llama":
+        per_row = c.num_hidden_layers * 2 * context * c.num_key_value_heads * c.head_dim * 2
+    else:
+        per_row = PowerCache(c).power_state_bytes_per_row() * 2  # read and write the fp32 state
+    return (weights + batch * per_row) / bandwidth * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--contexts", default="4096,16384,65536,131072")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--static-contexts", default="65536", help="contexts at which the compiled static settings run")
+    parser.add_argument("--fit-context", type=int, default=65536)
+    parser.add_argument("--floor-batch", type=int, default=64)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    contexts = [int(x) for x in args.contexts.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
+    static_contexts = {int(x) for x in args.static_contexts.split(",")}
+    bandwidth = copy_bandwidth()
+    models = {kind: build(kind) for kind in ("llama", "power")}
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            for kind, model in models.items():
+                for static in (False, True):
+                    if static and context not in static_contexts:
+                        continue
+                    setting = f"{kind} {'static+compiled' if static else 'eager'}"
+                    try:
+                        r = measure(kind, model, static, batch, context)
+                        r["floor_ms"] = floor_ms(kind, model, batch, context, bandwidth)
+                    except torch.cuda.OutOfMemoryError:
+                        r = dict(error="OOM")
+                    except Exception as e:  # a setting that does not work is reported, not hidden
+                        r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                    torch.cuda.empty_cache()
+                    rows.append(dict(context=context, batch=batch, setting=setting, **r))
+                    print(json.dumps(rows[-1]), flush=True)
+    fit = {kind: largest_batch(kind, model, args.fit_context, 8, 1024) for kind, model in models.items()}
+    floor_row = {}
+    try:
+        floor_row = measure("power", models["power"], True, args.floor_batch, 4096)
+        floor_row["floor_ms"] = floor_ms("power", models["power"], args.floor_batch, 4096, bandwidth)
+    except Exception as e:
+        floor_row = dict(error=f"{type(e).__name__}")
+
+    lines = [
+        f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; date {datetime.date.today()}; "
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read+write)",
+        "",
+        "| context | batch | setting | prefill (s) | decode ms/step | tokens/s | peak GB | floor ms/step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['context']} | {r['batch']} | {r['setting']} | {r['error']} | | | | |")
+        else:
+            lines.append(
+                f"| {r['context']} | {r['batch']} | {r['setting']} | {r['prefill_s']:.2f} | {r['ms_per_step']:.2f} | "
+                f"{r['tokens_per_s']:.0f} | {r['peak_gb']:.1f} | {r['floor_ms']:.3f} |"
+            )
+    lines += ["", f"Largest batch at {args.fit_context} context (prefill + {DECODE_STEPS + 4} decode steps): "
+              f"llama {fit['llama']}, power {fit['power']}"]
+    if "error" not in floor_row:
+        lines.append(
+            f"Power decode step at batch {args.floor_batch} (static+compiled, 4k context): {floor_row['ms_per_step']:.3f} ms "
+            f"against a floor of {floor_row['floor_ms']:.3f} ms ({floor_row['ms_per_step'] / floor_row['floor_ms']:.1f}x)"
+        )
+    else:
+        lines.append(f"Power decode at batch {args.floor_batch}: {floor_row['error']}")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(args.out, "generate_table.md"), "w") as f:
+        f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
