@@ -1,0 +1,172 @@
+"""Fine-tune a power model with the Trainer on one or several processes (DDP or FSDP2).
+
+The same script runs under every launcher; the engines are PyTorch's and accelerate's own:
+
+    python -m power_transformers.train --model DIR --output OUT ...                   # one process
+    torchrun --nproc_per_node 8 -m power_transformers.train --model DIR --output OUT   # DDP
+    torchrun --nproc_per_node 8 -m power_transformers.train --engine fsdp2 ...        # FSDP2
+    accelerate launch --config_file examples/accelerate/fsdp2.yaml -m power_transformers.train ...
+
+`--model` is a saved power model (`save_pretrained` / the converter's output); `--config` builds a
+fresh one from a config.json instead. Training text is one of the texts shipped in the package,
+tokenised by `--tokenizer` or, without one, as UTF-8 bytes (ids 0-255). The global batch is fixed:
+per-device batch x processes x accumulation must equal it, which is checked before any step, as is
+the FSDP wrap class. `--output` receives one consolidated safetensors checkpoint (loadable by
+`from_pretrained` on one device) and `trainer_state.json` with the loss of every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+from . import PowerConfig, PowerForCausalLM
+from .data import load_text
+from .distributed import check_launch_config, check_world_size, fsdp2_settings, gradient_accumulation_steps, world_size
+from .quickstart import ByteWindows
+
+
+#: the TrainingArguments flag for gradient checkpointing: renamed in transformers 5.2x, the old name warns
+CHECKPOINTING_ARG = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
+
+
+class TokenWindows(ByteWindows):
+    """Fixed windows of token ids (from a tokenizer) as causal-LM examples."""
+
+    def __init__(self, ids: torch.Tensor, window: int):
+        self.windows = ids[: len(ids) // window * window].view(-1, window)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="folder of a saved power model to fine-tune")
+    source.add_argument("--config", help="config.json (or its folder) of a power model to train from scratch")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: UTF-8 bytes as token ids)")
+    parser.add_argument("--text", default="emma", help="training text shipped in the package: emma, persuasion, cfi_en")
+    parser.add_argument("--max-chars", type=int, default=None, help="use only the first characters of the text")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default 512)")
+    parser.add_argument("--engine", choices=("auto", "ddp", "fsdp2"), default="auto",
+                        help="auto (default): what the launcher configures (DDP under torchrun, the accelerate config's "
+                             "choice); ddp: DDP, whatever the launcher; fsdp2: one fully_shard unit per decoder layer")
+    parser.add_argument("--fsdp-wrap", default=None,
+                        help="comma-separated layer classes FSDP2 shards (default: the model's _no_split_modules)")
+    parser.add_argument("--global-batch-size", type=int, default=16, help="sequences per optimizer step, all processes")
+    parser.add_argument("--per-device-batch-size", type=int, default=None,
+                        help="sequences per process and micro-step (default: global batch / processes)")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each decoder layer in the backward (FSDP's own checkpointing under fsdp2)")
+    parser.add_argument("--data-order", choices=("random", "sequential"), default="random")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--output", required=True, help="folder for the consolidated checkpoint and trainer_state.json")
+    return parser.parse_args(argv)
+
+
+def load_model(args: argparse.Namespace) -> PowerForCausalLM:
+    """The pretrained model, or a fresh one from a config (same seed, hence same weights, on every process)."""
+    if args.model:
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    set_seed(args.seed)
+    config = PowerConfig.from_pretrained(args.config) if os.path.isdir(args.config) else PowerConfig.from_json_file(args.config)
+    return PowerForCausalLM(config)
+
+
+def load_dataset(args: argparse.Namespace, vocab_size: int) -> ByteWindows:
+    text = load_text(args.text, max_chars=args.max_chars)
+    if not args.tokenizer:
+        if vocab_size < 256:
+            raise ValueError(f"byte-level text needs a vocabulary of at least 256 ids, the model has {vocab_size}: pass --tokenizer")
+        return ByteWindows(text, args.seq_len)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    return TokenWindows(torch.tensor(tokenizer(text)["input_ids"]), args.seq_len)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def fsdp_from_launcher() -> tuple[bool, bool]:
+    """(FSDP, FSDP activation checkpointing) as an `accelerate launch --config_file` run asks for them."""
+    return _env_flag("ACCELERATE_USE_FSDP"), _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
+
+
+def engine_in_use(trainer: Trainer) -> str:
+    """What actually wraps the model after training: "FSDP2", "DDP" or "single process"."""
+    if any(isinstance(p, DTensor) for p in trainer.model_wrapped.parameters()):
+        return "FSDP2"
+    if isinstance(trainer.model_wrapped, DistributedDataParallel):
+        return "DDP"
+    return "single process"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train, save the consolidated checkpoint and the step losses; return the Trainer's train metrics."""
+    args = parse_args(argv)
+    processes = world_size()
+    per_device = args.per_device_batch_size or max(args.global_batch_size // processes, 1)
+    accumulation = gradient_accumulation_steps(args.global_batch_size, per_device, processes)  # raises before any work
+
+    model = load_model(args)
+    launcher_fsdp, launcher_checkpointing = fsdp_from_launcher()
+    if args.engine == "fsdp2":
+        engine = fsdp2_settings(model, args.fsdp_wrap, activation_checkpointing=args.gradient_checkpointing)
+        fsdp_checkpointing = args.gradient_checkpointing
+    else:
+        if args.fsdp_wrap:
+            raise ValueError("--fsdp-wrap goes with --engine fsdp2 (accelerate configs set fsdp_transformer_layer_cls_to_wrap)")
+        if args.engine == "ddp" and launcher_fsdp:
+            raise ValueError("--engine ddp, but the accelerate config asks for FSDP: use a DDP config or --engine auto")
+        check_launch_config(model)
+        engine, fsdp_checkpointing = {}, launcher_fsdp and launcher_checkpointing
+    train = load_dataset(args, model.config.vocab_size)
+
+    training = TrainingArguments(
+        output_dir=args.output,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        bf16=args.bf16,
+        use_cpu=not torch.cuda.is_available(),  # without it, CPU processes under torchrun would each train alone
+        # FSDP checkpoints its own units; the Trainer refuses both at once
+        **{CHECKPOINTING_ARG: args.gradient_checkpointing and not fsdp_checkpointing},
+        train_sampling_strategy=args.data_order,
+        seed=args.seed,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        **engine,
+    )
+    check_world_size(training)
+    trainer = Trainer(model=model, args=training, train_dataset=train)
+    if (engine or launcher_fsdp) and not trainer.is_fsdp_enabled:
+        raise ValueError(
+            "FSDP was asked for but accelerate did not enable it: it runs FSDP only on GPUs (and other accelerators), "
+            "not on CPU processes, where it would train with DDP instead; use DDP there"
+        )
+    metrics = trainer.train().metrics
+    trainer.save_model(args.output)  # one consolidated safetensors checkpoint, written by the main process
+    trainer.save_state()  # trainer_state.json: the loss of every logged step
+    if trainer.is_world_process_zero():
+        tokens = args.steps * args.global_batch_size * args.seq_len
+        print(f"engine: {engine_in_use(trainer)} on {processes} process(es), global batch {args.global_batch_size} = "
+              f"{per_device} per device x {processes} x {accumulation} accumulation")
+        print(f"trained {args.steps} steps of {args.global_batch_size} x {args.seq_len} tokens: "
+              f"{tokens / metrics['train_runtime']:,.0f} tokens/s; saved to {args.output}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
