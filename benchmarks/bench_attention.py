@@ -96,8 +96,6 @@ def profile_parts(t, chunk):
         "forward (states + chunk)": lambda: tc.chunk_forward(q, k, v, log_g, None, None, scale, 1e-6, chunk),
         "backward (all)": lambda: tc.chunk_backward(q, k, v, log_g, None, None, y, den, gy, None, None, scale, 1e-6, chunk),
     }
-    op = tc.dot_dtype(q.dtype)
-    parts["state pass alone"] = lambda: tc._states_forward(k, v, log_g, None, None, scale, chunk, op)
     return {name: bench(fn, rep=100) for name, fn in parts.items()}
 
 
@@ -219,6 +217,7 @@ def main() -> int:
     parser.add_argument("--chunks", default="64,128", help="our chunk sizes to time")
     parser.add_argument("--retention-chunk", type=int, default=1024)
     parser.add_argument("--no-retention", action="store_true", help="skip the retention rows")
+    parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
     parser.add_argument("--seqlens", default="1024,4096,16384,65536")
     parser.add_argument("--profile", action="store_true", help="also time our kernels one by one at the last T")
     args = parser.parse_args()
@@ -276,7 +275,7 @@ def main() -> int:
 
     lines += ["", "Decode, batch 8, 16 heads, d = 64, one token (ms, median); floor = bytes / copy bandwidth:", "",
               "| what | bytes (MB) | time (ms) | floor (ms) | time / floor |", "|---|---|---|---|---|"]
-    for name, nbytes, ms, floor in decode_rows(copy_tbs, retention_ok):
+    for name, nbytes, ms, floor in ([] if args.no_decode else decode_rows(copy_tbs, retention_ok)):
         lines.append(f"| {name} | {nbytes / 1e6:.1f} | {ms:.4f} | {floor:.4f} | {ms / floor:.1f} |")
         print(lines[-1], flush=True)
 

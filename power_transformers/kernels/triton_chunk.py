@@ -7,7 +7,7 @@ Shapes (all inputs contiguous):
     log_g          [B, T, Hk]       log-gates, or None
     states         [B, Hk, N + 1, D, d] in the dtype of the products (bf16 for bf16 inputs),
     z_states       [B, Hk, N + 1, D] fp32: the state before chunk n (n = N: after the last
-                   token); N = ceil(T / C). The final state is also returned in fp32.
+                   token); N = ceil(T / C). The final state is returned in fp32.
     y              [B, T, Hq, d]    output, dtype of v
     den            [B, T, Hq]       fp32 denominator sum_j A_ij (+ the state's), kept for backward
 
@@ -19,14 +19,13 @@ and beta the chunk total:
     den_t  = sum_j A_tj     + e^{b_t} phi(s q_t)^T z_n,    y_t = num_t / (den_t + eps)
     S_{n+1} = e^{beta} S_n + sum_j e^{beta - b_j} phi(k_j) v_j^T   (z likewise with v = 1)
 
-Kernels (phi(q), phi(k) built on chip BLOCK_D entries at a time from gathers of the
-d-dimensional rows, never stored; see triton_common.flat_pairs / phi_block):
+Kernels (phi(q), phi(k) built row-block by row-block on chip, never stored; see triton_common):
 
-    _state_fwd_kernel   grid (D / BLOCK_D, d / BLOCK_V, B Hk): the recurrence over chunks,
-                        writing every chunk-start state. One [BLOCK_D, BLOCK_V] tile of S per program.
+    _state_fwd_kernel   grid (d / RB, d / BLOCK_V, B Hk): the recurrence over chunks, writing
+                        every chunk-start state. RB row-blocks ([RB d, BLOCK_V] of S) per program.
     _chunk_fwd_kernel   grid (N, B Hq): chunk-local attention + state query + normalisation,
                         y written once.
-    _state_bwd_kernel   grid (D / BLOCK_D, d / BLOCK_V, B Hk): the reverse recurrence of dL/dS.
+    _state_bwd_kernel   grid (d / RB, d / BLOCK_V, B Hk): the reverse recurrence of dL/dS.
     _chunk_bwd_q_kernel grid (N, B Hq): dq and the query part of the gate gradient.
     _chunk_bwd_kv_kernel grid (N, B Hk): dk, dv and the key part of the gate gradient.
 
@@ -46,7 +45,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import chunk_gates, dot_dtype, flat_pairs, interpreting, load_rows, phi_block, phi_block_grad
+from .triton_common import (
+    chunk_gates,
+    dot_dtype,
+    interpreting,
+    load_col,
+    load_rows,
+    multi_block_rows,
+    phi_multi_rows,
+    phi_rows,
+    phi_rows_grad,
+    row_block_rows,
+)
 from .reference import expanded_dim
 
 
@@ -59,21 +69,22 @@ from .reference import expanded_dim
 def _state_fwd_kernel(
     K, V, LG, S0, Z0, STATES, ZSTATES, SF, ZF,
     T, NUM_CHUNKS, HK,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, RB: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_INIT: tl.constexpr, OP: tl.constexpr,
 ):
-    """One [BLOCK_D, BLOCK_V] tile of the state, carried over the chunks; SF/ZF get the final state (fp32)."""
-    rb = tl.program_id(0)
+    """RB row-blocks x BLOCK_V columns of the state, carried over the chunks (one K, V read per
+    chunk serves all RB row-blocks); SF/ZF get the final state in fp32."""
+    i0 = tl.program_id(0) * RB
     vb = tl.program_id(1)
     bh = tl.program_id(2)
     b = bh // HK
     h = bh % HK
     offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM)
     offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-    r, pi, pj, w, r_ok = flat_pairs(rb * BLOCK_D, BLOCK_D, HEAD_DIM, D)
-    s_off = r[:, None] * HEAD_DIM + offs_v[None, :]  # inside one [D, d] state
-    s_mask = r_ok[:, None]
-    z_ok = r_ok & (r * 0 + vb == 0)  # one program per row block writes z
+    rows, row_ok = multi_block_rows(i0, RB, HEAD_DIM)
+    s_off = rows[:, None] * HEAD_DIM + offs_v[None, :]  # [RB d, BLOCK_V] inside one [D, d] state
+    z_ok = row_ok & (rows * 0 + vb == 0)  # one program per row-block writes z
 
     stride_t = HK * HEAD_DIM
     kv_base = (b * T * HK + h).to(tl.int64) * HEAD_DIM
@@ -82,28 +93,30 @@ def _state_fwd_kernel(
     z_base = ZSTATES + bh.to(tl.int64) * (NUM_CHUNKS + 1) * D
 
     if HAS_INIT:
-        acc = tl.load(S0 + bh.to(tl.int64) * D * HEAD_DIM + s_off, mask=s_mask, other=0.0)
-        zacc = tl.load(Z0 + bh.to(tl.int64) * D + r, mask=r_ok, other=0.0)
+        acc = tl.load(S0 + bh.to(tl.int64) * D * HEAD_DIM + s_off, mask=row_ok[:, None], other=0.0)
+        zacc = tl.load(Z0 + bh.to(tl.int64) * D + rows, mask=row_ok, other=0.0)
     else:
-        acc = tl.zeros((BLOCK_D, BLOCK_V), dtype=tl.float32)
-        zacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        acc = tl.zeros((RB * HEAD_DIM, BLOCK_V), dtype=tl.float32)
+        zacc = tl.zeros((RB * HEAD_DIM,), dtype=tl.float32)
 
     for n in range(NUM_CHUNKS):
-        tl.store(st_base + n * D * HEAD_DIM + s_off, acc, mask=s_mask)
-        tl.store(z_base + n * D + r, zacc, mask=z_ok)
+        tl.store(st_base + n * D * HEAD_DIM + s_off, acc, mask=row_ok[:, None])
+        tl.store(z_base + n * D + rows, zacc, mask=z_ok)
         t0 = n * CHUNK
-        phik, _, _ = phi_block(K + kv_base, t0, T, stride_t, offs_c, pi, pj, w)
+        k = load_rows(K + kv_base, t0, T, stride_t, offs_c, offs_d)
+        kcols = load_rows(K + kv_base, t0, T, stride_t, offs_c, i0 + tl.arange(0, RB))
         v = load_rows(V + kv_base, t0, T, stride_t, offs_c, offs_v)
         bcum, total = chunk_gates(g_base, t0, T, HK, offs_c, HAS_GATE)
-        phik = phik * tl.exp(total - bcum)[:, None]  # each key decayed to the chunk end (exponent <= 0)
+        # each key weighted by its decay to the chunk end (exponent <= 0)
+        phik = phi_multi_rows(k, kcols * tl.exp(total - bcum)[:, None], i0, CHUNK, RB, HEAD_DIM)  # [C, RB d]
         decay = tl.exp(total)
         acc = acc * decay + tl.dot(tl.trans(phik.to(OP)), v.to(OP))
         zacc = zacc * decay + tl.sum(phik, axis=0)
 
-    tl.store(st_base + NUM_CHUNKS * D * HEAD_DIM + s_off, acc, mask=s_mask)
-    tl.store(z_base + NUM_CHUNKS * D + r, zacc, mask=z_ok)
-    tl.store(SF + bh.to(tl.int64) * D * HEAD_DIM + s_off, acc, mask=s_mask)
-    tl.store(ZF + bh.to(tl.int64) * D + r, zacc, mask=z_ok)
+    tl.store(st_base + NUM_CHUNKS * D * HEAD_DIM + s_off, acc, mask=row_ok[:, None])
+    tl.store(z_base + NUM_CHUNKS * D + rows, zacc, mask=z_ok)
+    tl.store(SF + bh.to(tl.int64) * D * HEAD_DIM + s_off, acc, mask=row_ok[:, None])
+    tl.store(ZF + bh.to(tl.int64) * D + rows, zacc, mask=z_ok)
 
 
 @triton.jit
@@ -119,7 +132,7 @@ def _intra_scores(q, k, bcum, offs_c, OP: tl.constexpr):
 def _chunk_fwd_kernel(
     Q, K, V, LG, STATES, ZSTATES, Y, DEN,
     T, NUM_CHUNKS, HQ, HK, scale, eps,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
     n = tl.program_id(0)
@@ -139,23 +152,23 @@ def _chunk_fwd_kernel(
     v = load_rows(V + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
     bcum, total = chunk_gates(LG + b.to(tl.int64) * T * HK + h, t0, T, HK, offs_c, HAS_GATE)
 
-    _, _, a = _intra_scores(q, k, bcum, offs_c, OP)
+    x_unused, decay_unused, a = _intra_scores(q, k, bcum, offs_c, OP)
     num = tl.dot(a.to(OP), v.to(OP))
     den = tl.sum(a, axis=1)
 
-    # The state carried from earlier chunks: phi(s q)^T S_n, phi(s q)^T z_n, block by block.
+    # The state carried from earlier chunks: phi(s q)^T S_n, phi(s q)^T z_n, row-block by row-block.
     st_base = STATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D * HEAD_DIM
     z_base = ZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D
     inter_num = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
     inter_den = tl.zeros((CHUNK,), dtype=tl.float32)
-    for r0 in range(0, D, BLOCK_D):
-        r, pi, pj, w, r_ok = flat_pairs(r0, BLOCK_D, HEAD_DIM, D)
-        s_blk = tl.load(st_base + r[:, None] * HEAD_DIM + offs_d[None, :], mask=r_ok[:, None], other=0.0)
-        z_blk = tl.load(z_base + r, mask=r_ok, other=0.0)
-        phiq, _, _ = phi_block(q_base, t0, T, HQ * HEAD_DIM, offs_c, pi, pj, w)
-        phiq = phiq * (scale * scale)
-        inter_num += tl.dot(phiq.to(OP), s_blk.to(OP))
-        inter_den += tl.sum(phiq * z_blk[None, :], axis=1)
+    for i in range(HEAD_DIM):
+        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
+        s_i = tl.load(st_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        z_i = tl.load(z_base + rows, mask=row_ok, other=0.0)
+        qi = load_col(q_base, t0, T, HQ * HEAD_DIM, offs_c, i) * scale
+        phiq = phi_rows(q, qi, i, offs_d)
+        inter_num += tl.dot(phiq.to(OP), s_i.to(OP))
+        inter_den += tl.sum(phiq * z_i[None, :], axis=1)
 
     qdec = tl.exp(bcum)  # decay from the chunk start to each query (<= 1)
     num += qdec[:, None] * inter_num
@@ -178,37 +191,37 @@ def _chunk_fwd_kernel(
 def _state_bwd_kernel(
     Q, DO, DELTA, LG, DSN, DZN, DSTATES, DZSTATES,
     T, NUM_CHUNKS, HQ, HK, scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, RB: tl.constexpr, BLOCK_V: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_DFINAL: tl.constexpr, OP: tl.constexpr,
 ):
     """dS_n = sum_t e^{b_t} phi(s q_t) do_t^T (chunk n's queries) + e^{beta_n} dS_{n+1}."""
-    rb = tl.program_id(0)
+    i0 = tl.program_id(0) * RB
     vb = tl.program_id(1)
     bh = tl.program_id(2)
     b = bh // HK
     h = bh % HK
     G = HQ // HK
     offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM)
     offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
-    r, pi, pj, w, r_ok = flat_pairs(rb * BLOCK_D, BLOCK_D, HEAD_DIM, D)
-    s_off = r[:, None] * HEAD_DIM + offs_v[None, :]
-    s_mask = r_ok[:, None]
-    z_ok = r_ok & (r * 0 + vb == 0)
+    rows, row_ok = multi_block_rows(i0, RB, HEAD_DIM)
+    s_off = rows[:, None] * HEAD_DIM + offs_v[None, :]
+    z_ok = row_ok & (rows * 0 + vb == 0)
     g_base = LG + b.to(tl.int64) * T * HK + h
     st_base = DSTATES + bh.to(tl.int64) * (NUM_CHUNKS + 1) * D * HEAD_DIM
     z_base = DZSTATES + bh.to(tl.int64) * (NUM_CHUNKS + 1) * D
 
     if HAS_DFINAL:
-        acc = tl.load(DSN + bh.to(tl.int64) * D * HEAD_DIM + s_off, mask=s_mask, other=0.0)
-        zacc = tl.load(DZN + bh.to(tl.int64) * D + r, mask=r_ok, other=0.0)
+        acc = tl.load(DSN + bh.to(tl.int64) * D * HEAD_DIM + s_off, mask=row_ok[:, None], other=0.0)
+        zacc = tl.load(DZN + bh.to(tl.int64) * D + rows, mask=row_ok, other=0.0)
     else:
-        acc = tl.zeros((BLOCK_D, BLOCK_V), dtype=tl.float32)
-        zacc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        acc = tl.zeros((RB * HEAD_DIM, BLOCK_V), dtype=tl.float32)
+        zacc = tl.zeros((RB * HEAD_DIM,), dtype=tl.float32)
 
     for n_rev in range(NUM_CHUNKS):
         n = NUM_CHUNKS - 1 - n_rev
-        tl.store(st_base + (n + 1) * D * HEAD_DIM + s_off, acc, mask=s_mask)
-        tl.store(z_base + (n + 1) * D + r, zacc, mask=z_ok)
+        tl.store(st_base + (n + 1) * D * HEAD_DIM + s_off, acc, mask=row_ok[:, None])
+        tl.store(z_base + (n + 1) * D + rows, zacc, mask=z_ok)
         t0 = n * CHUNK
         bcum, total = chunk_gates(g_base, t0, T, HK, offs_c, HAS_GATE)
         qdec = tl.exp(bcum) * (scale * scale)  # e^{b_t} and the s^2 of phi(s q)
@@ -217,23 +230,25 @@ def _state_bwd_kernel(
         zacc = zacc * decay
         for g in range(G):
             hq = h * G + g
-            phiq, _, _ = phi_block(Q + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, t0, T, HQ * HEAD_DIM, offs_c, pi, pj, w)
-            phiq = phiq * qdec[:, None]
+            q_base = Q + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM
+            q = load_rows(q_base, t0, T, HQ * HEAD_DIM, offs_c, offs_d)
+            qcols = load_rows(q_base, t0, T, HQ * HEAD_DIM, offs_c, i0 + tl.arange(0, RB))
+            phiq = phi_multi_rows(q, qcols * qdec[:, None], i0, CHUNK, RB, HEAD_DIM)  # e^{b_t} phi(s q_t)
             do = load_rows(DO + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, t0, T, HQ * HEAD_DIM, offs_c, offs_v)
             delta = tl.load(DELTA + (b * T * HQ + hq).to(tl.int64) + (t0 + offs_c) * HQ,
                             mask=t0 + offs_c < T, other=0.0)
             acc += tl.dot(tl.trans(phiq.to(OP)), do.to(OP))
             zacc += tl.sum(phiq * delta[:, None], axis=0)
 
-    tl.store(st_base + s_off, acc, mask=s_mask)
-    tl.store(z_base + r, zacc, mask=z_ok)
+    tl.store(st_base + s_off, acc, mask=row_ok[:, None])
+    tl.store(z_base + rows, zacc, mask=z_ok)
 
 
 @triton.jit
 def _chunk_bwd_q_kernel(
     Q, K, V, LG, STATES, ZSTATES, DO, DELTA, DQ, DBQ,
     T, T_PAD, NUM_CHUNKS, HQ, HK, scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
     """dq of chunk n for one query head, and dL/db_t from the query side (DBQ [B, T_PAD, Hq])."""
@@ -266,17 +281,15 @@ def _chunk_bwd_q_kernel(
     st_base = STATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D * HEAD_DIM
     z_base = ZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D
     qdec = tl.exp(bcum)
-    for r0 in range(0, D, BLOCK_D):
-        r, pi, pj, w, r_ok = flat_pairs(r0, BLOCK_D, HEAD_DIM, D)
-        s_blk = tl.load(st_base + r[:, None] * HEAD_DIM + offs_d[None, :], mask=r_ok[:, None], other=0.0)
-        z_blk = tl.load(z_base + r, mask=r_ok, other=0.0)
-        _, qi, qj = phi_block(q_base, t0, T, HQ * HEAD_DIM, offs_c, pi, pj, w)
-        qi = qi * scale
-        qj = qj * scale
-        # gradient with respect to e^{b_t} phi(s q_t) on this block: S do_t + z delta_t
-        rg = (tl.dot(do.to(OP), tl.trans(s_blk.to(OP))) + delta[:, None] * z_blk[None, :]) * qdec[:, None]
-        db += tl.sum(qi * qj * w[None, :] * rg, axis=1)
-        dqs += phi_block_grad(rg, qi, qj, w, pi, pj, offs_d)
+    for i in range(HEAD_DIM):
+        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
+        s_i = tl.load(st_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        z_i = tl.load(z_base + rows, mask=row_ok, other=0.0)
+        qi = load_col(q_base, t0, T, HQ * HEAD_DIM, offs_c, i) * scale
+        # gradient with respect to e^{b_t} phi_i(s q_t): S_i do_t + z_i delta_t
+        r = (tl.dot(do.to(OP), tl.trans(s_i.to(OP))) + delta[:, None] * z_i[None, :]) * qdec[:, None]
+        db += tl.sum(phi_rows(q, qi, i, offs_d) * r, axis=1)
+        dqs += phi_rows_grad(q, qi, r, i, offs_d)
 
     t = t0 + offs_c
     tl.store(DQ + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM + t[:, None] * (HQ * HEAD_DIM) + offs_d[None, :],
@@ -288,7 +301,7 @@ def _chunk_bwd_q_kernel(
 def _chunk_bwd_kv_kernel(
     Q, K, V, LG, STATES, ZSTATES, DSTATES, DZSTATES, DO, DELTA, DK, DV, DBK,
     T, T_PAD, NUM_CHUNKS, HQ, HK, scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
     """dk, dv of chunk n for one kv head (its whole query group) and dL/db_j from the key side
@@ -330,21 +343,22 @@ def _chunk_bwd_kv_kernel(
     dz_base = DZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + 1) * D
     dv_state = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
     dbeta = tl.sum(tl.zeros((CHUNK,), dtype=tl.float32), axis=0)
-    for r0 in range(0, D, BLOCK_D):
-        r, pi, pj, w, r_ok = flat_pairs(r0, BLOCK_D, HEAD_DIM, D)
-        s_off = r[:, None] * HEAD_DIM + offs_d[None, :]
-        ds_blk = tl.load(dst_base + s_off, mask=r_ok[:, None], other=0.0)
-        dz_blk = tl.load(dz_base + r, mask=r_ok, other=0.0)
-        s_blk = tl.load(st_base + s_off, mask=r_ok[:, None], other=0.0).to(tl.float32)
-        z_blk = tl.load(z_base + r, mask=r_ok, other=0.0)
-        phik, ki, kj = phi_block(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, pi, pj, w)
-        dv_state += tl.dot(phik.to(OP), ds_blk.to(OP))
-        # gradient with respect to c_j phi(k_j) on this block: dS v_j + dz
-        rg = (tl.dot(v.to(OP), tl.trans(ds_blk.to(OP))) + dz_blk[None, :]) * c[:, None]
-        db -= tl.sum(phik * rg, axis=1)
-        dk += phi_block_grad(rg, ki, kj, w, pi, pj, offs_d)
+    for i in range(HEAD_DIM):
+        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
+        s_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
+        ds_i = tl.load(dst_base + s_off, mask=row_ok[:, None], other=0.0)
+        dz_i = tl.load(dz_base + rows, mask=row_ok, other=0.0)
+        s_i = tl.load(st_base + s_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        z_i = tl.load(z_base + rows, mask=row_ok, other=0.0)
+        ki = load_col(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, i)
+        phik = phi_rows(k, ki, i, offs_d)
+        dv_state += tl.dot(phik.to(OP), ds_i.to(OP))
+        # gradient with respect to c_j phi_i(k_j): dS_i v_j + dz_i
+        r = (tl.dot(v.to(OP), tl.trans(ds_i.to(OP))) + dz_i[None, :]) * c[:, None]
+        db -= tl.sum(phik * r, axis=1)
+        dk += phi_rows_grad(k, ki, r, i, offs_d)
         # every term of S_{n+1} carries e^beta (with b_j held fixed): d/dbeta = <dS_{n+1}, S_{n+1}>
-        dbeta += tl.sum(tl.sum(ds_blk.to(tl.float32) * s_blk, axis=1), axis=0) + tl.sum(dz_blk * z_blk, axis=0)
+        dbeta += tl.sum(tl.sum(ds_i.to(tl.float32) * s_i, axis=1), axis=0) + tl.sum(dz_i * z_i, axis=0)
     dv += c[:, None] * dv_state
     db += tl.where(offs_c == CHUNK - 1, dbeta, 0.0)
 
@@ -372,8 +386,11 @@ def _block_v(head_dim: int) -> int:
     return min(head_dim, 64)
 
 
-#: rows of phi per on-chip block (tuning knob; the environment override is for benchmarks)
-BLOCK_D = int(os.environ.get("POWER_TRITON_BLOCK_D", "64"))
+def _rows_per_program(head_dim: int) -> int:
+    """Row-blocks per program in the state passes (each extra one saves a re-read of K and V, or
+    Q and dO, and costs registers). POWER_TRITON_STATE_ROWS overrides it (for benchmarks)."""
+    rb = int(os.environ.get("POWER_TRITON_STATE_ROWS", "2"))
+    return max(1, min(rb, head_dim))
 
 
 def _launch_opts(chunk: int, width: int) -> dict:
@@ -383,14 +400,15 @@ def _launch_opts(chunk: int, width: int) -> dict:
 
 
 def _state_dtype(op) -> torch.dtype:
-    """Chunk states are kept in the dtype the matrix products read them in (bf16 for bf16 inputs):
-    half the memory traffic, and the same numbers the products would see."""
+    """Chunk states are stored in the dtype the matrix products read them in (bf16 for bf16
+    inputs): half the memory traffic, and the very numbers the products would see."""
     return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(op, torch.float32)
 
 
 def _states_forward(k, v, log_g, s0, z0, chunk, op):
-    """The chunk recurrence: states [B, Hk, N+1, D, d] (dtype of the products), z_states
-    [B, Hk, N+1, D] fp32 (state before chunk n; n = N the final one), and the final state in fp32."""
+    """The chunk recurrence: states [B, Hk, N+1, D, d] (dtype of the products) and z_states
+    [B, Hk, N+1, D] fp32, the state before chunk n (n = N: the final one); and the final
+    state (S [B, Hk, D, d], z [B, Hk, D]) in fp32."""
     bsz, t, hk, d = k.shape
     dim = expanded_dim(d, 2)
     n_chunks = triton.cdiv(t, chunk)
@@ -398,14 +416,13 @@ def _states_forward(k, v, log_g, s0, z0, chunk, op):
     z_states = torch.empty(bsz, hk, n_chunks + 1, dim, dtype=torch.float32, device=k.device)
     s_final = torch.empty(bsz, hk, dim, d, dtype=torch.float32, device=k.device)
     z_final = torch.empty(bsz, hk, dim, dtype=torch.float32, device=k.device)
-    bv = _block_v(d)
-    grid = (triton.cdiv(dim, BLOCK_D), d // bv, bsz * hk)
-    _state_fwd_kernel[grid](
+    bv, rb = _block_v(d), _rows_per_program(d)
+    _state_fwd_kernel[(d // rb, d // bv, bsz * hk)](
         k, v, log_g if log_g is not None else k, s0 if s0 is not None else s_final,
         z0 if z0 is not None else z_final, states, z_states, s_final, z_final,
         t, n_chunks, hk,
-        HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_V=bv,
-        HAS_GATE=log_g is not None, HAS_INIT=s0 is not None, OP=op, **_launch_opts(chunk, bv),
+        HEAD_DIM=d, D=dim, CHUNK=chunk, RB=rb, BLOCK_V=bv,
+        HAS_GATE=log_g is not None, HAS_INIT=s0 is not None, OP=op, **_launch_opts(chunk, bv * rb),
     )
     return states, z_states, s_final, z_final
 
@@ -425,14 +442,15 @@ def chunk_forward(q, k, v, log_g, s0, z0, scale: float, eps: float, chunk_size: 
         _chunk_fwd_kernel[(n_chunks, bsz * hq)](
             q, k, v, log_g if log_g is not None else k, states, z_states, y, den,
             t, n_chunks, hq, hk, scale, eps,
-            HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK_D=BLOCK_D, HAS_GATE=log_g is not None, OP=op,
-            **_launch_opts(chunk, d),
+            HEAD_DIM=d, D=dim, CHUNK=chunk, HAS_GATE=log_g is not None, OP=op, **_launch_opts(chunk, d),
         )
     return y, den, s_final, z_final
 
 
 def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale: float, eps: float, chunk_size: int):
-    """Backward: (dq, dk, dv, dlog_g [B, T, Hk] fp32 or None, dS0 [B, Hk, D, d], dz0 [B, Hk, D])."""
+    """Backward: (dq, dk, dv, dlog_g [B, T, Hk] fp32 or None, dS0 [B, Hk, D, d], dz0 [B, Hk, D]).
+
+    dS0 passes through the chunk-state dtype (bf16 for bf16 inputs)."""
     bsz, t, hq, d = q.shape
     hk = k.shape[2]
     chunk = kernel_chunk_size(chunk_size, d)
@@ -445,16 +463,15 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
     states, z_states, _, _ = _states_forward(k, v, log_g, s0, z0, chunk, op)
     do = dy.float() / (den + eps)[..., None]
     delta = -(do * y.float()).sum(-1)
-    # dS_n, the gradient of the state before chunk n (n = 0: the initial state's), fp32 for n = 0
-    dstates = torch.empty_like(states)
+    dstates = torch.empty_like(states)  # dL/dS_n, n = 0 .. N
     dz_states = torch.empty_like(z_states)
-    bv = _block_v(d)
+    bv, rb = _block_v(d), _rows_per_program(d)
     lg = log_g if log_g is not None else k
-    _state_bwd_kernel[(triton.cdiv(dim, BLOCK_D), d // bv, bsz * hk)](
+    _state_bwd_kernel[(d // rb, d // bv, bsz * hk)](
         q, do, delta, lg, ds_final if ds_final is not None else z_states, dz_final if dz_final is not None else z_states,
         dstates, dz_states, t, n_chunks, hq, hk, scale,
-        HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK_D=BLOCK_D, BLOCK_V=bv, HAS_GATE=log_g is not None,
-        HAS_DFINAL=ds_final is not None, OP=op, **_launch_opts(chunk, bv),
+        HEAD_DIM=d, D=dim, CHUNK=chunk, RB=rb, BLOCK_V=bv, HAS_GATE=log_g is not None,
+        HAS_DFINAL=ds_final is not None, OP=op, **_launch_opts(chunk, bv * rb),
     )
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -462,8 +479,7 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
     dbq = torch.empty(bsz, t_pad, hq, dtype=torch.float32, device=q.device)
     dbk = torch.empty(bsz, t_pad, hk, dtype=torch.float32, device=q.device)
     if n_chunks:
-        common = dict(HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK_D=BLOCK_D, HAS_GATE=log_g is not None, OP=op,
-                      **_launch_opts(chunk, d))
+        common = dict(HEAD_DIM=d, D=dim, CHUNK=chunk, HAS_GATE=log_g is not None, OP=op, **_launch_opts(chunk, d))
         _chunk_bwd_q_kernel[(n_chunks, bsz * hq)](
             q, k, v, lg, states, z_states, do, delta, dq, dbq, t, t_pad, n_chunks, hq, hk, scale, **common)
         _chunk_bwd_kv_kernel[(n_chunks, bsz * hk)](

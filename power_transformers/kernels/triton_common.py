@@ -163,3 +163,30 @@ def phi_block_grad(dphi, xi, xj, w, pi, pj, offs_d):
     onehot_i = (pi[:, None] == offs_d[None, :]).to(tl.float32)
     onehot_j = (pj[:, None] == offs_d[None, :]).to(tl.float32)
     return tl.dot(gw * xj, onehot_i) + tl.dot(gw * xi, onehot_j)
+
+
+# ----------------------------------------------------------------------------------
+# Several row-blocks at once (the state passes: fewer re-reads of K, V, Q, dO)
+# ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def multi_block_rows(i0, RB: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The state rows of row-blocks i0 .. i0 + RB - 1, flattened: ([RB d] indices into [0, D),
+    [RB d] valid). Entry f = rb d + j is the pair (i0 + rb, j), valid where j >= i0 + rb."""
+    flat = tl.arange(0, RB * HEAD_DIM)
+    i = i0 + flat // HEAD_DIM
+    j = flat % HEAD_DIM
+    return i * HEAD_DIM - (i * (i - 1)) // 2 + j - i, j >= i
+
+
+@triton.jit
+def phi_multi_rows(x, xcols, i0, M: tl.constexpr, RB: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Row-blocks i0 .. i0 + RB - 1 of phi_2, side by side: x [M, d] fp32 and xcols [M, RB]
+    (= x[:, i0:i0+RB], possibly times a per-row weight) -> [M, RB d], in multi_block_rows' order."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    i = i0 + tl.arange(0, RB)
+    w = tl.where(offs_d[None, :] > i[:, None], 1.4142135623730951,
+                 tl.where(offs_d[None, :] == i[:, None], 1.0, 0.0))  # [RB, d]
+    phi = x[:, None, :] * xcols[:, :, None] * w[None, :, :]  # [M, RB, d]
+    return tl.reshape(phi, (M, RB * HEAD_DIM))
