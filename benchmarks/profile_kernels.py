@@ -1,8 +1,13 @@
 """Per-kernel GPU times of our chunked forward + backward (torch.profiler), for tuning.
 
-    python benchmarks/profile_kernels.py [T] [chunk,...] [block_d,...]
+    python benchmarks/profile_kernels.py [T] [C:RB:CRB,...]
+
+C the chunk, RB the row-blocks per program of the state passes (POWER_TRITON_STATE_ROWS), CRB
+the row-blocks per step of the chunk kernels (POWER_TRITON_CHUNK_ROWS). 16 heads, d = 64,
+bf16, gating, 64k tokens. Prints one line per configuration and the fastest last.
 """
 
+import os
 import sys
 
 import torch
@@ -12,52 +17,50 @@ from torch.profiler import ProfilerActivity, profile
 from power_transformers.kernels import triton_chunk as tc
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
-CHUNKS = [int(c) for c in (sys.argv[2] if len(sys.argv) > 2 else "64,128").split(",")]
-BLOCKS = [int(c) for c in (sys.argv[3] if len(sys.argv) > 3 else "64,128").split(",")]
+CONFIGS = [tuple(int(x) for x in c.split(":")) for c in
+           (sys.argv[2] if len(sys.argv) > 2 else "128:1:1,128:2:1,128:4:1,128:2:2,64:2:1").split(",")]
 B, H, D = 65536 // T, 16, 64
+KERNELS = ["_state_fwd_kernel", "_chunk_fwd_kernel", "_state_bwd_kernel", "_chunk_bwd_q_kernel", "_chunk_bwd_kv_kernel"]
 
 
-def run(mod, chunk, reps=3):
+def run(chunk, reps=3):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
     lg = F.logsigmoid(torch.randn(B, T, H, device="cuda", generator=g) + 3)
     s = D**-0.5
-    y, den, _, _ = mod.chunk_forward(q, k, v, lg, None, None, s, 1e-6, chunk)
+    y, den, _, _ = tc.chunk_forward(q, k, v, lg, None, None, s, 1e-6, chunk)
     gy = torch.randn_like(y)
-    mod.chunk_backward(q, k, v, lg, None, None, y, den, gy, None, None, s, 1e-6, chunk)
+    tc.chunk_backward(q, k, v, lg, None, None, y, den, gy, None, None, s, 1e-6, chunk)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            y, den, _, _ = mod.chunk_forward(q, k, v, lg, None, None, s, 1e-6, chunk)
-            mod.chunk_backward(q, k, v, lg, None, None, y, den, gy, None, None, s, 1e-6, chunk)
+            y, den, _, _ = tc.chunk_forward(q, k, v, lg, None, None, s, 1e-6, chunk)
+            tc.chunk_backward(q, k, v, lg, None, None, y, den, gy, None, None, s, 1e-6, chunk)
         torch.cuda.synchronize()
-    rows = {}
+    times = {}
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0:
-            rows[e.key] = t / reps / 1e3
-    total = 0.0
-    for name, ms in sorted(rows.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"   {ms:8.3f} ms  {name[:90]}")
-        total += ms
-    print(f"   {sum(rows.values()):8.3f} ms  total per fwd+bwd", flush=True)
+            times[e.key] = t / reps / 1e3
+    return times
 
 
 if __name__ == "__main__":
-    print(torch.cuda.get_device_name(), f"T={T} B={B} H={H} d={D}", flush=True)
-    for chunk in CHUNKS:
-        for bd in BLOCKS:
-            tc.BLOCK_D = bd
-            print(f"flat blocks, chunk {chunk}, BLOCK_D {bd}:", flush=True)
-            try:
-                run(tc, chunk)
-            except Exception as err:  # noqa: BLE001
-                print("   failed:", repr(err)[:400], flush=True)
+    print(torch.cuda.get_device_name(), f"T={T} B={B} H={H} d={D}; ms per forward+backward "
+          "(state_fwd counted twice: forward and the backward's recomputation)", flush=True)
+    best = None
+    for chunk, rb, crb in CONFIGS:
+        os.environ["POWER_TRITON_STATE_ROWS"] = str(rb)
+        os.environ["POWER_TRITON_CHUNK_ROWS"] = str(crb)
         try:
-            sys.path.insert(0, "benchmarks")
-            import _rowblock_chunk as rb
-
-            print(f"row blocks (previous version), chunk {chunk}:", flush=True)
-            run(rb, chunk)
+            times = run(chunk)
         except Exception as err:  # noqa: BLE001
-            print("   failed:", repr(err)[:400], flush=True)
+            print(f"C={chunk} RB={rb} CRB={crb}: failed {repr(err)[:300]}", flush=True)
+            continue
+        total = sum(times.values())
+        parts = " ".join(f"{k.strip('_').replace('_kernel', '')}={times.get(k, 0):.2f}" for k in KERNELS)
+        print(f"C={chunk} RB={rb} CRB={crb}: total {total:.2f} | {parts}", flush=True)
+        if best is None or total < best[0]:
+            best = (total, chunk, rb, crb)
+    if best:
+        print(f"BEST C={best[1]} POWER_TRITON_STATE_ROWS={best[2]} POWER_TRITON_CHUNK_ROWS={best[3]} total {best[0]:.2f} ms")

@@ -23,8 +23,8 @@ Kernels (phi(q), phi(k) built row-block by row-block on chip, never stored; see 
 
     _state_fwd_kernel   grid (d / RB, d / BLOCK_V, B Hk): the recurrence over chunks, writing
                         every chunk-start state. RB row-blocks ([RB d, BLOCK_V] of S) per program.
-    _chunk_fwd_kernel   grid (N, B Hq): chunk-local attention + state query + normalisation,
-                        y written once.
+    _chunk_fwd_kernel   grid (N, B Hq): chunk-local attention + state query (CRB row-blocks
+                        per step) + normalisation, y written once.
     _state_bwd_kernel   grid (d / RB, d / BLOCK_V, B Hk): the reverse recurrence of dL/dS.
     _chunk_bwd_q_kernel grid (N, B Hq): dq and the query part of the gate gradient.
     _chunk_bwd_kv_kernel grid (N, B Hk): dk, dv and the key part of the gate gradient.
@@ -49,13 +49,10 @@ from .triton_common import (
     chunk_gates,
     dot_dtype,
     interpreting,
-    load_col,
     load_rows,
     multi_block_rows,
     phi_multi_rows,
-    phi_rows,
-    phi_rows_grad,
-    row_block_rows,
+    phi_multi_rows_grad,
 )
 from .reference import expanded_dim
 
@@ -132,7 +129,7 @@ def _intra_scores(q, k, bcum, offs_c, OP: tl.constexpr):
 def _chunk_fwd_kernel(
     Q, K, V, LG, STATES, ZSTATES, Y, DEN,
     T, NUM_CHUNKS, HQ, HK, scale, eps,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, CRB: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
     n = tl.program_id(0)
@@ -161,14 +158,14 @@ def _chunk_fwd_kernel(
     z_base = ZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D
     inter_num = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
     inter_den = tl.zeros((CHUNK,), dtype=tl.float32)
-    for i in range(HEAD_DIM):
-        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
-        s_i = tl.load(st_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        z_i = tl.load(z_base + rows, mask=row_ok, other=0.0)
-        qi = load_col(q_base, t0, T, HQ * HEAD_DIM, offs_c, i) * scale
-        phiq = phi_rows(q, qi, i, offs_d)
-        inter_num += tl.dot(phiq.to(OP), s_i.to(OP))
-        inter_den += tl.sum(phiq * z_i[None, :], axis=1)
+    for i0 in range(0, HEAD_DIM, CRB):
+        rows, row_ok = multi_block_rows(i0, CRB, HEAD_DIM)
+        s_blk = tl.load(st_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        z_blk = tl.load(z_base + rows, mask=row_ok, other=0.0)
+        qcols = load_rows(q_base, t0, T, HQ * HEAD_DIM, offs_c, i0 + tl.arange(0, CRB)) * scale
+        phiq = phi_multi_rows(q, qcols, i0, CHUNK, CRB, HEAD_DIM)  # [C, CRB d]
+        inter_num += tl.dot(phiq.to(OP), s_blk.to(OP))
+        inter_den += tl.sum(phiq * z_blk[None, :], axis=1)
 
     qdec = tl.exp(bcum)  # decay from the chunk start to each query (<= 1)
     num += qdec[:, None] * inter_num
@@ -248,7 +245,7 @@ def _state_bwd_kernel(
 def _chunk_bwd_q_kernel(
     Q, K, V, LG, STATES, ZSTATES, DO, DELTA, DQ, DBQ,
     T, T_PAD, NUM_CHUNKS, HQ, HK, scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, CRB: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
     """dq of chunk n for one query head, and dL/db_t from the query side (DBQ [B, T_PAD, Hq])."""
@@ -281,15 +278,15 @@ def _chunk_bwd_q_kernel(
     st_base = STATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D * HEAD_DIM
     z_base = ZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D
     qdec = tl.exp(bcum)
-    for i in range(HEAD_DIM):
-        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
-        s_i = tl.load(st_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        z_i = tl.load(z_base + rows, mask=row_ok, other=0.0)
-        qi = load_col(q_base, t0, T, HQ * HEAD_DIM, offs_c, i) * scale
-        # gradient with respect to e^{b_t} phi_i(s q_t): S_i do_t + z_i delta_t
-        r = (tl.dot(do.to(OP), tl.trans(s_i.to(OP))) + delta[:, None] * z_i[None, :]) * qdec[:, None]
-        db += tl.sum(phi_rows(q, qi, i, offs_d) * r, axis=1)
-        dqs += phi_rows_grad(q, qi, r, i, offs_d)
+    for i0 in range(0, HEAD_DIM, CRB):
+        rows, row_ok = multi_block_rows(i0, CRB, HEAD_DIM)
+        s_blk = tl.load(st_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        z_blk = tl.load(z_base + rows, mask=row_ok, other=0.0)
+        qcols = load_rows(q_base, t0, T, HQ * HEAD_DIM, offs_c, i0 + tl.arange(0, CRB)) * scale
+        # gradient with respect to e^{b_t} phi(s q_t) on these rows: S do_t + z delta_t
+        rg = (tl.dot(do.to(OP), tl.trans(s_blk.to(OP))) + delta[:, None] * z_blk[None, :]) * qdec[:, None]
+        db += tl.sum(phi_multi_rows(q, qcols, i0, CHUNK, CRB, HEAD_DIM) * rg, axis=1)
+        dqs += phi_multi_rows_grad(q, qcols, rg, i0, CHUNK, CRB, HEAD_DIM)
 
     t = t0 + offs_c
     tl.store(DQ + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM + t[:, None] * (HQ * HEAD_DIM) + offs_d[None, :],
@@ -301,7 +298,7 @@ def _chunk_bwd_q_kernel(
 def _chunk_bwd_kv_kernel(
     Q, K, V, LG, STATES, ZSTATES, DSTATES, DZSTATES, DO, DELTA, DK, DV, DBK,
     T, T_PAD, NUM_CHUNKS, HQ, HK, scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, CRB: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
     """dk, dv of chunk n for one kv head (its whole query group) and dL/db_j from the key side
@@ -343,22 +340,22 @@ def _chunk_bwd_kv_kernel(
     dz_base = DZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + 1) * D
     dv_state = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
     dbeta = tl.sum(tl.zeros((CHUNK,), dtype=tl.float32), axis=0)
-    for i in range(HEAD_DIM):
-        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
+    for i0 in range(0, HEAD_DIM, CRB):
+        rows, row_ok = multi_block_rows(i0, CRB, HEAD_DIM)
         s_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
-        ds_i = tl.load(dst_base + s_off, mask=row_ok[:, None], other=0.0)
-        dz_i = tl.load(dz_base + rows, mask=row_ok, other=0.0)
-        s_i = tl.load(st_base + s_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        z_i = tl.load(z_base + rows, mask=row_ok, other=0.0)
-        ki = load_col(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, i)
-        phik = phi_rows(k, ki, i, offs_d)
-        dv_state += tl.dot(phik.to(OP), ds_i.to(OP))
-        # gradient with respect to c_j phi_i(k_j): dS_i v_j + dz_i
-        r = (tl.dot(v.to(OP), tl.trans(ds_i.to(OP))) + dz_i[None, :]) * c[:, None]
-        db -= tl.sum(phik * r, axis=1)
-        dk += phi_rows_grad(k, ki, r, i, offs_d)
+        ds_blk = tl.load(dst_base + s_off, mask=row_ok[:, None], other=0.0)
+        dz_blk = tl.load(dz_base + rows, mask=row_ok, other=0.0)
+        s_blk = tl.load(st_base + s_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        z_blk = tl.load(z_base + rows, mask=row_ok, other=0.0)
+        kcols = load_rows(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, i0 + tl.arange(0, CRB))
+        phik = phi_multi_rows(k, kcols, i0, CHUNK, CRB, HEAD_DIM)  # [C, CRB d]
+        dv_state += tl.dot(phik.to(OP), ds_blk.to(OP))
+        # gradient with respect to c_j phi(k_j) on these rows: dS v_j + dz
+        rg = (tl.dot(v.to(OP), tl.trans(ds_blk.to(OP))) + dz_blk[None, :]) * c[:, None]
+        db -= tl.sum(phik * rg, axis=1)
+        dk += phi_multi_rows_grad(k, kcols, rg, i0, CHUNK, CRB, HEAD_DIM)
         # every term of S_{n+1} carries e^beta (with b_j held fixed): d/dbeta = <dS_{n+1}, S_{n+1}>
-        dbeta += tl.sum(tl.sum(ds_i.to(tl.float32) * s_i, axis=1), axis=0) + tl.sum(dz_i * z_i, axis=0)
+        dbeta += tl.sum(tl.sum(ds_blk.to(tl.float32) * s_blk, axis=1), axis=0) + tl.sum(dz_blk * z_blk, axis=0)
     dv += c[:, None] * dv_state
     db += tl.where(offs_c == CHUNK - 1, dbeta, 0.0)
 
@@ -391,6 +388,13 @@ def _rows_per_program(head_dim: int) -> int:
     Q and dO, and costs registers). POWER_TRITON_STATE_ROWS overrides it (for benchmarks)."""
     rb = int(os.environ.get("POWER_TRITON_STATE_ROWS", "2"))
     return max(1, min(rb, head_dim))
+
+
+def _rows_per_chunk_step(head_dim: int) -> int:
+    """Row-blocks per step of the chunk kernels' walk over the state (a [C, CRB d] x [CRB d, d]
+    product per step). POWER_TRITON_CHUNK_ROWS overrides it (for benchmarks)."""
+    crb = int(os.environ.get("POWER_TRITON_CHUNK_ROWS", "1"))
+    return max(1, min(crb, head_dim))
 
 
 def _launch_opts(chunk: int, width: int) -> dict:
@@ -442,7 +446,8 @@ def chunk_forward(q, k, v, log_g, s0, z0, scale: float, eps: float, chunk_size: 
         _chunk_fwd_kernel[(n_chunks, bsz * hq)](
             q, k, v, log_g if log_g is not None else k, states, z_states, y, den,
             t, n_chunks, hq, hk, scale, eps,
-            HEAD_DIM=d, D=dim, CHUNK=chunk, HAS_GATE=log_g is not None, OP=op, **_launch_opts(chunk, d),
+            HEAD_DIM=d, D=dim, CHUNK=chunk, CRB=_rows_per_chunk_step(d), HAS_GATE=log_g is not None, OP=op,
+            **_launch_opts(chunk, d),
         )
     return y, den, s_final, z_final
 
@@ -479,7 +484,8 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
     dbq = torch.empty(bsz, t_pad, hq, dtype=torch.float32, device=q.device)
     dbk = torch.empty(bsz, t_pad, hk, dtype=torch.float32, device=q.device)
     if n_chunks:
-        common = dict(HEAD_DIM=d, D=dim, CHUNK=chunk, HAS_GATE=log_g is not None, OP=op, **_launch_opts(chunk, d))
+        common = dict(HEAD_DIM=d, D=dim, CHUNK=chunk, CRB=_rows_per_chunk_step(d), HAS_GATE=log_g is not None, OP=op,
+                      **_launch_opts(chunk, d))
         _chunk_bwd_q_kernel[(n_chunks, bsz * hq)](
             q, k, v, lg, states, z_states, do, delta, dq, dbq, t, t_pad, n_chunks, hq, hk, scale, **common)
         _chunk_bwd_kv_kernel[(n_chunks, bsz * hk)](

@@ -190,3 +190,20 @@ def phi_multi_rows(x, xcols, i0, M: tl.constexpr, RB: tl.constexpr, HEAD_DIM: tl
                  tl.where(offs_d[None, :] == i[:, None], 1.0, 0.0))  # [RB, d]
     phi = x[:, None, :] * xcols[:, :, None] * w[None, :, :]  # [M, RB, d]
     return tl.reshape(phi, (M, RB * HEAD_DIM))
+
+
+@triton.jit
+def phi_multi_rows_grad(x, xcols, dphi, i0, M: tl.constexpr, RB: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The gradient with respect to x [M, d] of sum(dphi * phi_multi_rows(x, x[:, i0:i0+RB], i0)).
+
+    dphi [M, RB d]. Entry (i, j) = w_ij x_i x_j sends w_ij dphi_ij x_i to x_j and
+    w_ij dphi_ij x_j to x_i (both to x_i on the diagonal).
+    """
+    offs_d = tl.arange(0, HEAD_DIM)
+    i = i0 + tl.arange(0, RB)
+    w = tl.where(offs_d[None, :] > i[:, None], 1.4142135623730951,
+                 tl.where(offs_d[None, :] == i[:, None], 1.0, 0.0))  # [RB, d]
+    gw = tl.reshape(dphi, (M, RB, HEAD_DIM)) * w[None, :, :]
+    dx = tl.sum(gw * xcols[:, :, None], axis=1)  # the x_j side, [M, d]
+    col = tl.sum(gw * x[:, None, :], axis=2)  # the x_i side, [M, RB]: lands in columns i0 .. i0 + RB - 1
+    return dx + tl.sum(tl.where(offs_d[None, None, :] == i[None, :, None], col[:, :, None], 0.0), axis=1)
