@@ -193,7 +193,7 @@ def decode_rows(copy_tbs, retention_ok):
             def step():
                 return power_retention_inference(q, k, v, log_g, initial_state=rs, sum_of_keys=rz, deg=2)
 
-            ms = with_budget(90, bench, step, None, 100)
+            ms = with_budget(60, bench, step, None, 100)
             if ms is not None:
                 rows.append((f"retention power_retention_inference (bf16 state, D={rdim}, read only)", rbytes, ms,
                              rbytes / (copy_tbs * 1e12) * 1e3))
@@ -213,7 +213,7 @@ def decode_rows(copy_tbs, retention_ok):
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None, help="write the markdown tables here")
-    parser.add_argument("--retention-budget", type=float, default=240.0, help="seconds for all retention rows")
+    parser.add_argument("--retention-budget", type=float, default=150.0, help="seconds for all retention rows")
     parser.add_argument("--chunks", default="64,128", help="our chunk sizes to time")
     parser.add_argument("--retention-chunk", type=int, default=1024)
     parser.add_argument("--no-retention", action="store_true", help="skip the retention rows")

@@ -1,6 +1,7 @@
 #!/bin/bash
-# One device call: install the retention wheel (carried in .whl/), check correctness, benchmark.
-#   bash benchmarks/gpu_run.sh [check] [bench] [extra bench args...]
+# One device call: install the retention wheel (carried in .whl/), check correctness, pick the
+# fastest kernel configuration, benchmark with it.
+#   bash benchmarks/gpu_run.sh [check][,profile][,bench] [extra bench args...]
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -12,4 +13,14 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw -
 python3 -c "import power_transformers.kernels.triton_power" || exit 1
 what=$1; shift
 if [[ $what == *check* ]]; then python3 benchmarks/check_gpu.py 2>&1 | tee "$OUT/check.log"; fi
-if [[ $what == *bench* ]]; then python3 benchmarks/bench_attention.py --out "$OUT/bench.md" "$@" 2>&1 | tee "$OUT/bench.log"; fi
+chunks=128
+if [[ $what == *profile* ]]; then
+  python3 benchmarks/profile_kernels.py 65536 2>&1 | grep -v -i warn | tee "$OUT/profile.log"
+  best=$(grep '^BEST' "$OUT/profile.log")
+  if [[ -n $best ]]; then
+    chunks=$(echo "$best" | sed 's/.*C=\([0-9]*\).*/\1/')
+    export $(echo "$best" | grep -o 'POWER_TRITON_[A-Z_]*=[0-9]*')
+  fi
+fi
+echo "bench with chunk $chunks, POWER_TRITON_STATE_ROWS=${POWER_TRITON_STATE_ROWS:-default} POWER_TRITON_CHUNK_ROWS=${POWER_TRITON_CHUNK_ROWS:-default}"
+if [[ $what == *bench* ]]; then python3 benchmarks/bench_attention.py --chunks "$chunks" --out "$OUT/bench.md" "$@" 2>&1 | tee "$OUT/bench.log"; fi
