@@ -1,7 +1,7 @@
 """Settings for fine-tuning power models on several processes with existing engines.
 
 Nothing here trains or wraps a model: DDP, FSDP2, `accelerate` and the `Trainer` do that. What this
-module adds is the two numbers users get wrong and a check of them that runs before any step:
+module adds is the settings users get wrong, each checked before any step:
 
 - `fsdp2_settings(model)`: the `fsdp` / `fsdp_config` keyword arguments of `TrainingArguments` for
   FSDP2 with one `fully_shard` unit per decoder layer (the classes the model's `_no_split_modules`
@@ -9,8 +9,8 @@ module adds is the two numbers users get wrong and a check of them that runs bef
 - `gradient_accumulation_steps(global_batch, per_device_batch, world_size)`: the accumulation that
   makes `per_device_batch x world_size x steps` equal the global batch, or a ValueError.
 - `check_world_size(training_args)`: the Trainer sees every process the launcher started.
-- `check_launch_config(model)`: the same wrap check for what `accelerate launch --config_file` put in
-  the environment (`FSDP_TRANSFORMER_CLS_TO_WRAP`), since accelerate reads it only inside `train()`.
+- `fsdp_from_launcher()` / `check_launch_config(model)`: what `accelerate launch --config_file` put
+  in the environment, and the wrap check for it (accelerate reads it only inside `train()`).
 
 Example (under `torchrun --nproc_per_node N`):
 
@@ -118,13 +118,22 @@ def check_world_size(training_args) -> None:
         )
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def fsdp_from_launcher() -> tuple[bool, bool]:
+    """(FSDP, FSDP activation checkpointing) as an `accelerate launch --config_file` run asks for them."""
+    return _env_flag("ACCELERATE_USE_FSDP"), _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
+
+
 def check_launch_config(model: nn.Module) -> None:
     """Check the FSDP settings an `accelerate launch --config_file` run put in the environment.
 
     accelerate reads `FSDP_TRANSFORMER_CLS_TO_WRAP` only when the Trainer prepares the model; this
     raises the same ValueError as `check_wrap_classes` before any step instead.
     """
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("1", "true", "yes"):
+    if not fsdp_from_launcher()[0]:
         return
     names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
     if names:
@@ -136,6 +145,7 @@ __all__ = [
     "check_world_size",
     "check_wrap_classes",
     "fsdp2_settings",
+    "fsdp_from_launcher",
     "gradient_accumulation_steps",
     "layer_classes_to_wrap",
     "world_size",

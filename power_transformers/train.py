@@ -27,7 +27,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 from . import PowerConfig, PowerForCausalLM
 from .data import load_text
-from .distributed import check_launch_config, check_world_size, fsdp2_settings, gradient_accumulation_steps, world_size
+from .distributed import (
+    check_launch_config,
+    check_world_size,
+    fsdp2_settings,
+    fsdp_from_launcher,
+    gradient_accumulation_steps,
+    world_size,
+)
 from .quickstart import ByteWindows
 
 
@@ -89,15 +96,6 @@ def load_dataset(args: argparse.Namespace, vocab_size: int) -> ByteWindows:
         return ByteWindows(text, args.seq_len)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     return TokenWindows(torch.tensor(tokenizer(text)["input_ids"]), args.seq_len)
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
-
-
-def fsdp_from_launcher() -> tuple[bool, bool]:
-    """(FSDP, FSDP activation checkpointing) as an `accelerate launch --config_file` run asks for them."""
-    return _env_flag("ACCELERATE_USE_FSDP"), _env_flag("FSDP_ACTIVATION_CHECKPOINTING")
 
 
 def engine_in_use(trainer: Trainer) -> str:

@@ -17,13 +17,14 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import Trainer
 
 from power_transformers import train
+from power_transformers.distributed import fsdp_from_launcher
 
 _create_accelerator = Trainer.create_accelerator_and_postprocess
 
 
 def create_accelerator_with_fsdp_on_cpu(self: Trainer) -> None:
     _create_accelerator(self)
-    asked = self.args.fsdp_plugin_args is not None or train.fsdp_from_launcher()[0]
+    asked = self.args.fsdp_plugin_args is not None or fsdp_from_launcher()[0]
     if asked and not self.is_fsdp_enabled:
         plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))  # {}: from the launcher's env
         state = self.accelerator.state
