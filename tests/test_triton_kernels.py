@@ -169,7 +169,12 @@ def test_decode_chain_equals_chunked_forward():
     assert rel(state[0], state_full[0]) < 1e-5 and rel(state[1], state_full[1]) < 1e-5
 
 
-def test_decode_matches_reference_decode_ungated_with_padding_row():
+@pytest.mark.parametrize("split", [1, 4])
+def test_decode_matches_reference_decode_ungated_with_padding_row(split, monkeypatch):
+    """One program per (row, head), or the state split over `split` programs whose shares the last adds up."""
+    from power_transformers.kernels import triton_decode
+
+    monkeypatch.setattr(triton_decode, "_split", lambda programs, head_dim: split)
     q, k, v, _ = make_inputs(2, 5, 1, 1, 32, gated=False, seed=4)
     k, v = k.clone(), v.clone()
     k[0, :2] = 0  # a left-padded row still in its padding

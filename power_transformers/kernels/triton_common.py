@@ -13,6 +13,12 @@ build block i on chip from the d-dimensional tile x [M, d] and its column x[:, i
 
 A row-block of a state S [D, d] is then the [d, d] tile of rows (i, j), j = 0..d-1 (rows j < i
 masked out), and phi(x)^T S = sum_i phi_i(x) @ S_i, S += phi(k) v^T is S_i += phi_i(k)^T v.
+The chunk kernels take RB consecutive row-blocks at a time (phi_multi_rows: [M, RB d], the
+state rows of multi_block_rows), which makes the matrix products larger and, in the state
+passes, lets one read of K and V (or Q and dO) serve RB row-blocks.
+
+(Building phi from gathers of arbitrary (i, j) pairs, without the masked half of each block,
+was tried and ran 3x slower on the H100: the gathers cost more than the masked work.)
 """
 
 from __future__ import annotations
@@ -65,19 +71,6 @@ def phi_rows(x, xi, i, offs_d):
 
 
 @triton.jit
-def phi_rows_grad(x, xi, dphi, i, offs_d):
-    """The gradient with respect to x [M, d] of sum(dphi * phi_rows(x, x[:, i], i)).
-
-    dphi [M, d] is the gradient of row-block i. Entry (i, j) = w_ij x_i x_j sends
-    w_ij dphi_ij x_i to x_j and w_ij dphi_ij x_j to x_i (both to x_i on the diagonal).
-    """
-    gw = dphi * pair_weights(i, offs_d)[None, :]
-    dx = gw * xi[:, None]
-    col = tl.sum(gw * x, axis=1)  # [M]: everything that lands in column i
-    return dx + tl.where(offs_d[None, :] == i, col[:, None], 0.0)
-
-
-@triton.jit
 def row_block_rows(i, offs_d, HEAD_DIM: tl.constexpr):
     """Indices in [0, D) of the rows (i, j) of row-block i ([d], valid where j >= i) and that mask."""
     start = i * HEAD_DIM - (i * (i - 1)) // 2
@@ -103,66 +96,6 @@ def load_rows(base, t0, T, stride_t, offs_c, offs_d):
     """A [C, d'] fp32 tile of tokens t0 + offs_c (rows past T are 0); offs_d the column offsets."""
     t = t0 + offs_c
     return tl.load(base + t[:, None] * stride_t + offs_d[None, :], mask=(t < T)[:, None], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def load_col(base, t0, T, stride_t, offs_c, i):
-    """Column i of the same tile: [C] fp32."""
-    t = t0 + offs_c
-    return tl.load(base + t * stride_t + i, mask=t < T, other=0.0).to(tl.float32)
-
-
-# ----------------------------------------------------------------------------------
-# Flat blocks of phi: BLOCK_D consecutive entries of the symmetric order at once
-# ----------------------------------------------------------------------------------
-
-
-@triton.jit
-def flat_pairs(r0, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr):
-    """Entries r = r0 .. r0 + BLOCK_D of phi's symmetric order.
-
-    Returns (r, I, J, w, ok), each [BLOCK_D]: the entry's pair I <= J, its weight w (sqrt(2)
-    off the diagonal, 1 on it) and whether r < D (entries past D get w = 0 and I = J = 0).
-    Row I of the order starts at start(I) = I (2d - I + 1) / 2; I is the root of that
-    quadratic, corrected by one step where fp32 rounding lands on the wrong side.
-    """
-    r = r0 + tl.arange(0, BLOCK_D)
-    ok = r < D
-    n2 = 2 * HEAD_DIM + 1
-    disc = tl.maximum((n2 * n2 - 8 * r).to(tl.float32), 0.0)
-    i = ((n2 - tl.sqrt(disc)) * 0.5).to(tl.int32)
-    i = tl.minimum(tl.maximum(i, 0), HEAD_DIM - 1)
-    i = tl.where(i * (2 * HEAD_DIM - i + 1) // 2 > r, i - 1, i)
-    i = tl.where((i + 1) * (2 * HEAD_DIM - i) // 2 <= r, i + 1, i)
-    j = r - i * (2 * HEAD_DIM - i + 1) // 2 + i
-    w = tl.where(j == i, 1.0, 1.4142135623730951)
-    return r, tl.where(ok, i, 0), tl.where(ok, j, 0), tl.where(ok, w, 0.0), ok
-
-
-@triton.jit
-def phi_block(x_base, t0, T, stride_t, offs_c, pi, pj, w):
-    """phi of the tokens t0 + offs_c for the entries (pi, pj, w) of one flat block, built from
-    two gathers of the d-dimensional rows (L1-resident): (phi [C, BLOCK_D], x_I, x_J) fp32."""
-    t = t0 + offs_c
-    m = (t < T)[:, None]
-    row = x_base + t[:, None] * stride_t
-    xi = tl.load(row + pi[None, :], mask=m, other=0.0).to(tl.float32)
-    xj = tl.load(row + pj[None, :], mask=m, other=0.0).to(tl.float32)
-    return xi * xj * w[None, :], xi, xj
-
-
-@triton.jit
-def phi_block_grad(dphi, xi, xj, w, pi, pj, offs_d):
-    """The gradient [C, d] with respect to x of sum(dphi * phi_block(x)), dphi [C, BLOCK_D].
-
-    Entry (I, J) = w x_I x_J sends w dphi x_J to column I and w dphi x_I to column J (both to
-    column I on the diagonal). The scatter onto the d columns is a product with one-hot
-    [BLOCK_D, d] matrices, in fp32 operands (tf32 on the GPU).
-    """
-    gw = dphi * w[None, :]
-    onehot_i = (pi[:, None] == offs_d[None, :]).to(tl.float32)
-    onehot_j = (pj[:, None] == offs_d[None, :]).to(tl.float32)
-    return tl.dot(gw * xj, onehot_i) + tl.dot(gw * xi, onehot_j)
 
 
 # ----------------------------------------------------------------------------------

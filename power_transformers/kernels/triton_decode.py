@@ -10,11 +10,12 @@ Shapes:
 
 Per token: S = e^g S + phi(k) v^T, z = e^g z + phi(k), y = phi(s q)^T S / (phi(s q)^T z + eps).
 
-One program per (batch row, kv head) walks the d row-blocks of its state: each [d, d] block is
-read once, updated for every new token in turn (the row-blocks are independent), written back
-once; the queries of all t tokens and the G query heads of the group (rows r = token * G + g)
-take their share of the output from the block between the updates. The state is read and
-written once per call: that is the memory floor of a decode step.
+SPLIT programs per (batch row, kv head) share the d row-blocks of its state: each [d, d] block
+is read once, updated for every new token in turn (the row-blocks are independent), written
+back once; the queries of all t tokens and the G query heads of the group (rows
+r = token * G + g) take their share of the output from the block between the updates. The
+last program of a (batch row, kv head) to finish adds up the shares and writes y. The state is
+read and written once per call: that is the memory floor of a decode step.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from .triton_common import interpreting, pair_weights, phi_rows, row_block_rows
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, LG, S, Z, Y,
+    Q, K, V, LG, S, Z, Y, PART_NUM, PART_DEN, COUNT,
     t, HQ, HK, scale, eps,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
     HAS_GATE: tl.constexpr,
 ):
     bh = tl.program_id(0)
+    sp = tl.program_id(1)
     b = bh // HK
     h = bh % HK
     offs_d = tl.arange(0, HEAD_DIM)
@@ -49,7 +51,9 @@ def _decode_kernel(
     z_base = Z + bh.to(tl.int64) * D
     num = tl.zeros((ROWS, HEAD_DIM), dtype=tl.float32)
     den = tl.zeros((ROWS,), dtype=tl.float32)
-    for i in range(HEAD_DIM):
+    # row-blocks sp, sp + SPLIT, ...: interleaved, since the early ones hold more pairs
+    for m in range(HEAD_DIM // SPLIT):
+        i = sp + m * SPLIT
         rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
         s_ptr = s_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
         s_i = tl.load(s_ptr, mask=row_ok[:, None], other=0.0)
@@ -75,12 +79,34 @@ def _decode_kernel(
         tl.store(s_ptr, s_i, mask=row_ok[:, None])
         tl.store(z_base + rows, z_i, mask=row_ok)
 
-    y = num / (den + eps)[:, None]
-    tl.store(Y + row_off[:, None] + offs_d[None, :], y, mask=r_ok[:, None])
+    y_ptr = Y + row_off[:, None] + offs_d[None, :]
+    if SPLIT == 1:
+        tl.store(y_ptr, num / (den + eps)[:, None], mask=r_ok[:, None])
+    else:
+        # Split over programs: each leaves its share; the last one of the (b, h) to arrive adds
+        # them up and writes y. The atomic is acq_rel, so every share is visible to it.
+        part = (bh * SPLIT + sp).to(tl.int64) * ROWS
+        tl.store(PART_NUM + (part + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], num)
+        tl.store(PART_DEN + part + offs_r, den)
+        arrived = tl.atomic_add(COUNT + bh, 1)
+        if arrived == SPLIT - 1:
+            num = tl.zeros((ROWS, HEAD_DIM), dtype=tl.float32)
+            den = tl.zeros((ROWS,), dtype=tl.float32)
+            for other in range(SPLIT):
+                part = (bh * SPLIT + other).to(tl.int64) * ROWS
+                num += tl.load(PART_NUM + (part + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], cache_modifier=".cg")
+                den += tl.load(PART_DEN + part + offs_r, cache_modifier=".cg")
+            tl.store(y_ptr, num / (den + eps)[:, None], mask=r_ok[:, None])
 
 
 def _rows(tokens: int, group: int) -> int:
     return triton.next_power_of_2(max(1, tokens * group))
+
+
+def _split(programs: int, head_dim: int) -> int:
+    """Programs per (batch row, kv head): enough for ~4 per SM of an H100, at most 16."""
+    want = triton.next_power_of_2(max(1, -(-528 // programs)))
+    return min(want, 16, head_dim)
 
 
 def decode_(q, k, v, log_g, s_state, z_state, scale: float, eps: float) -> torch.Tensor:
@@ -91,6 +117,7 @@ def decode_(q, k, v, log_g, s_state, z_state, scale: float, eps: float) -> torch
     y = torch.empty(bsz, t, hq, d, dtype=v.dtype, device=q.device)
     # Tokens per launch: the on-chip product [rows, d, d] stays within ~32k numbers.
     per_launch = max(1, (32768 // (d * d)) // group)
+    split = _split(bsz * hk, d)
     opts = {} if interpreting() else {"num_warps": 4 if d <= 64 else 8}
     for start in range(0, t, per_launch):
         n = min(per_launch, t - start)
@@ -98,9 +125,13 @@ def decode_(q, k, v, log_g, s_state, z_state, scale: float, eps: float) -> torch
         qs, ks, vs = q[:, sl].contiguous(), k[:, sl].contiguous(), v[:, sl].contiguous()
         gs = log_g[:, sl].contiguous() if log_g is not None else ks
         ys = y if n == t else torch.empty(bsz, n, hq, d, dtype=v.dtype, device=q.device)
-        _decode_kernel[(bsz * hk,)](
-            qs, ks, vs, gs, s_state, z_state, ys, n, hq, hk, scale, eps,
-            HEAD_DIM=d, D=expanded_dim(d, 2), G=group, ROWS=_rows(n, group), HAS_GATE=log_g is not None, **opts,
+        rows = _rows(n, group)
+        part_num = torch.empty(bsz * hk * split * rows, d, dtype=torch.float32, device=q.device)
+        part_den = torch.empty(bsz * hk * split * rows, dtype=torch.float32, device=q.device)
+        count = torch.zeros(bsz * hk, dtype=torch.int32, device=q.device)
+        _decode_kernel[(bsz * hk, split)](
+            qs, ks, vs, gs, s_state, z_state, ys, part_num, part_den, count, n, hq, hk, scale, eps,
+            HEAD_DIM=d, D=expanded_dim(d, 2), G=group, ROWS=rows, SPLIT=split, HAS_GATE=log_g is not None, **opts,
         )
         if ys is not y:
             y[:, sl] = ys
