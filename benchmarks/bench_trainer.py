@@ -1,6 +1,6 @@
 """Trainer fine-tuning on one GPU at 16k context: a power model against a Llama of the same shape.
 
-    python benchmarks/bench_trainer.py [--seq-len 16384] [--warmup 3] [--steps 20] [--out DIR]
+    python benchmarks/bench_trainer.py [--seq-len 16384] [--warmup 2] [--steps 10] [--out DIR]
 
 Both models have the shape of bench_generate.py (12 layers, hidden 768, 12 heads of 64, MLP 2048,
 vocab 32k, random init) and go through the same `Trainer` run: bf16 mixed precision, gradient
@@ -157,13 +157,15 @@ def table(results: list[dict], header: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=16384)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--backend", default="triton", choices=("triton", "auto", "reference"))
-    parser.add_argument("--models", default="power,llama")
+    parser.add_argument("--models", default="llama,power", help="in this order (the baseline first)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, for checking the script (CPU too)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be >= 1 (the first step compiles the kernels)")
     shape = SMOKE_SHAPE if args.smoke else SHAPE
     data = ByteWindows(load_text("emma"), args.seq_len)
     needed = args.warmup + args.steps
