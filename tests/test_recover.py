@@ -33,3 +33,12 @@ def test_recover_runs_and_its_patch_reproduces_the_model(tmp_path):
     with torch.no_grad():
         expected, got = tuned(ids).logits, rebuilt(ids).logits
     torch.testing.assert_close(got, expected, atol=2e-2 * expected.abs().max().item(), rtol=0)
+
+
+def test_demo_converts_and_generates(tmp_path, capsys):
+    from power_transformers.convert_scripts import demo
+
+    make_source("qwen3", tmp_path / "src")
+    assert demo.main(["--source", str(tmp_path / "src"), "--prompt", "w5 w9", "--max-new-tokens", "4", "--transfer-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[4/4] generating" in out and "tokens in" in out

