@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,9 +71,15 @@ class LlamaFamily:
 
     def config_fields(self, config, state_dict: dict) -> dict:
         attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
-        for unsupported in ("attention_chunk_size",):
-            if getattr(config, unsupported, None):
-                raise ConversionError(f"{config.model_type} with {unsupported} is not supported")
+        if getattr(config, "attention_chunk_size", None):
+            raise ConversionError(f"{config.model_type} with attention_chunk_size is not supported")
+        window = getattr(config, "sliding_window", None)
+        uses_window = getattr(config, "use_sliding_window", config.model_type == "mistral")
+        if window and uses_window and window < config.max_position_embeddings:
+            warnings.warn(
+                f"the source uses sliding-window attention ({window} tokens); softmax layers kept by the "
+                "conversion attend to the full context, so they match the source only up to that length"
+            )
         return dict(
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
@@ -427,6 +434,9 @@ def convert_checkpoint(
     model.config.converted_from = record
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
     try:
         model.save_pretrained(tmp)
         if generation is not None:
