@@ -52,6 +52,14 @@ LLAMA_LIKE = dict(
 
 SOURCES = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**LLAMA_LIKE, head_dim=8, attention_bias=True, mlp_bias=True)),
+    "llama3-rope": lambda: LlamaForCausalLM(
+        LlamaConfig(
+            **LLAMA_LIKE,
+            head_dim=8,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        )
+    ),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**LLAMA_LIKE, head_dim=8)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**LLAMA_LIKE, tie_word_embeddings=True)),
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**LLAMA_LIKE, head_dim=16, rope_theta=1000.0)),
@@ -126,10 +134,11 @@ def test_power_conversion_loads_generates_and_forms_agree(source, tmp_path):
     arch, folder, model = source
     out = convert_checkpoint(folder, tmp_path / "power", chunk_size=4, keep_softmax_layers=[1])
     record = json.loads((out / "conversion.json").read_text())
-    assert record["source_model_type"] == arch and record["softmax_layers"] == [1] and record["power_layers"] == [0, 2]
+    assert record["source_model_type"] == model.config.model_type
+    assert record["softmax_layers"] == [1] and record["power_layers"] == [0, 2]
 
     converted = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert converted.config.converted_from["source_model_type"] == arch
+    assert converted.config.converted_from["source_model_type"] == model.config.model_type
     assert converted.config.chunk_size == 4
     full = logits(converted)
     assert not torch.allclose(full, logits(model), atol=1e-3)  # power attention is not softmax
