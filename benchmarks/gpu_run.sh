@@ -15,7 +15,7 @@ what=$1; shift
 if [[ $what == *check* ]]; then python3 benchmarks/check_gpu.py 2>&1 | tee "$OUT/check.log"; fi
 chunks=128
 if [[ $what == *profile* ]]; then
-  python3 benchmarks/profile_kernels.py 65536 2>&1 | grep -v -i warn | tee "$OUT/profile.log"
+  python3 benchmarks/profile_kernels.py 65536 ${PROFILE_CONFIGS:-128:2:1,64:2:1} 2>&1 | grep -v -i warn | tee "$OUT/profile.log"
   best=$(grep '^BEST' "$OUT/profile.log")
   if [[ -n $best ]]; then
     chunks=$(echo "$best" | sed 's/.*C=\([0-9]*\).*/\1/')

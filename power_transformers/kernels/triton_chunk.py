@@ -383,10 +383,15 @@ def _block_v(head_dim: int) -> int:
     return min(head_dim, 64)
 
 
-def _rows_per_program(head_dim: int) -> int:
+def _rows_per_program(head_dim: int, backward: bool = False) -> int:
     """Row-blocks per program in the state passes (each extra one saves a re-read of K and V, or
-    Q and dO, and costs registers). POWER_TRITON_STATE_ROWS overrides it (for benchmarks)."""
-    rb = int(os.environ.get("POWER_TRITON_STATE_ROWS", "2"))
+    Q and dO, and costs registers). Measured on the H100 (d = 64): 2 is best for the forward
+    pass, 1 for the backward one. POWER_TRITON_STATE_ROWS / POWER_TRITON_DSTATE_ROWS override
+    them (for benchmarks)."""
+    if backward:
+        rb = int(os.environ.get("POWER_TRITON_DSTATE_ROWS", "1"))
+    else:
+        rb = int(os.environ.get("POWER_TRITON_STATE_ROWS", "2"))
     return max(1, min(rb, head_dim))
 
 
@@ -468,9 +473,11 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
     states, z_states, _, _ = _states_forward(k, v, log_g, s0, z0, chunk, op)
     do = dy.float() / (den + eps)[..., None]
     delta = -(do * y.float()).sum(-1)
+    # the products read dO in their operand dtype anyway: store it so (half the bytes for bf16)
+    do = do.to(_state_dtype(op))
     dstates = torch.empty_like(states)  # dL/dS_n, n = 0 .. N
     dz_states = torch.empty_like(z_states)
-    bv, rb = _block_v(d), _rows_per_program(d)
+    bv, rb = _block_v(d), _rows_per_program(d, backward=True)
     lg = log_g if log_g is not None else k
     _state_bwd_kernel[(d // rb, d // bv, bsz * hk)](
         q, do, delta, lg, ds_final if ds_final is not None else z_states, dz_final if dz_final is not None else z_states,

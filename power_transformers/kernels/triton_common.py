@@ -118,6 +118,8 @@ def phi_multi_rows(x, xcols, i0, M: tl.constexpr, RB: tl.constexpr, HEAD_DIM: tl
     """Row-blocks i0 .. i0 + RB - 1 of phi_2, side by side: x [M, d] fp32 and xcols [M, RB]
     (= x[:, i0:i0+RB], possibly times a per-row weight) -> [M, RB d], in multi_block_rows' order."""
     offs_d = tl.arange(0, HEAD_DIM)
+    if RB == 1:  # plain 2-D: the 3-D form costs a layout shuffle per step on the GPU
+        return phi_rows(x, tl.sum(xcols, axis=1), i0, offs_d)
     i = i0 + tl.arange(0, RB)
     w = tl.where(offs_d[None, :] > i[:, None], 1.4142135623730951,
                  tl.where(offs_d[None, :] == i[:, None], 1.0, 0.0))  # [RB, d]
@@ -133,6 +135,10 @@ def phi_multi_rows_grad(x, xcols, dphi, i0, M: tl.constexpr, RB: tl.constexpr, H
     w_ij dphi_ij x_j to x_i (both to x_i on the diagonal).
     """
     offs_d = tl.arange(0, HEAD_DIM)
+    if RB == 1:
+        gw1 = dphi * pair_weights(i0, offs_d)[None, :]
+        col1 = tl.sum(gw1 * x, axis=1)  # [M]: everything that lands in column i0
+        return gw1 * tl.sum(xcols, axis=1)[:, None] + tl.where(offs_d[None, :] == i0, col1[:, None], 0.0)
     i = i0 + tl.arange(0, RB)
     w = tl.where(offs_d[None, :] > i[:, None], 1.4142135623730951,
                  tl.where(offs_d[None, :] == i[:, None], 1.0, 0.0))  # [RB, d]
