@@ -205,7 +205,8 @@ class PowerCache(Cache):
     def __init__(self, config, max_cache_len: int | None = None, **kwargs):
         text_config = config.get_text_config(decoder=True)
         self.static = max_cache_len is not None
-        self.max_cache_len = max_cache_len
+        # Not `self.max_cache_len`: 5.15-5.17's Cache has a read-only property of that name.
+        self.capacity = max_cache_len
         self.position: torch.Tensor | None = None  # static mode: tokens seen, a 0-d long tensor
         self.key_valid: torch.Tensor | None = None  # static hybrids: [B, max_cache_len] real (not pad) keys
         layers = []
@@ -221,6 +222,14 @@ class PowerCache(Cache):
     def is_compileable(self) -> bool:
         return self.static
 
+    @property
+    def max_cache_len(self) -> int | None:
+        """Tokens a static cache's softmax layers hold (None for a dynamic cache)."""
+        return self.capacity
+
+    def get_max_length(self) -> int:
+        return -1 if self.capacity is None else self.capacity
+
     def begin_step(self, attention_mask: torch.Tensor | None, batch: int, length: int, device) -> None:
         """Static mode, before a forward of `length` tokens: allocate, check room, record which keys are real."""
         if not self.static:
@@ -232,13 +241,13 @@ class PowerCache(Cache):
         has_softmax = any(isinstance(layer, StaticKVLayer) for layer in self.layers)
         if not has_softmax:
             return
-        if not torch.compiler.is_compiling() and int(self.position) + length > self.max_cache_len:
+        if not torch.compiler.is_compiling() and int(self.position) + length > self.capacity:
             raise ValueError(
-                f"the static PowerCache holds {self.max_cache_len} tokens per softmax layer; "
+                f"the static PowerCache holds {self.capacity} tokens per softmax layer; "
                 f"{int(self.position)} are cached and {length} more were given"
             )
         if self.key_valid is None:
-            self.key_valid = torch.zeros(batch, self.max_cache_len, dtype=torch.bool, device=device)
+            self.key_valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=device)
             if not torch.compiler.is_compiling():
                 torch._dynamo.mark_static_address(self.key_valid)
         valid = torch.ones(batch, length, dtype=torch.bool, device=device) if attention_mask is None else attention_mask[:, -length:].bool()
@@ -246,7 +255,7 @@ class PowerCache(Cache):
 
     def softmax_mask(self, length: int, dtype) -> torch.Tensor:
         """Static mode: additive mask [B, 1, length, max_cache_len] for the softmax layers."""
-        key_pos = torch.arange(self.max_cache_len, device=self.position.device)[None, :]
+        key_pos = torch.arange(self.capacity, device=self.position.device)[None, :]
         query_pos = self.position + torch.arange(length, device=self.position.device)[:, None]
         allowed = ((key_pos <= query_pos)[None] & self.key_valid[:, None, :]) | (key_pos == query_pos)[None]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)

@@ -175,6 +175,9 @@ class PowerAttention(PowerAttentionBase):
         **kwargs,
     ) -> torch.Tensor:
         q, k, v = self.project(hidden_states, position_embeddings)
+        # Under autocast RoPE's fp32 tables promote q and k while v stays in the autocast dtype: the
+        # kernels take one dtype.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         log_g = F.logsigmoid(self.g_proj(hidden_states).float()) if self.config.use_gating else None
         if padding_mask is not None:
             keep = padding_mask[..., None].to(k.dtype)  # [B, T, 1]

@@ -237,3 +237,23 @@ def test_gpt2_style_options_run():
         full = model(ids, use_cache=False).logits
         stepped, _ = run_token_by_token(model, ids, 9)
     torch.testing.assert_close(stepped, full, rtol=1e-4, atol=1e-4)
+
+
+def test_autocast_hands_the_kernels_one_dtype(monkeypatch):
+    """Under bf16 autocast (Trainer(bf16=True)) q, k and v must reach the kernels in one dtype."""
+    import power_transformers.modeling_power as modeling
+
+    seen = []
+    original = modeling.power_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "power_attention", recording)
+    model = tiny_model().train()
+    ids = torch.randint(3, 97, (2, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen)

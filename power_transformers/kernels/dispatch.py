@@ -51,14 +51,14 @@ def _use_triton(backend: str, q: torch.Tensor, degree: int, k=None, v=None, log_
     backend = _resolve_backend(backend)
     if backend == "reference":
         return False
+    if backend == "auto" and not q.is_cuda:
+        return False  # "auto" uses the kernels on CUDA tensors only (and imports nothing for the CPU)
     module = _triton_module()
     if backend == "triton":
         if module is None:
             raise RuntimeError("backend='triton' was asked for but the Triton kernels are not available (pip install triton)")
         module.check_supported(q, degree, k, v, log_g, state)  # raises with the reason
         return True
-    if not q.is_cuda:
-        return False  # "auto" uses the kernels on CUDA tensors only; no warning for the CPU
     if module is None:
         _warn_once("Triton is not installed (pip install triton)")
         return False
