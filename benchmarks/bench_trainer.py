@@ -31,8 +31,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainerCall
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import power_transformers  # noqa: E402
-from power_transformers import PowerConfig, PowerForCausalLM  # noqa: E402
-from power_transformers import modeling_power  # noqa: E402
+from power_transformers import PowerConfig  # noqa: E402
 from power_transformers.data import load_text  # noqa: E402
 from power_transformers.quickstart import ByteWindows  # noqa: E402
 from power_transformers.train import CHECKPOINTING_ARG  # noqa: E402
@@ -57,41 +56,6 @@ class StepTimer(TrainerCallback):
         self.ends.append(time.perf_counter())
         if state.global_step == self.warmup and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-
-
-def autocast_gives_one_dtype(device: str) -> bool:
-    """Whether, under bf16 autocast, the power layers hand the kernels q, k, v of one dtype.
-
-    Mixed-precision training keeps fp32 weights; RoPE in fp32 used to promote q and k to fp32 while
-    v stayed bf16, which the Triton kernels refuse (/work/requests_distributed.md, R1).
-    """
-    seen = []
-    original = modeling_power.power_attention
-
-    def spy(q, k, v, *args, **kwargs):
-        seen.append({q.dtype, k.dtype, v.dtype})
-        return original(q, k, v, *args, **kwargs)
-
-    config = PowerConfig(**{**SMOKE_SHAPE, "num_hidden_layers": 1}, attention_backend="reference")
-    model = PowerForCausalLM(config).to(device)
-    modeling_power.power_attention = spy
-    try:
-        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
-            model(torch.zeros(1, 16, dtype=torch.long, device=device), use_cache=False)
-    finally:
-        modeling_power.power_attention = original
-    return len(seen[0]) == 1
-
-
-def cast_qk_to_v_dtype() -> None:
-    """The fix of request R1, applied in this process only: q and k take v's dtype after RoPE."""
-    project = modeling_power.PowerAttentionBase.project
-
-    def project_one_dtype(self, hidden_states, position_embeddings):
-        q, k, v = project(self, hidden_states, position_embeddings)
-        return q.to(v.dtype), k.to(v.dtype), v
-
-    modeling_power.PowerAttention.project = project_one_dtype
 
 
 def build(kind: str, shape: dict, seq_len: int, backend: str):
@@ -172,13 +136,9 @@ def main() -> None:
     if len(data) < needed:
         raise SystemExit(f"Emma has {len(data)} windows of {args.seq_len} bytes, the run needs {needed}")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    note = ""
-    if not autocast_gives_one_dtype("cuda" if torch.cuda.is_available() else "cpu"):
-        cast_qk_to_v_dtype()
-        note = " [q, k cast to v's dtype in this process: the model fix of request R1 was not in yet]"
     header = (f"{device}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
               f"transformers {__import__('transformers').__version__}; power_transformers {power_transformers.__version__}; "
-              f"seq {args.seq_len}, batch 1, bf16, gradient checkpointing, {args.warmup} warm-up + {args.steps} measured steps{note}")
+              f"seq {args.seq_len}, batch 1, bf16, gradient checkpointing, {args.warmup} warm-up + {args.steps} measured steps")
     print(header, flush=True)
     results = []
     for kind in args.models.split(","):
