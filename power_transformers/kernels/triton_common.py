@@ -23,13 +23,11 @@ was tried and ran 3x slower on the H100: the gathers cost more than the masked w
 
 from __future__ import annotations
 
-import math
 import os
 
 import triton
 import triton.language as tl
 
-SQRT2 = math.sqrt(2.0)
 #: head sizes the kernels are compiled for (tl.arange needs powers of two; tl.dot >= 16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DEGREES = (2,)

@@ -9,6 +9,14 @@ Shapes as in reference.py: q [B, T, Hq, d], k/v [B, T, Hk, d], log_g [B, T, Hk] 
 S [B, Hk, D, d] fp32, z [B, Hk, D] fp32, D = d (d + 1) / 2, in the reference's symmetric order
 (so states from either implementation are interchangeable).
 
+What the kernels take: degree 2; head sizes 16, 32, 64, 128; fp16, bf16 or fp32 q/k/v of one
+dtype (fp32 accumulation, fp32 states; fp32 products run as tf32 on the GPU); any T; GQA; gating
+on or off; CUDA tensors (or any device under TRITON_INTERPRET=1). Degree 4 is not there: its
+state (D = C(d+3, 4), 766,480 rows at d = 64) does not fit the on-chip scheme, so the
+reference serves it. `check_supported` names what is outside this set. dispatch.py turns that
+into an error under backend="triton", and into a one-time warning plus the reference under
+"auto".
+
 The kernels are wrapped as `torch.library.custom_op`s with fake (meta) implementations and a
 registered autograd formula, so `torch.compile(fullgraph=True)` sees one opaque op per call and
 no graph break. Nothing here keeps per-process state: device and stream come from the inputs.
