@@ -107,8 +107,8 @@ def engine_in_use(trainer: Trainer) -> str:
     return "single process"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Train, save the consolidated checkpoint and the step losses; return the Trainer's train metrics."""
+def main(argv: list[str] | None = None) -> None:
+    """Train, then save the consolidated checkpoint and the step losses under --output."""
     args = parse_args(argv)
     processes = world_size()
     per_device = args.per_device_batch_size or max(args.global_batch_size // processes, 1)
@@ -163,7 +163,6 @@ def main(argv: list[str] | None = None) -> dict:
               f"{per_device} per device x {processes} x {accumulation} accumulation")
         print(f"trained {args.steps} steps of {args.global_batch_size} x {args.seq_len} tokens: "
               f"{tokens / metrics['train_runtime']:,.0f} tokens/s; saved to {args.output}")
-    return metrics
 
 
 if __name__ == "__main__":
