@@ -1,6 +1,6 @@
 """The Triton kernels against the PyTorch reference at real sizes, on a CUDA GPU.
 
-    python benchmarks/check_gpu.py            (exit status 1 if any check fails)
+    python benchmarks/check_gpu.py [--quick]   (exit status 1 if any check fails)
 
 The kernels run on bf16 inputs (fp32 for one case); the reference runs in fp32 on the same
 inputs upcast (fp64 where the sequence is short). Every comparison is the relative norm
@@ -95,6 +95,13 @@ def main() -> int:
     start = time.time()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     check_training("bf16 d64 T4096 B2 H8/4 gated C128", 2, 4096, 8, 4, 64)
+    if "--quick" in sys.argv:  # one case of each kind: after a kernel change, on little device time
+        check_training("fp32 d64 T1000 B1 H2/2 gated C64 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=64,
+                       ref_dtype=torch.float64)
+        check_decode("decode bf16 d64 B4 H8/4, 1000 + 64 tokens", 4, 1000, 64, 8, 4, 64)
+        failed = [r for r in RESULTS if not (r[2] == r[2] and r[2] < r[3])]
+        print(f"{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed in {time.time() - start:.0f} s", flush=True)
+        return 1 if failed else 0
     check_training("bf16 d64 T3000 B2 H4/4 ungated C64", 2, 3000, 4, 4, 64, gated=False, chunk=64)
     check_training("bf16 d32 T2048 B2 H4/2 gated C128", 2, 2048, 4, 2, 32)
     check_training("bf16 d128 T2048 B1 H4/4 gated C64", 1, 2048, 4, 4, 128, chunk=64)

@@ -12,7 +12,7 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
 python3 -c "import power_transformers.kernels.triton_power" || exit 1
 what=$1; shift
-if [[ $what == *check* ]]; then python3 benchmarks/check_gpu.py 2>&1 | tee "$OUT/check.log"; fi
+if [[ $what == *check* ]]; then python3 benchmarks/check_gpu.py ${CHECK_ARGS:-} 2>&1 | tee "$OUT/check.log"; fi
 chunks=128
 if [[ $what == *profile* ]]; then
   python3 benchmarks/profile_kernels.py 65536 ${PROFILE_CONFIGS:-128:2:1,64:2:1} 2>&1 | grep -v -i warn | tee "$OUT/profile.log"

@@ -48,8 +48,11 @@ import triton.language as tl
 from .triton_common import (
     chunk_gates,
     dot_dtype,
+    gate_sums,
     interpreting,
+    load_gates,
     load_rows,
+    load_tile,
     multi_block_rows,
     phi_multi_rows,
     phi_multi_rows_grad,
@@ -96,19 +99,30 @@ def _state_fwd_kernel(
         acc = tl.zeros((RB * HEAD_DIM, BLOCK_V), dtype=tl.float32)
         zacc = tl.zeros((RB * HEAD_DIM,), dtype=tl.float32)
 
+    cols = i0 + tl.arange(0, RB)
+    k = load_tile(K + kv_base, 0, T, stride_t, offs_c, offs_d)
+    kcols = load_tile(K + kv_base, 0, T, stride_t, offs_c, cols)
+    v = load_tile(V + kv_base, 0, T, stride_t, offs_c, offs_v)
+    g = load_gates(g_base, 0, T, HK, offs_c, HAS_GATE)
     for n in range(NUM_CHUNKS):
         tl.store(st_base + n * D * HEAD_DIM + s_off, acc, mask=row_ok[:, None])
         tl.store(z_base + n * D + rows, zacc, mask=z_ok)
-        t0 = n * CHUNK
-        k = load_rows(K + kv_base, t0, T, stride_t, offs_c, offs_d)
-        kcols = load_rows(K + kv_base, t0, T, stride_t, offs_c, i0 + tl.arange(0, RB))
-        v = load_rows(V + kv_base, t0, T, stride_t, offs_c, offs_v)
-        bcum, total = chunk_gates(g_base, t0, T, HK, offs_c, HAS_GATE)
+        # Issue the next chunk's loads first: they stay in flight during this chunk's work
+        # (a program walks the chunks one after another, so their latency is its time).
+        t1 = (n + 1) * CHUNK
+        k_next = load_tile(K + kv_base, t1, T, stride_t, offs_c, offs_d)
+        kcols_next = load_tile(K + kv_base, t1, T, stride_t, offs_c, cols)
+        v_next = load_tile(V + kv_base, t1, T, stride_t, offs_c, offs_v)
+        g_next = load_gates(g_base, t1, T, HK, offs_c, HAS_GATE)
+
+        bcum, total = gate_sums(g)
         # each key weighted by its decay to the chunk end (exponent <= 0)
-        phik = phi_multi_rows(k, kcols * tl.exp(total - bcum)[:, None], i0, CHUNK, RB, HEAD_DIM)  # [C, RB d]
+        phik = phi_multi_rows(k.to(tl.float32), kcols.to(tl.float32) * tl.exp(total - bcum)[:, None],
+                              i0, CHUNK, RB, HEAD_DIM)  # [C, RB d]
         decay = tl.exp(total)
         acc = acc * decay + tl.dot(tl.trans(phik.to(OP)), v.to(OP))
         zacc = zacc * decay + tl.sum(phik, axis=0)
+        k, kcols, v, g = k_next, kcols_next, v_next, g_next
 
     tl.store(st_base + NUM_CHUNKS * D * HEAD_DIM + s_off, acc, mask=row_ok[:, None])
     tl.store(z_base + NUM_CHUNKS * D + rows, zacc, mask=z_ok)
@@ -215,27 +229,42 @@ def _state_bwd_kernel(
         acc = tl.zeros((RB * HEAD_DIM, BLOCK_V), dtype=tl.float32)
         zacc = tl.zeros((RB * HEAD_DIM,), dtype=tl.float32)
 
-    for n_rev in range(NUM_CHUNKS):
-        n = NUM_CHUNKS - 1 - n_rev
-        tl.store(st_base + (n + 1) * D * HEAD_DIM + s_off, acc, mask=row_ok[:, None])
-        tl.store(z_base + (n + 1) * D + rows, zacc, mask=z_ok)
+    # Walk the (chunk, query head of the group) pairs from the last chunk back, loading the next
+    # pair's Q and dO while this one's product runs.
+    cols = i0 + tl.arange(0, RB)
+    q_base = Q + (b * T * HQ + h * G).to(tl.int64) * HEAD_DIM  # query head h G + g is at + g d
+    do_base = DO + (b * T * HQ + h * G).to(tl.int64) * HEAD_DIM
+    dl_base = DELTA + (b * T * HQ + h * G).to(tl.int64)
+    t0 = (NUM_CHUNKS - 1) * CHUNK
+    q = load_tile(q_base, t0, T, HQ * HEAD_DIM, offs_c, offs_d)
+    qcols = load_tile(q_base, t0, T, HQ * HEAD_DIM, offs_c, cols)
+    do = load_tile(do_base, t0, T, HQ * HEAD_DIM, offs_c, offs_v)
+    delta = tl.load(dl_base + (t0 + offs_c) * HQ, mask=t0 + offs_c < T, other=0.0)
+    for it in range(NUM_CHUNKS * G):
+        n = NUM_CHUNKS - 1 - it // G
+        g = it % G
         t0 = n * CHUNK
+        first = rows * 0 + g == 0  # [RB d]: the chunk's first query head: store dS_{n+1}, then decay it
+        tl.store(st_base + (n + 1) * D * HEAD_DIM + s_off, acc, mask=(row_ok & first)[:, None])
+        tl.store(z_base + (n + 1) * D + rows, zacc, mask=z_ok & first)
+
+        nn = tl.maximum(NUM_CHUNKS - 1 - (it + 1) // G, 0)
+        gg = (it + 1) % G
+        t1 = nn * CHUNK
+        q_next = load_tile(q_base + gg * HEAD_DIM, t1, T, HQ * HEAD_DIM, offs_c, offs_d)
+        qcols_next = load_tile(q_base + gg * HEAD_DIM, t1, T, HQ * HEAD_DIM, offs_c, cols)
+        do_next = load_tile(do_base + gg * HEAD_DIM, t1, T, HQ * HEAD_DIM, offs_c, offs_v)
+        delta_next = tl.load(dl_base + gg + (t1 + offs_c) * HQ, mask=t1 + offs_c < T, other=0.0)
+
         bcum, total = chunk_gates(g_base, t0, T, HK, offs_c, HAS_GATE)
-        qdec = tl.exp(bcum) * (scale * scale)  # e^{b_t} and the s^2 of phi(s q)
-        decay = tl.exp(total)
+        decay = tl.where(g == 0, tl.exp(total), 1.0)
         acc = acc * decay
         zacc = zacc * decay
-        for g in range(G):
-            hq = h * G + g
-            q_base = Q + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM
-            q = load_rows(q_base, t0, T, HQ * HEAD_DIM, offs_c, offs_d)
-            qcols = load_rows(q_base, t0, T, HQ * HEAD_DIM, offs_c, i0 + tl.arange(0, RB))
-            phiq = phi_multi_rows(q, qcols * qdec[:, None], i0, CHUNK, RB, HEAD_DIM)  # e^{b_t} phi(s q_t)
-            do = load_rows(DO + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, t0, T, HQ * HEAD_DIM, offs_c, offs_v)
-            delta = tl.load(DELTA + (b * T * HQ + hq).to(tl.int64) + (t0 + offs_c) * HQ,
-                            mask=t0 + offs_c < T, other=0.0)
-            acc += tl.dot(tl.trans(phiq.to(OP)), do.to(OP))
-            zacc += tl.sum(phiq * delta[:, None], axis=0)
+        qdec = tl.exp(bcum) * (scale * scale)  # e^{b_t} and the s^2 of phi(s q)
+        phiq = phi_multi_rows(q.to(tl.float32), qcols.to(tl.float32) * qdec[:, None], i0, CHUNK, RB, HEAD_DIM)
+        acc += tl.dot(tl.trans(phiq.to(OP)), do.to(OP))
+        zacc += tl.sum(phiq * delta[:, None], axis=0)
+        q, qcols, do, delta = q_next, qcols_next, do_next, delta_next
 
     tl.store(st_base + s_off, acc, mask=row_ok[:, None])
     tl.store(z_base + rows, zacc, mask=z_ok)

@@ -76,24 +76,44 @@ def row_block_rows(i, offs_d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def load_gates(g_ptr, t0, T, stride_t, offs_c, HAS_GATE: tl.constexpr):
+    """The log-gates of tokens t0 + offs_c as stored ([C], 0 past T or without gating)."""
+    if HAS_GATE:
+        g = tl.load(g_ptr + (t0 + offs_c) * stride_t, mask=t0 + offs_c < T, other=0.0)
+    else:
+        g = tl.zeros(offs_c.shape, dtype=tl.float32)
+    return g
+
+
+@triton.jit
+def gate_sums(g):
+    """Chunk-local running sums b [C] (b_t = sum_{u = t0}^{t} g_u) and the chunk total (a scalar)."""
+    g = g.to(tl.float32)
+    return tl.cumsum(g, axis=0), tl.sum(g, axis=0)
+
+
+@triton.jit
 def chunk_gates(g_ptr, t0, T, stride_t, offs_c, HAS_GATE: tl.constexpr):
     """Chunk-local running sums of the log-gates of tokens t0 + offs_c.
 
     Returns b [C] with b_t = sum_{u = t0}^{t} g_u and the chunk total (a scalar). Tokens at or
     past T count as g = 0 (they decay nothing), so the total is b at the last real token.
     """
-    if HAS_GATE:
-        g = tl.load(g_ptr + (t0 + offs_c) * stride_t, mask=t0 + offs_c < T, other=0.0).to(tl.float32)
-    else:
-        g = tl.zeros(offs_c.shape, dtype=tl.float32)
-    return tl.cumsum(g, axis=0), tl.sum(g, axis=0)
+    return gate_sums(load_gates(g_ptr, t0, T, stride_t, offs_c, HAS_GATE))
+
+
+@triton.jit
+def load_tile(base, t0, T, stride_t, offs_c, offs_d):
+    """A [C, d'] tile of tokens t0 + offs_c in the stored dtype (rows outside [0, T) are 0); offs_d
+    the column offsets. Unconverted, so that a prefetched tile's load stays in flight until used."""
+    t = t0 + offs_c
+    return tl.load(base + t[:, None] * stride_t + offs_d[None, :], mask=((t >= 0) & (t < T))[:, None], other=0.0)
 
 
 @triton.jit
 def load_rows(base, t0, T, stride_t, offs_c, offs_d):
-    """A [C, d'] fp32 tile of tokens t0 + offs_c (rows past T are 0); offs_d the column offsets."""
-    t = t0 + offs_c
-    return tl.load(base + t[:, None] * stride_t + offs_d[None, :], mask=(t < T)[:, None], other=0.0).to(tl.float32)
+    """load_tile in fp32."""
+    return load_tile(base, t0, T, stride_t, offs_c, offs_d).to(tl.float32)
 
 
 # ----------------------------------------------------------------------------------
