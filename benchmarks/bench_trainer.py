@@ -58,9 +58,9 @@ class StepTimer(TrainerCallback):
             torch.cuda.reset_peak_memory_stats()
 
 
-def build(kind: str, shape: dict, seq_len: int, backend: str):
+def build(kind: str, shape: dict, seq_len: int, backend: str, chunk_size: int):
     if kind == "power":
-        config = PowerConfig(**shape, max_position_embeddings=seq_len, attention_backend=backend,
+        config = PowerConfig(**shape, max_position_embeddings=seq_len, attention_backend=backend, chunk_size=chunk_size,
                              bos_token_id=None, eos_token_id=None)
         return AutoModelForCausalLM.from_config(config)
     config = LlamaConfig(**shape, max_position_embeddings=seq_len)
@@ -69,7 +69,7 @@ def build(kind: str, shape: dict, seq_len: int, backend: str):
 
 def run(kind: str, args: argparse.Namespace, shape: dict, data: ByteWindows, scratch: str) -> dict:
     torch.manual_seed(0)
-    model = build(kind, shape, args.seq_len, args.backend)
+    model = build(kind, shape, args.seq_len, args.backend, args.chunk_size)
     parameters = sum(p.numel() for p in model.parameters())
     embedding = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
     timer = StepTimer(args.warmup)
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--backend", default="triton", choices=("triton", "auto", "reference"))
+    parser.add_argument("--chunk-size", type=int, default=64, help="the power model's chunk (64: PowerConfig's default)")
     parser.add_argument("--models", default="llama,power", help="in this order (the baseline first)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, for checking the script (CPU too)")
     parser.add_argument("--out", default=None)
@@ -138,7 +139,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     header = (f"{device}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
               f"transformers {__import__('transformers').__version__}; power_transformers {power_transformers.__version__}; "
-              f"seq {args.seq_len}, batch 1, bf16, gradient checkpointing, {args.warmup} warm-up + {args.steps} measured steps")
+              f"seq {args.seq_len}, batch 1, power chunk {args.chunk_size}, bf16, gradient checkpointing, {args.warmup} warm-up + {args.steps} measured steps")
     print(header, flush=True)
     results = []
     for kind in args.models.split(","):
