@@ -8,8 +8,8 @@ The same script runs under every launcher; the engines are PyTorch's and acceler
     accelerate launch --config_file examples/accelerate/fsdp2.yaml -m power_transformers.train ...
 
 `--model` is a saved power model (`save_pretrained` / the converter's output); `--config` builds a
-fresh one from a config.json instead. Training text is one of the texts shipped in the package,
-tokenised by `--tokenizer` or, without one, as UTF-8 bytes (ids 0-255). The global batch is fixed:
+fresh one from a config.json instead. The training text (`--text`: a file, or one of the texts
+shipped in the package) is tokenised by `--tokenizer` or, without one, as UTF-8 bytes (ids 0-255). The global batch is fixed:
 per-device batch x processes x accumulation must equal it, which is checked before any step, as is
 the FSDP wrap class. `--output` receives one consolidated safetensors checkpoint (loadable by
 `from_pretrained` on one device) and `trainer_state.json` with the loss of every step.
@@ -23,7 +23,7 @@ import os
 import torch
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator, set_seed
 
 from . import PowerConfig, PowerForCausalLM
 from .data import load_text
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--model", help="folder of a saved power model to fine-tune")
     source.add_argument("--config", help="config.json (or its folder) of a power model to train from scratch")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: UTF-8 bytes as token ids)")
-    parser.add_argument("--text", default="emma", help="training text shipped in the package: emma, persuasion, cfi_en")
+    parser.add_argument("--text", default="emma", help="a UTF-8 text file, or a text shipped in the package: emma, persuasion, cfi_en")
     parser.add_argument("--max-chars", type=int, default=None, help="use only the first characters of the text")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence (default 512)")
     parser.add_argument("--engine", choices=("auto", "ddp", "fsdp2"), default="auto",
@@ -88,14 +88,19 @@ def load_model(args: argparse.Namespace) -> PowerForCausalLM:
     return PowerForCausalLM(config)
 
 
-def load_dataset(args: argparse.Namespace, vocab_size: int) -> ByteWindows:
-    text = load_text(args.text, max_chars=args.max_chars)
+def load_dataset(args: argparse.Namespace, vocab_size: int) -> tuple[ByteWindows, object | None]:
+    """Training windows of `--seq-len` tokens, and the tokenizer that made them (None: bytes)."""
+    if os.path.isfile(args.text):
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()[: args.max_chars]
+    else:
+        text = load_text(args.text, max_chars=args.max_chars)
     if not args.tokenizer:
         if vocab_size < 256:
             raise ValueError(f"byte-level text needs a vocabulary of at least 256 ids, the model has {vocab_size}: pass --tokenizer")
-        return ByteWindows(text, args.seq_len)
+        return ByteWindows(text, args.seq_len), None
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    return TokenWindows(torch.tensor(tokenizer(text)["input_ids"]), args.seq_len)
+    return TokenWindows(torch.tensor(tokenizer(text)["input_ids"]), args.seq_len), tokenizer
 
 
 def engine_in_use(trainer: Trainer) -> str:
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("--engine ddp, but the accelerate config asks for FSDP: use a DDP config or --engine auto")
         check_launch_config(model)
         engine, fsdp_checkpointing = {}, launcher_fsdp and launcher_checkpointing
-    train = load_dataset(args, model.config.vocab_size)
+    train, tokenizer = load_dataset(args, model.config.vocab_size)
 
     training = TrainingArguments(
         output_dir=args.output,
@@ -148,7 +153,11 @@ def main(argv: list[str] | None = None) -> None:
         **engine,
     )
     check_world_size(training)
-    trainer = Trainer(model=model, args=training, train_dataset=train)
+    trainer = Trainer(
+        model=model, args=training, train_dataset=train,
+        data_collator=default_data_collator,  # fixed-length windows: nothing to pad
+        processing_class=tokenizer,  # saved beside the model
+    )
     if (engine or launcher_fsdp) and not trainer.is_fsdp_enabled:
         raise ValueError(
             "FSDP was asked for but accelerate did not enable it: it runs FSDP only on GPUs (and other accelerators), "
