@@ -30,6 +30,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from power_transformers import train
+from power_transformers.data import load_text
 from power_transformers.distributed import (
     check_launch_config,
     check_world_size,
@@ -192,3 +193,23 @@ def test_bad_inputs_raise_before_training(saved_models, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="global batch 7 is not divisible by the world size 2"):
         train.main(["--model", str(saved_models["power"]), "--output", str(tmp_path / "out"), *TRAIN_ARGS, "--global-batch-size", "7"])
     assert not (tmp_path / "out").exists()
+
+
+def test_script_takes_a_text_file_and_a_tokenizer_and_saves_it(saved_models, tmp_path):
+    """One process: a user's own text file, tokenised by a tokenizer that is saved beside the checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    text = tmp_path / "text.txt"
+    text.write_text(load_text("persuasion", max_chars=6000), encoding="utf-8")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator([text.read_text(encoding="utf-8")], trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"]))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>").save_pretrained(tmp_path / "tokenizer")
+
+    output = tmp_path / "out"
+    train.main(["--model", str(saved_models["power"]), "--text", str(text), "--tokenizer", str(tmp_path / "tokenizer"),
+                "--seq-len", "32", "--global-batch-size", "4", "--steps", "2", "--logging-steps", "1", "--output", str(output)])
+    assert len(losses(output)) == 2
+    assert AutoTokenizer.from_pretrained(output).get_vocab() == PreTrainedTokenizerFast.from_pretrained(tmp_path / "tokenizer").get_vocab()
+    assert AutoModelForCausalLM.from_pretrained(output).config.vocab_size == 256
