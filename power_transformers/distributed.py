@@ -44,8 +44,8 @@ def layer_classes_to_wrap(model: nn.Module) -> list[str]:
 def check_wrap_classes(model: nn.Module, class_names: list[str] | str) -> list[str]:
     """Return `class_names` as a list if every one names a module class inside `model`, else raise ValueError.
 
-    FSDP would otherwise fail late (accelerate, inside `train()`) or silently shard the whole model as
-    one unit; a typo in a wrap policy must fail before anything runs.
+    accelerate finds such a name only inside `train()`, after every process has loaded the model
+    and the data; this fails at once, naming the classes the model has.
     """
     if isinstance(class_names, str):
         class_names = [name.strip() for name in class_names.split(",") if name.strip()]
