@@ -159,7 +159,7 @@ class StaticKVLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        slots = self._cache.position + torch.arange(key_states.shape[2], device=self.device)
+        slots = self._cache.position.to(self.device) + torch.arange(key_states.shape[2], device=self.device)
         self.keys.index_copy_(2, slots, key_states.to(self.keys.dtype))
         self.values.index_copy_(2, slots, value_states.to(self.values.dtype))
         return self.keys, self.values

@@ -24,6 +24,7 @@ no graph break. Nothing here keeps per-process state: device and stream come fro
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -98,13 +99,19 @@ def check_supported(q: Tensor, degree: int, k=None, v=None, log_g=None, state=No
 # ----------------------------------------------------------------------------------
 
 
+def _on_device_of(x: Tensor):
+    """Launch on the input's GPU, not the current one (a model spread over GPUs in one process)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("power_transformers::chunk_forward", mutates_args=())
 def _chunk_forward_op(
     q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], initial_s: Optional[Tensor], initial_z: Optional[Tensor],
     scale: float, eps: float, chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y [B,T,Hq,d], den [B,T,Hq] fp32, S_final [B,Hk,D,d] fp32, z_final [B,Hk,D] fp32)."""
-    return chunk_forward(q, k, v, log_g, initial_s, initial_z, scale, eps, chunk_size)
+    with _on_device_of(q):
+        return chunk_forward(q, k, v, log_g, initial_s, initial_z, scale, eps, chunk_size)
 
 
 @_chunk_forward_op.register_fake
@@ -123,8 +130,9 @@ def _chunk_backward_op(
     scale: float, eps: float, chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dlog_g [B,T,Hk] fp32 (empty without gates), dS0, dz0 (empty without an initial state))."""
-    dq, dk, dv, dlog_g, ds0, dz0 = chunk_backward(
-        q, k, v, log_g, initial_s, initial_z, y, den, dy, ds_final, dz_final, scale, eps, chunk_size)
+    with _on_device_of(q):
+        dq, dk, dv, dlog_g, ds0, dz0 = chunk_backward(
+            q, k, v, log_g, initial_s, initial_z, y, den, dy, ds_final, dz_final, scale, eps, chunk_size)
     if dlog_g is None:
         dlog_g = q.new_empty(0, dtype=torch.float32)
     else:
@@ -172,7 +180,8 @@ def _decode_op(
     q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], state_s: Tensor, state_z: Tensor, scale: float, eps: float,
 ) -> Tensor:
     """y [B, t, Hq, d]; state_s [B, Hk, D, d] and state_z [B, Hk, D] updated in place."""
-    return decode_(q, k, v, log_g, state_s, state_z, scale, eps)
+    with _on_device_of(q):
+        return decode_(q, k, v, log_g, state_s, state_z, scale, eps)
 
 
 @_decode_op.register_fake
