@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import power_transformers  # noqa: E402
 from power_transformers import PowerConfig  # noqa: E402
 from power_transformers.data import load_text  # noqa: E402
-from power_transformers.quickstart import ByteWindows  # noqa: E402
+from power_transformers.data import TokenWindows, byte_ids  # noqa: E402
 from power_transformers.train import CHECKPOINTING_ARG  # noqa: E402
 
 SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
@@ -67,7 +67,7 @@ def build(kind: str, shape: dict, seq_len: int, backend: str, chunk_size: int):
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
-def run(kind: str, args: argparse.Namespace, shape: dict, data: ByteWindows, scratch: str) -> dict:
+def run(kind: str, args: argparse.Namespace, shape: dict, data: TokenWindows, scratch: str) -> dict:
     torch.manual_seed(0)
     model = build(kind, shape, args.seq_len, args.backend, args.chunk_size)
     parameters = sum(p.numel() for p in model.parameters())
@@ -132,7 +132,7 @@ def main() -> None:
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be >= 1 (the first step compiles the kernels)")
     shape = SMOKE_SHAPE if args.smoke else SHAPE
-    data = ByteWindows(load_text("emma"), args.seq_len)
+    data = TokenWindows(byte_ids(load_text("emma")), args.seq_len)
     needed = args.warmup + args.steps
     if len(data) < needed:
         raise SystemExit(f"Emma has {len(data)} windows of {args.seq_len} bytes, the run needs {needed}")

@@ -17,25 +17,11 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from . import PowerCache, PowerConfig, PowerForCausalLM
 from .compat import CACHE_NAME
-from .data import load_text
-
-
-class ByteWindows(torch.utils.data.Dataset):
-    """Fixed windows of UTF-8 bytes of `text`, as causal-LM examples."""
-
-    def __init__(self, text: str, window: int):
-        ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-        self.windows = ids[: len(ids) // window * window].view(-1, window)
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.windows[i], "labels": self.windows[i]}
+from .data import TokenWindows, byte_ids, load_text
 
 
 def encode(text: str) -> torch.Tensor:
-    return torch.tensor([list(text.encode("utf-8"))])
+    return byte_ids(text)[None]
 
 
 def decode(ids: torch.Tensor) -> str:
@@ -59,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, layers {config.layer_types}")
 
     # 2. Fine-tune with the Trainer on Emma.
-    train = ByteWindows(load_text("emma", max_chars=400_000), window=128)
+    train = TokenWindows(byte_ids(load_text("emma", max_chars=400_000)), window=128)
     with tempfile.TemporaryDirectory() as scratch:
         training = TrainingArguments(
             output_dir=scratch, per_device_train_batch_size=8, max_steps=args.steps, learning_rate=3e-3,

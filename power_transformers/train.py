@@ -35,18 +35,11 @@ from .distributed import (
     gradient_accumulation_steps,
     world_size,
 )
-from .quickstart import ByteWindows
+from .data import TokenWindows, byte_ids
 
 
 #: the TrainingArguments flag for gradient checkpointing: renamed in transformers 5.2x, the old name warns
 CHECKPOINTING_ARG = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
-
-
-class TokenWindows(ByteWindows):
-    """Fixed windows of token ids (from a tokenizer) as causal-LM examples."""
-
-    def __init__(self, ids: torch.Tensor, window: int):
-        self.windows = ids[: len(ids) // window * window].view(-1, window)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,7 +81,7 @@ def load_model(args: argparse.Namespace) -> PowerForCausalLM:
     return PowerForCausalLM(config)
 
 
-def load_dataset(args: argparse.Namespace, vocab_size: int) -> tuple[ByteWindows, object | None]:
+def load_dataset(args: argparse.Namespace, vocab_size: int) -> tuple[TokenWindows, object | None]:
     """Training windows of `--seq-len` tokens, and the tokenizer that made them (None: bytes)."""
     if os.path.isfile(args.text):
         with open(args.text, encoding="utf-8") as f:
@@ -98,7 +91,7 @@ def load_dataset(args: argparse.Namespace, vocab_size: int) -> tuple[ByteWindows
     if not args.tokenizer:
         if vocab_size < 256:
             raise ValueError(f"byte-level text needs a vocabulary of at least 256 ids, the model has {vocab_size}: pass --tokenizer")
-        return ByteWindows(text, args.seq_len), None
+        return TokenWindows(byte_ids(text), args.seq_len), None
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     return TokenWindows(torch.tensor(tokenizer(text)["input_ids"]), args.seq_len), tokenizer
 

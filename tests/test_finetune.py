@@ -2,26 +2,16 @@
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from power_transformers.data import load_text
+from power_transformers.data import TokenWindows, byte_ids, load_text
 
 from helpers import HYBRID, tiny_model
 
 
-class ByteWindows(Dataset):
-    """UTF-8 bytes of a real text as token ids (vocab 256), cut into fixed windows."""
-
-    def __init__(self, text: str, window: int):
-        ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-        self.windows = ids[: len(ids) // window * window].view(-1, window)
-
-    def __len__(self):
-        return len(self.windows)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.windows[i], "labels": self.windows[i]}
+def byte_windows(name: str, max_chars: int, window: int) -> TokenWindows:
+    """Windows of the UTF-8 bytes of a shipped text (vocab 256)."""
+    return TokenWindows(byte_ids(load_text(name, max_chars=max_chars)), window)
 
 
 def held_out_loss(model, data):
@@ -37,8 +27,8 @@ def make_model(layer_types=None):
 
 @pytest.mark.parametrize("layer_types", [None, HYBRID[:2]])
 def test_trainer_lowers_the_loss_on_real_text(tmp_path, layer_types):
-    train = ByteWindows(load_text("emma", max_chars=24_000), window=64)
-    held_out = ByteWindows(load_text("persuasion", max_chars=4_000), window=64)
+    train = byte_windows("emma", 24_000, 64)
+    held_out = byte_windows("persuasion", 4_000, 64)
     model = make_model(layer_types)
     before = held_out_loss(model, held_out)
     args = TrainingArguments(
@@ -54,7 +44,7 @@ def test_trainer_lowers_the_loss_on_real_text(tmp_path, layer_types):
 
 def test_lora_on_attention_and_gate_trains_and_merges(tmp_path):
     peft = pytest.importorskip("peft")
-    train = ByteWindows(load_text("emma", max_chars=12_000), window=64)
+    train = byte_windows("emma", 12_000, 64)
     model = make_model()
     config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "g_proj"], task_type="CAUSAL_LM")
     lora = peft.get_peft_model(model, config)

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..configuration_power import SOFTMAX_LAYER
-from ..data import load_text
+from ..data import TokenWindows, load_text
 from .convert import convert_model
 from .evaluate import perplexity, token_windows
 from .sources import load_source
@@ -285,17 +285,6 @@ def attention_transfer(
 # ----------------------------------------------------------------------------------------------
 
 
-class _Windows(torch.utils.data.Dataset):
-    def __init__(self, windows: torch.Tensor):
-        self.windows = windows
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.windows[i], "labels": self.windows[i]}
-
-
 def finetune(
     model,
     windows: torch.Tensor,
@@ -348,7 +337,7 @@ def finetune(
         dataloader_num_workers=0,
         seed=0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=_Windows(windows), callbacks=[TimeLimit()])
+    trainer = Trainer(model=model, args=args, train_dataset=TokenWindows(windows, windows.shape[1]), callbacks=[TimeLimit()])
     started = time.time()
     result = trainer.train()
     seconds = time.time() - started

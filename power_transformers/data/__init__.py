@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from importlib import resources
 
+import torch
+
 TEXTS = ("emma", "persuasion", "cfi_en")
 
 
@@ -28,4 +30,24 @@ def load_text(name: str, max_chars: int | None = None) -> str:
     return text if max_chars is None else text[:max_chars]
 
 
-__all__ = ["TEXTS", "load_text"]
+def byte_ids(text: str) -> torch.Tensor:
+    """The UTF-8 bytes of `text` as token ids [n] (a 256-id vocabulary, no tokenizer needed)."""
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Consecutive windows of `window` token ids (the tail that does not fill one is dropped), as
+    causal-LM examples {"input_ids": [window], "labels": [window]}."""
+
+    def __init__(self, ids: torch.Tensor, window: int):
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        self.windows = ids[: len(ids) // window * window].view(-1, window)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.windows[i], "labels": self.windows[i]}
+
+
+__all__ = ["TEXTS", "TokenWindows", "byte_ids", "load_text"]

@@ -107,18 +107,14 @@ def _log_scores(q: torch.Tensor, k: torch.Tensor, degree: int, scale: float) -> 
     return torch.where(zero, torch.full_like(dot, -math.inf), degree * torch.log(safe.abs()))
 
 
-def _init_state(batch: int, num_kv_heads: int, head_dim: int, degree: int, dtype, device) -> State:
+def empty_state(batch: int, num_kv_heads: int, head_dim: int, degree: int, device=None, dtype=torch.float32) -> State:
+    """A zero state (S [B, Hk, D, d], z [B, Hk, D]), fp32 by default: what a new sequence starts from."""
+    check_degree(degree)
     dim = expanded_dim(head_dim, degree)
     return (
         torch.zeros(batch, num_kv_heads, dim, head_dim, dtype=dtype, device=device),
         torch.zeros(batch, num_kv_heads, dim, dtype=dtype, device=device),
     )
-
-
-def empty_state(batch: int, num_kv_heads: int, head_dim: int, degree: int, device=None, dtype=torch.float32) -> State:
-    """A zero state (S [B, Hk, D, d], z [B, Hk, D]) in fp32: what a new sequence starts from."""
-    check_degree(degree)
-    return _init_state(batch, num_kv_heads, head_dim, degree, dtype, device)
 
 
 # ----------------------------------------------------------------------------------
@@ -245,7 +241,7 @@ def power_attention_recurrent(
     b, _, _, d = q.shape
     hk = k.shape[2]
     if initial_state is None:
-        state = _init_state(b, hk, d, degree, _compute_dtype(v), q.device)
+        state = empty_state(b, hk, d, degree, device=q.device, dtype=_compute_dtype(v))
     else:
         state = (initial_state[0].clone(), initial_state[1].clone())
     y = power_attention_decode_(q, k, v, log_g, state, degree=degree, scale=scale, eps=eps)
@@ -287,7 +283,7 @@ def power_attention_chunked(
     qg, kc, vc = _grouped(q, hk).to(cdt), k.to(cdt), v.to(cdt)
     gc = None if log_g is None else log_g.to(cdt)
     if initial_state is None:
-        s_state, z_state = _init_state(b, hk, d, degree, cdt, q.device)
+        s_state, z_state = empty_state(b, hk, d, degree, device=q.device, dtype=cdt)
     else:
         s_state, z_state = initial_state[0].to(cdt), initial_state[1].to(cdt)
 
