@@ -20,7 +20,7 @@ T = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
 CONFIGS = [tuple(int(x) for x in c.split(":")) for c in
            (sys.argv[2] if len(sys.argv) > 2 else "128:1:1,128:2:1,128:4:1,128:2:2,64:2:1").split(",")]
 B, H, D = 65536 // T, 16, 64
-KERNELS = ["_chunk_outer_kernel", "_state_scan_kernel", "_chunk_fwd_kernel", "_chunk_bwd_q_kernel", "_chunk_bwd_kv_kernel"]
+KERNELS = ["_state_fwd_kernel", "_chunk_fwd_kernel", "_state_bwd_kernel", "_chunk_bwd_q_kernel", "_chunk_bwd_kv_kernel"]
 
 
 def run(chunk, reps=3):
@@ -47,7 +47,7 @@ def run(chunk, reps=3):
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), f"T={T} B={B} H={H} d={D}; ms per forward+backward "
-          "(the state kernels run three times: forward, the backward's recomputation, dL/dS)", flush=True)
+          "(state_fwd counted twice: forward and the backward's recomputation)", flush=True)
     best = None
     for chunk, rb, crb in CONFIGS:
         os.environ["POWER_TRITON_STATE_ROWS"] = str(rb)

@@ -21,13 +21,11 @@ and beta the chunk total:
 
 Kernels (phi(q), phi(k) built row-block by row-block on chip, never stored; see triton_common):
 
-    _chunk_outer_kernel grid (d / RB, N, B Hk): every chunk's own share of the state
-                        (RB row-blocks, [RB d, d], per program), all chunks in parallel.
-    _state_scan_kernel  grid (D / BLOCK_R, B Hk): chains the shares into the chunk-start states
-                        in place (memory-bound, one read and one write per state).
+    _state_fwd_kernel   grid (d / RB, d / BLOCK_V, B Hk): the recurrence over chunks, writing
+                        every chunk-start state. RB row-blocks ([RB d, BLOCK_V] of S) per program.
     _chunk_fwd_kernel   grid (N, B Hq): chunk-local attention + state query (CRB row-blocks
                         per step) + normalisation, y written once.
-    (backward)          the same two kernels over queries and dO give dL/dS_n, scanned in reverse.
+    _state_bwd_kernel   grid (d / RB, d / BLOCK_V, B Hk): the reverse recurrence of dL/dS.
     _chunk_bwd_q_kernel grid (N, B Hq): dq and the query part of the gate gradient.
     _chunk_bwd_kv_kernel grid (N, B Hk): dk, dv and the key part of the gate gradient.
 
@@ -68,112 +66,68 @@ from .reference import expanded_dim
 
 
 @triton.jit
-def _chunk_outer_kernel(
-    X, Y, ZW, LG, OUT, ZOUT,
-    T, NUM_CHUNKS, HX, HK, SLOT, w_scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, RB: tl.constexpr, G: tl.constexpr,
-    HAS_GATE: tl.constexpr, TO_END: tl.constexpr, HAS_ZW: tl.constexpr, OP: tl.constexpr,
+def _state_fwd_kernel(
+    K, V, LG, S0, Z0, STATES, ZSTATES, SF, ZF,
+    T, NUM_CHUNKS, HK,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, RB: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_INIT: tl.constexpr, OP: tl.constexpr,
 ):
-    """One chunk's own share of a state, every chunk at once (no recurrence here):
-
-        OUT[n + SLOT]  = sum_{g < G} sum_{t in chunk n} w_t phi(x_t) y_t^T     (RB row-blocks, all d columns)
-        ZOUT[n + SLOT] = sum_{g < G} sum_{t in chunk n} w_t phi(x_t) zw_t      (zw = 1 without ZW)
-
-    x, y [B, T, HX, d] with HX = G Hk (the G heads of a group share the kv head's state);
-    w_t = e^{beta - b_t} (TO_END: the keys' decay to the chunk end, exponent <= 0) or e^{b_t}
-    (the queries' decay from the chunk start), times w_scale (s^2 for phi(s q) = s^2 phi(q)). _state_scan_kernel then chains the chunks.
-    """
+    """RB row-blocks x BLOCK_V columns of the state, carried over the chunks (one K, V read per
+    chunk serves all RB row-blocks); SF/ZF get the final state in fp32."""
     i0 = tl.program_id(0) * RB
-    n = tl.program_id(1)
+    vb = tl.program_id(1)
     bh = tl.program_id(2)
     b = bh // HK
     h = bh % HK
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
-    cols = i0 + tl.arange(0, RB)
+    offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     rows, row_ok = multi_block_rows(i0, RB, HEAD_DIM)
-    t0 = n * CHUNK
-    bcum, total = chunk_gates(LG + b.to(tl.int64) * T * HK + h, t0, T, HK, offs_c, HAS_GATE)
-    w = (tl.exp(total - bcum) if TO_END else tl.exp(bcum)) * w_scale
+    s_off = rows[:, None] * HEAD_DIM + offs_v[None, :]  # [RB d, BLOCK_V] inside one [D, d] state
+    z_ok = row_ok & (rows * 0 + vb == 0)  # one program per row-block writes z
 
-    acc = tl.zeros((RB * HEAD_DIM, HEAD_DIM), dtype=tl.float32)
-    zacc = tl.zeros((RB * HEAD_DIM,), dtype=tl.float32)
-    for g in range(G):
-        head = (b * T * HX + h * G + g).to(tl.int64)
-        x = load_rows(X + head * HEAD_DIM, t0, T, HX * HEAD_DIM, offs_c, offs_d)
-        xcols = load_rows(X + head * HEAD_DIM, t0, T, HX * HEAD_DIM, offs_c, cols)
-        y = load_tile(Y + head * HEAD_DIM, t0, T, HX * HEAD_DIM, offs_c, offs_d)
-        phi = phi_multi_rows(x, xcols * w[:, None], i0, CHUNK, RB, HEAD_DIM)  # [C, RB d]
-        acc += tl.dot(tl.trans(phi.to(OP)), y.to(OP))
-        if HAS_ZW:
-            zw = tl.load(ZW + head + (t0 + offs_c) * HX, mask=t0 + offs_c < T, other=0.0)
-            zacc += tl.sum(phi * zw[:, None], axis=0)
-        else:
-            zacc += tl.sum(phi, axis=0)
-
-    slot = (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + SLOT)
-    tl.store(OUT + slot * D * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
-    tl.store(ZOUT + slot * D + rows, zacc, mask=row_ok)
-
-
-@triton.jit
-def _state_scan_kernel(
-    STATES, ZSTATES, BETA, S0, Z0, SF, ZF,
-    NUM_CHUNKS, HK,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr,
-    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_GATE: tl.constexpr,
-):
-    """Chain the chunks' own shares into the states, in place, for BLOCK_R rows of one head.
-
-    Forward (slot n + 1 holds chunk n's share):  S_0 = S0 (or 0), S_{n+1} = e^{beta_n} S_n + share_n.
-    Reverse (slot n holds chunk n's share):      S_N = S0 (or 0), S_n = e^{beta_n} S_{n+1} + share_n
-    (the backward's dL/dS_n). Every slot then holds its state; forward, SF/ZF get S_N in fp32.
-    Memory-bound: each slot is read and written once, the next one's load issued first.
-    """
-    r0 = tl.program_id(0) * BLOCK_R
-    bh = tl.program_id(1)
-    b = bh // HK
-    h = bh % HK
-    offs_r = r0 + tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, HEAD_DIM)
-    r_ok = offs_r < D
-    s_off = offs_r[:, None] * HEAD_DIM + offs_d[None, :]
+    stride_t = HK * HEAD_DIM
+    kv_base = (b * T * HK + h).to(tl.int64) * HEAD_DIM
+    g_base = LG + b.to(tl.int64) * T * HK + h
     st_base = STATES + bh.to(tl.int64) * (NUM_CHUNKS + 1) * D * HEAD_DIM
     z_base = ZSTATES + bh.to(tl.int64) * (NUM_CHUNKS + 1) * D
-    beta_base = BETA + b.to(tl.int64) * NUM_CHUNKS * HK + h
 
     if HAS_INIT:
-        acc = tl.load(S0 + bh.to(tl.int64) * D * HEAD_DIM + s_off, mask=r_ok[:, None], other=0.0).to(tl.float32)
-        zacc = tl.load(Z0 + bh.to(tl.int64) * D + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        acc = tl.load(S0 + bh.to(tl.int64) * D * HEAD_DIM + s_off, mask=row_ok[:, None], other=0.0)
+        zacc = tl.load(Z0 + bh.to(tl.int64) * D + rows, mask=row_ok, other=0.0)
     else:
-        acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32)
-        zacc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    first = NUM_CHUNKS if REVERSE else 0
-    tl.store(st_base + first * D * HEAD_DIM + s_off, acc, mask=r_ok[:, None])
-    tl.store(z_base + first * D + offs_r, zacc, mask=r_ok)
+        acc = tl.zeros((RB * HEAD_DIM, BLOCK_V), dtype=tl.float32)
+        zacc = tl.zeros((RB * HEAD_DIM,), dtype=tl.float32)
 
-    slot = NUM_CHUNKS - 1 if REVERSE else 1
-    step = -1 if REVERSE else 1
-    share = tl.load(st_base + slot * D * HEAD_DIM + s_off, mask=r_ok[:, None], other=0.0)
-    zshare = tl.load(z_base + slot * D + offs_r, mask=r_ok, other=0.0)
-    for it in range(NUM_CHUNKS):
-        n = NUM_CHUNKS - 1 - it if REVERSE else it  # the chunk whose share is in `slot`
-        nxt = tl.minimum(tl.maximum(slot + step, 0), NUM_CHUNKS)
-        share_next = tl.load(st_base + nxt * D * HEAD_DIM + s_off, mask=r_ok[:, None], other=0.0)
-        zshare_next = tl.load(z_base + nxt * D + offs_r, mask=r_ok, other=0.0)
-        if HAS_GATE:
-            decay = tl.exp(tl.load(beta_base + n * HK))
-            acc = acc * decay
-            zacc = zacc * decay
-        acc += share.to(tl.float32)
-        zacc += zshare
-        tl.store(st_base + slot * D * HEAD_DIM + s_off, acc, mask=r_ok[:, None])
-        tl.store(z_base + slot * D + offs_r, zacc, mask=r_ok)
-        share, zshare, slot = share_next, zshare_next, slot + step
+    cols = i0 + tl.arange(0, RB)
+    k = load_tile(K + kv_base, 0, T, stride_t, offs_c, offs_d)
+    kcols = load_tile(K + kv_base, 0, T, stride_t, offs_c, cols)
+    v = load_tile(V + kv_base, 0, T, stride_t, offs_c, offs_v)
+    g = load_gates(g_base, 0, T, HK, offs_c, HAS_GATE)
+    for n in range(NUM_CHUNKS):
+        tl.store(st_base + n * D * HEAD_DIM + s_off, acc, mask=row_ok[:, None])
+        tl.store(z_base + n * D + rows, zacc, mask=z_ok)
+        # Issue the next chunk's loads first: they stay in flight during this chunk's work
+        # (a program walks the chunks one after another, so their latency is its time).
+        t1 = (n + 1) * CHUNK
+        k_next = load_tile(K + kv_base, t1, T, stride_t, offs_c, offs_d)
+        kcols_next = load_tile(K + kv_base, t1, T, stride_t, offs_c, cols)
+        v_next = load_tile(V + kv_base, t1, T, stride_t, offs_c, offs_v)
+        g_next = load_gates(g_base, t1, T, HK, offs_c, HAS_GATE)
 
-    if not REVERSE:
-        tl.store(SF + bh.to(tl.int64) * D * HEAD_DIM + s_off, acc, mask=r_ok[:, None])
-        tl.store(ZF + bh.to(tl.int64) * D + offs_r, zacc, mask=r_ok)
+        bcum, total = gate_sums(g)
+        # each key weighted by its decay to the chunk end (exponent <= 0)
+        phik = phi_multi_rows(k.to(tl.float32), kcols.to(tl.float32) * tl.exp(total - bcum)[:, None],
+                              i0, CHUNK, RB, HEAD_DIM)  # [C, RB d]
+        decay = tl.exp(total)
+        acc = acc * decay + tl.dot(tl.trans(phik.to(OP)), v.to(OP))
+        zacc = zacc * decay + tl.sum(phik, axis=0)
+        k, kcols, v, g = k_next, kcols_next, v_next, g_next
+
+    tl.store(st_base + NUM_CHUNKS * D * HEAD_DIM + s_off, acc, mask=row_ok[:, None])
+    tl.store(z_base + NUM_CHUNKS * D + rows, zacc, mask=z_ok)
+    tl.store(SF + bh.to(tl.int64) * D * HEAD_DIM + s_off, acc, mask=row_ok[:, None])
+    tl.store(ZF + bh.to(tl.int64) * D + rows, zacc, mask=z_ok)
 
 
 @triton.jit
@@ -242,6 +196,78 @@ def _chunk_fwd_kernel(
 # ----------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _state_bwd_kernel(
+    Q, DO, DELTA, LG, DSN, DZN, DSTATES, DZSTATES,
+    T, NUM_CHUNKS, HQ, HK, scale,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, RB: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_DFINAL: tl.constexpr, OP: tl.constexpr,
+):
+    """dS_n = sum_t e^{b_t} phi(s q_t) do_t^T (chunk n's queries) + e^{beta_n} dS_{n+1}."""
+    i0 = tl.program_id(0) * RB
+    vb = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // HK
+    h = bh % HK
+    G = HQ // HK
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows, row_ok = multi_block_rows(i0, RB, HEAD_DIM)
+    s_off = rows[:, None] * HEAD_DIM + offs_v[None, :]
+    z_ok = row_ok & (rows * 0 + vb == 0)
+    g_base = LG + b.to(tl.int64) * T * HK + h
+    st_base = DSTATES + bh.to(tl.int64) * (NUM_CHUNKS + 1) * D * HEAD_DIM
+    z_base = DZSTATES + bh.to(tl.int64) * (NUM_CHUNKS + 1) * D
+
+    if HAS_DFINAL:
+        acc = tl.load(DSN + bh.to(tl.int64) * D * HEAD_DIM + s_off, mask=row_ok[:, None], other=0.0)
+        zacc = tl.load(DZN + bh.to(tl.int64) * D + rows, mask=row_ok, other=0.0)
+    else:
+        acc = tl.zeros((RB * HEAD_DIM, BLOCK_V), dtype=tl.float32)
+        zacc = tl.zeros((RB * HEAD_DIM,), dtype=tl.float32)
+
+    # Walk the (chunk, query head of the group) pairs from the last chunk back, loading the next
+    # pair's Q and dO while this one's product runs.
+    cols = i0 + tl.arange(0, RB)
+    q_base = Q + (b * T * HQ + h * G).to(tl.int64) * HEAD_DIM  # query head h G + g is at + g d
+    do_base = DO + (b * T * HQ + h * G).to(tl.int64) * HEAD_DIM
+    dl_base = DELTA + (b * T * HQ + h * G).to(tl.int64)
+    t0 = (NUM_CHUNKS - 1) * CHUNK
+    q = load_tile(q_base, t0, T, HQ * HEAD_DIM, offs_c, offs_d)
+    qcols = load_tile(q_base, t0, T, HQ * HEAD_DIM, offs_c, cols)
+    do = load_tile(do_base, t0, T, HQ * HEAD_DIM, offs_c, offs_v)
+    delta = tl.load(dl_base + (t0 + offs_c) * HQ, mask=t0 + offs_c < T, other=0.0)
+    for it in range(NUM_CHUNKS * G):
+        n = NUM_CHUNKS - 1 - it // G
+        g = it % G
+        t0 = n * CHUNK
+        first = rows * 0 + g == 0  # [RB d]: the chunk's first query head: store dS_{n+1}, then decay it
+        tl.store(st_base + (n + 1) * D * HEAD_DIM + s_off, acc, mask=(row_ok & first)[:, None])
+        tl.store(z_base + (n + 1) * D + rows, zacc, mask=z_ok & first)
+
+        nn = tl.maximum(NUM_CHUNKS - 1 - (it + 1) // G, 0)
+        gg = (it + 1) % G
+        t1 = nn * CHUNK
+        q_next = load_tile(q_base + gg * HEAD_DIM, t1, T, HQ * HEAD_DIM, offs_c, offs_d)
+        qcols_next = load_tile(q_base + gg * HEAD_DIM, t1, T, HQ * HEAD_DIM, offs_c, cols)
+        do_next = load_tile(do_base + gg * HEAD_DIM, t1, T, HQ * HEAD_DIM, offs_c, offs_v)
+        delta_next = tl.load(dl_base + gg + (t1 + offs_c) * HQ, mask=t1 + offs_c < T, other=0.0)
+
+        bcum, total = chunk_gates(g_base, t0, T, HK, offs_c, HAS_GATE)
+        decay = tl.where(g == 0, tl.exp(total), 1.0)
+        acc = acc * decay
+        zacc = zacc * decay
+        qdec = tl.exp(bcum) * (scale * scale)  # e^{b_t} and the s^2 of phi(s q)
+        phiq = phi_multi_rows(q.to(tl.float32), qcols.to(tl.float32) * qdec[:, None], i0, CHUNK, RB, HEAD_DIM)
+        acc += tl.dot(tl.trans(phiq.to(OP)), do.to(OP))
+        zacc += tl.sum(phiq * delta[:, None], axis=0)
+        q, qcols, do, delta = q_next, qcols_next, do_next, delta_next
+
+    tl.store(st_base + s_off, acc, mask=row_ok[:, None])
+    tl.store(z_base + rows, zacc, mask=z_ok)
 
 
 @triton.jit
@@ -382,11 +408,19 @@ def kernel_chunk_size(chunk_size: int, head_dim: int) -> int:
     return min(c, 64 if head_dim > 64 else 128)
 
 
-def _rows_per_program(head_dim: int) -> int:
-    """Row-blocks per program of _chunk_outer_kernel (each extra one saves a re-read of the
-    chunk's x and y, and costs registers): 2 up to d = 64, 1 above. POWER_TRITON_STATE_ROWS
-    overrides it (for benchmarks)."""
-    rb = int(os.environ.get("POWER_TRITON_STATE_ROWS", "2" if head_dim <= 64 else "1"))
+def _block_v(head_dim: int) -> int:
+    return min(head_dim, 64)
+
+
+def _rows_per_program(head_dim: int, backward: bool = False) -> int:
+    """Row-blocks per program in the state passes (each extra one saves a re-read of K and V, or
+    Q and dO, and costs registers). Measured on the H100 (d = 64): 2 is best for the forward
+    pass, 1 for the backward one. POWER_TRITON_STATE_ROWS / POWER_TRITON_DSTATE_ROWS override
+    them (for benchmarks)."""
+    if backward:
+        rb = int(os.environ.get("POWER_TRITON_DSTATE_ROWS", "1"))
+    else:
+        rb = int(os.environ.get("POWER_TRITON_STATE_ROWS", "2"))
     return max(1, min(rb, head_dim))
 
 
@@ -409,65 +443,25 @@ def _state_dtype(op) -> torch.dtype:
     return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(op, torch.float32)
 
 
-def _chunk_totals(log_g, n_chunks: int, chunk: int):
-    """beta [B, N, Hk] fp32: each chunk's sum of log-gates (its decay of the state), or None."""
-    if log_g is None:
-        return None
-    bsz, t, hk = log_g.shape
-    padded = torch.nn.functional.pad(log_g.float(), (0, 0, 0, n_chunks * chunk - t))
-    return padded.view(bsz, n_chunks, chunk, hk).sum(2).contiguous()
-
-
-def _scan_(states, z_states, beta, init_s, init_z, reverse: bool):
-    """Chain the chunks' shares held in `states` / `z_states` into the states, in place; forward,
-    also return the final state (S [B, Hk, D, d], z [B, Hk, D]) in fp32."""
-    bsz, hk, slots, dim, d = states.shape
-    s_final = z_final = None
-    if not reverse:
-        s_final = torch.empty(bsz, hk, dim, d, dtype=torch.float32, device=states.device)
-        z_final = torch.empty(bsz, hk, dim, dtype=torch.float32, device=states.device)
-    block_r = 64 if d <= 64 else 32
-    any_f32 = z_states  # a placeholder pointer for the arguments a variant does not read
-    _state_scan_kernel[(triton.cdiv(dim, block_r), bsz * hk)](
-        states, z_states, beta if beta is not None else any_f32,
-        init_s if init_s is not None else any_f32, init_z if init_z is not None else any_f32,
-        s_final if s_final is not None else any_f32, z_final if z_final is not None else any_f32,
-        slots - 1, hk, HEAD_DIM=d, D=dim, BLOCK_R=block_r, REVERSE=reverse, HAS_INIT=init_s is not None,
-        HAS_GATE=beta is not None, **({} if interpreting() else {"num_warps": 4}),
-    )
-    return s_final, z_final
-
-
-def _chunk_shares(x, y, zw, log_g, out, zout, slot: int, w_scale: float, to_end: bool, chunk: int, op):
-    """Launch _chunk_outer_kernel: every chunk's own share of the state into out / zout."""
-    bsz, t, hx, d = x.shape
-    hk = out.shape[1]
-    n_chunks = out.shape[2] - 1
-    rb = _rows_per_program(d)
-    _chunk_outer_kernel[(d // rb, n_chunks, bsz * hk)](
-        x, y, zw if zw is not None else x, log_g if log_g is not None else x, out, zout,
-        t, n_chunks, hx, hk, slot, w_scale,
-        HEAD_DIM=d, D=out.shape[3], CHUNK=chunk, RB=rb, G=hx // hk,
-        HAS_GATE=log_g is not None, TO_END=to_end, HAS_ZW=zw is not None, OP=op, **_launch_opts(chunk, d * rb),
-    )
-
-
 def _states_forward(k, v, log_g, s0, z0, chunk, op):
     """The chunk recurrence: states [B, Hk, N+1, D, d] (dtype of the products) and z_states
     [B, Hk, N+1, D] fp32, the state before chunk n (n = N: the final one); and the final
-    state (S [B, Hk, D, d], z [B, Hk, D]) in fp32.
-
-    Two launches: every chunk's own share at once (the matrix products, fully parallel), then
-    a scan that chains them (memory-bound). A single serial pass that did both ran at a small
-    fraction of either ceiling on the H100."""
+    state (S [B, Hk, D, d], z [B, Hk, D]) in fp32."""
     bsz, t, hk, d = k.shape
     dim = expanded_dim(d, 2)
     n_chunks = triton.cdiv(t, chunk)
     states = torch.empty(bsz, hk, n_chunks + 1, dim, d, dtype=_state_dtype(op), device=k.device)
     z_states = torch.empty(bsz, hk, n_chunks + 1, dim, dtype=torch.float32, device=k.device)
-    if n_chunks:
-        _chunk_shares(k, v, None, log_g, states, z_states, 1, 1.0, True, chunk, op)
-    s_final, z_final = _scan_(states, z_states, _chunk_totals(log_g, n_chunks, chunk), s0, z0, reverse=False)
+    s_final = torch.empty(bsz, hk, dim, d, dtype=torch.float32, device=k.device)
+    z_final = torch.empty(bsz, hk, dim, dtype=torch.float32, device=k.device)
+    bv, rb = _block_v(d), _rows_per_program(d)
+    _state_fwd_kernel[(d // rb, d // bv, bsz * hk)](
+        k, v, log_g if log_g is not None else k, s0 if s0 is not None else s_final,
+        z0 if z0 is not None else z_final, states, z_states, s_final, z_final,
+        t, n_chunks, hk,
+        HEAD_DIM=d, D=dim, CHUNK=chunk, RB=rb, BLOCK_V=bv,
+        HAS_GATE=log_g is not None, HAS_INIT=s0 is not None, OP=op, **_launch_opts(chunk, bv * rb),
+    )
     return states, z_states, s_final, z_final
 
 
@@ -512,11 +506,14 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
     do = do.to(_state_dtype(op))
     dstates = torch.empty_like(states)  # dL/dS_n, n = 0 .. N
     dz_states = torch.empty_like(z_states)
+    bv, rb = _block_v(d), _rows_per_program(d, backward=True)
     lg = log_g if log_g is not None else k
-    # dS_n = sum_t e^{b_t} phi(s q_t) do_t^T (chunk n's queries, every head of the group) + e^{beta_n} dS_{n+1}
-    if n_chunks:
-        _chunk_shares(q, do, delta, log_g, dstates, dz_states, 0, scale * scale, False, chunk, op)
-    _scan_(dstates, dz_states, _chunk_totals(log_g, n_chunks, chunk), ds_final, dz_final, reverse=True)
+    _state_bwd_kernel[(d // rb, d // bv, bsz * hk)](
+        q, do, delta, lg, ds_final if ds_final is not None else z_states, dz_final if dz_final is not None else z_states,
+        dstates, dz_states, t, n_chunks, hq, hk, scale,
+        HEAD_DIM=d, D=dim, CHUNK=chunk, RB=rb, BLOCK_V=bv, HAS_GATE=log_g is not None,
+        HAS_DFINAL=ds_final is not None, OP=op, **_launch_opts(chunk, bv * rb),
+    )
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
