@@ -23,8 +23,8 @@ Kernels (phi(q), phi(k) built row-block by row-block on chip, never stored; see 
 
     _state_fwd_kernel   grid (d / RB, d / BLOCK_V, B Hk): the recurrence over chunks, writing
                         every chunk-start state. RB row-blocks ([RB d, BLOCK_V] of S) per program.
-    _chunk_fwd_kernel   grid (N, B Hq): chunk-local attention + state query (CRB row-blocks
-                        per step) + normalisation, y written once.
+    _chunk_fwd_kernel   grid (N, B Hq): chunk-local attention + state query (full tiles of the
+                        unweighted state, see below) + normalisation, y written once.
     _state_bwd_kernel   grid (d / RB, d / BLOCK_V, B Hk): the reverse recurrence of dL/dS.
     _chunk_bwd_q_kernel grid (N, B Hq): dq and the query part of the gate gradient.
     _chunk_bwd_kv_kernel grid (N, B Hk): dk, dv and the key part of the gate gradient.
@@ -53,10 +53,12 @@ from .triton_common import (
     load_gates,
     load_rows,
     load_tile,
+    full_tile_rows,
+    load_sym_matrix,
     multi_block_rows,
     phi_multi_rows,
-    phi_multi_rows_grad,
 )
+from . import reference
 from .reference import expanded_dim
 
 
@@ -139,11 +141,39 @@ def _intra_scores(q, k, bcum, offs_c, OP: tl.constexpr):
     return x, decay, x * x * decay
 
 
+# fp32 products at about fp32 accuracy on the GPU (three tf32 passes); the interpreter is exact anyway
+_F32_PRECISION = tl.constexpr("ieee" if interpreting() else "tf32x3")
+
+
+@triton.jit
+def _dot_f32(a, b):
+    """a @ b for fp32 operands at about fp32 accuracy (the denominators: one small product per chunk)."""
+    return tl.dot(a, b, input_precision=_F32_PRECISION)
+
+
+@triton.jit
+def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, offs_c, offs_d,
+                      HEAD_DIM: tl.constexpr, TRANS: tl.constexpr, OP: tl.constexpr):
+    """sum_i x_i (a @ R_i) ([C, d] fp32; TRANS: a @ R_i^T) over the full tiles R_i of a stored
+    unweighted state: one product and one multiply-add per row-block, no phi. a [C, d] in the
+    operand dtype; x_i = x_scale * x[:, i], read from memory (the tile is in cache) rather than
+    cut out of registers."""
+    acc = tl.zeros((a.shape[0], HEAD_DIM), dtype=tl.float32)
+    for i in range(HEAD_DIM):
+        r_i = tl.load(st_base + full_tile_rows(i, offs_d, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :])
+        xi = tl.load(x_base + (t0 + offs_c) * stride_t + i, mask=t0 + offs_c < T, other=0.0).to(tl.float32) * x_scale
+        if TRANS:
+            acc += xi[:, None] * tl.dot(a, tl.trans(r_i.to(OP)))
+        else:
+            acc += xi[:, None] * tl.dot(a, r_i.to(OP))
+    return acc
+
+
 @triton.jit
 def _chunk_fwd_kernel(
     Q, K, V, LG, STATES, ZSTATES, Y, DEN,
     T, NUM_CHUNKS, HQ, HK, scale, eps,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, CRB: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
     n = tl.program_id(0)
@@ -167,19 +197,12 @@ def _chunk_fwd_kernel(
     num = tl.dot(a.to(OP), v.to(OP))
     den = tl.sum(a, axis=1)
 
-    # The state carried from earlier chunks: phi(s q)^T S_n, phi(s q)^T z_n, row-block by row-block.
+    # The state carried from earlier chunks (unweighted R_n, Z_n): sum_i q_i (q @ R_i) and q^T Z q.
     st_base = STATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D * HEAD_DIM
     z_base = ZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D
-    inter_num = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
-    inter_den = tl.zeros((CHUNK,), dtype=tl.float32)
-    for i0 in range(0, HEAD_DIM, CRB):
-        rows, row_ok = multi_block_rows(i0, CRB, HEAD_DIM)
-        s_blk = tl.load(st_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        z_blk = tl.load(z_base + rows, mask=row_ok, other=0.0)
-        qcols = load_rows(q_base, t0, T, HQ * HEAD_DIM, offs_c, i0 + tl.arange(0, CRB)) * scale
-        phiq = phi_multi_rows(q, qcols, i0, CHUNK, CRB, HEAD_DIM)  # [C, CRB d]
-        inter_num += tl.dot(phiq.to(OP), s_blk.to(OP))
-        inter_den += tl.sum(phiq * z_blk[None, :], axis=1)
+    inter_num = _query_full_tiles(q.to(OP), q_base, st_base, t0, T, HQ * HEAD_DIM, scale, offs_c, offs_d,
+                                  HEAD_DIM, False, OP)
+    inter_den = tl.sum(_dot_f32(q, load_sym_matrix(z_base, HEAD_DIM)) * q, axis=1)
 
     qdec = tl.exp(bcum)  # decay from the chunk start to each query (<= 1)
     num += qdec[:, None] * inter_num
@@ -274,7 +297,7 @@ def _state_bwd_kernel(
 def _chunk_bwd_q_kernel(
     Q, K, V, LG, STATES, ZSTATES, DO, DELTA, DQ, DBQ,
     T, T_PAD, NUM_CHUNKS, HQ, HK, scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, CRB: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
     """dq of chunk n for one query head, and dL/db_t from the query side (DBQ [B, T_PAD, Hq])."""
@@ -304,18 +327,16 @@ def _chunk_bwd_q_kernel(
     dx = 2.0 * da * x * decay
     dqs = tl.dot(dx.to(OP), k.to(OP))  # gradient with respect to s q
 
+    # The state's part, with the unweighted R_n, Z_n symmetric: the loss term e^{b_t} (do_t .
+    # sum_ij q_i q_j R_i[j] + delta_t q^T Z q) has gradient 2 e^{b_t} U_t with
+    # U = sum_i q_i (do @ R_i^T) + delta (q @ Z), and its b_t-derivative is e^{b_t} q_t . U_t.
     st_base = STATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D * HEAD_DIM
     z_base = ZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D
+    u = _query_full_tiles(do.to(OP), q_base, st_base, t0, T, HQ * HEAD_DIM, scale, offs_c, offs_d, HEAD_DIM, True, OP)
+    u += delta[:, None] * _dot_f32(q, load_sym_matrix(z_base, HEAD_DIM))
     qdec = tl.exp(bcum)
-    for i0 in range(0, HEAD_DIM, CRB):
-        rows, row_ok = multi_block_rows(i0, CRB, HEAD_DIM)
-        s_blk = tl.load(st_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        z_blk = tl.load(z_base + rows, mask=row_ok, other=0.0)
-        qcols = load_rows(q_base, t0, T, HQ * HEAD_DIM, offs_c, i0 + tl.arange(0, CRB)) * scale
-        # gradient with respect to e^{b_t} phi(s q_t) on these rows: S do_t + z delta_t
-        rg = (tl.dot(do.to(OP), tl.trans(s_blk.to(OP))) + delta[:, None] * z_blk[None, :]) * qdec[:, None]
-        db += tl.sum(phi_multi_rows(q, qcols, i0, CHUNK, CRB, HEAD_DIM) * rg, axis=1)
-        dqs += phi_multi_rows_grad(q, qcols, rg, i0, CHUNK, CRB, HEAD_DIM)
+    dqs += (2.0 * qdec)[:, None] * u
+    db += qdec * tl.sum(q * u, axis=1)
 
     t = t0 + offs_c
     tl.store(DQ + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM + t[:, None] * (HQ * HEAD_DIM) + offs_d[None, :],
@@ -327,7 +348,7 @@ def _chunk_bwd_q_kernel(
 def _chunk_bwd_kv_kernel(
     Q, K, V, LG, STATES, ZSTATES, DSTATES, DZSTATES, DO, DELTA, DK, DV, DBK,
     T, T_PAD, NUM_CHUNKS, HQ, HK, scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, CRB: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
     """dk, dv of chunk n for one kv head (its whole query group) and dL/db_j from the key side
@@ -361,30 +382,32 @@ def _chunk_bwd_kv_kernel(
         dx = 2.0 * da * x * decay
         dk += tl.dot(tl.trans(dx.to(OP)), q.to(OP))
 
-    # The keys' share of the state after the chunk, S_{n+1} = e^beta S_n + sum_j c_j phi(k_j) v_j^T.
+    # The keys' share of the state after the chunk, R_{n+1} = e^beta R_n + sum_j c_j k_j k_j v_j^T
+    # (Z likewise without v), unweighted and symmetric: dv_j = c_j sum_i k_i (k_j @ dR_i),
+    # dk_j = 2 c_j V2_j with V2 = sum_i k_i (v @ dR_i^T) + k @ dZ, and dL/db_j = -c_j k_j . V2_j.
     c = tl.exp(total - bcum)
-    st_base = STATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + 1) * D * HEAD_DIM
-    z_base = ZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + 1) * D
     dst_base = DSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + 1) * D * HEAD_DIM
     dz_base = DZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + 1) * D
+    st_base = STATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + 1) * D * HEAD_DIM
+    z_base = ZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + 1) * D
+    kop = k.to(OP)
+    vop = v.to(OP)
     dv_state = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
+    v2 = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
+    # every term of R_{n+1} carries e^beta (b_j held fixed): dL/dbeta = <dR_{n+1}, R_{n+1}> over full tiles
     dbeta = tl.sum(tl.zeros((CHUNK,), dtype=tl.float32), axis=0)
-    for i0 in range(0, HEAD_DIM, CRB):
-        rows, row_ok = multi_block_rows(i0, CRB, HEAD_DIM)
-        s_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
-        ds_blk = tl.load(dst_base + s_off, mask=row_ok[:, None], other=0.0)
-        dz_blk = tl.load(dz_base + rows, mask=row_ok, other=0.0)
-        s_blk = tl.load(st_base + s_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        z_blk = tl.load(z_base + rows, mask=row_ok, other=0.0)
-        kcols = load_rows(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, i0 + tl.arange(0, CRB))
-        phik = phi_multi_rows(k, kcols, i0, CHUNK, CRB, HEAD_DIM)  # [C, CRB d]
-        dv_state += tl.dot(phik.to(OP), ds_blk.to(OP))
-        # gradient with respect to c_j phi(k_j) on these rows: dS v_j + dz
-        rg = (tl.dot(v.to(OP), tl.trans(ds_blk.to(OP))) + dz_blk[None, :]) * c[:, None]
-        db -= tl.sum(phik * rg, axis=1)
-        dk += phi_multi_rows_grad(k, kcols, rg, i0, CHUNK, CRB, HEAD_DIM)
-        # every term of S_{n+1} carries e^beta (with b_j held fixed): d/dbeta = <dS_{n+1}, S_{n+1}>
-        dbeta += tl.sum(tl.sum(ds_blk.to(tl.float32) * s_blk, axis=1), axis=0) + tl.sum(dz_blk * z_blk, axis=0)
+    for i in range(HEAD_DIM):
+        tile = full_tile_rows(i, offs_d, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :]
+        dr_i = tl.load(dst_base + tile)
+        ki = tl.load(K + kv_base + (t0 + offs_c) * (HK * HEAD_DIM) + i, mask=t0 + offs_c < T, other=0.0).to(tl.float32)
+        dv_state += ki[:, None] * tl.dot(kop, dr_i.to(OP))
+        v2 += ki[:, None] * tl.dot(vop, tl.trans(dr_i.to(OP)))
+        dbeta += tl.sum(tl.sum(dr_i.to(tl.float32) * tl.load(st_base + tile).to(tl.float32), axis=1), axis=0)
+    dzmat = load_sym_matrix(dz_base, HEAD_DIM)
+    v2 += _dot_f32(k, dzmat)
+    dbeta += tl.sum(tl.sum(dzmat * load_sym_matrix(z_base, HEAD_DIM), axis=1), axis=0)
+    dk += (2.0 * c)[:, None] * v2
+    db -= c * tl.sum(k * v2, axis=1)
     dv += c[:, None] * dv_state
     db += tl.where(offs_c == CHUNK - 1, dbeta, 0.0)
 
@@ -424,17 +447,16 @@ def _rows_per_program(head_dim: int, backward: bool = False) -> int:
     return max(1, min(rb, head_dim))
 
 
-def _rows_per_chunk_step(head_dim: int) -> int:
-    """Row-blocks per step of the chunk kernels' walk over the state (a [C, CRB d] x [CRB d, d]
-    product per step). POWER_TRITON_CHUNK_ROWS overrides it (for benchmarks)."""
-    crb = int(os.environ.get("POWER_TRITON_CHUNK_ROWS", "1"))
-    return max(1, min(crb, head_dim))
-
-
 def _launch_opts(chunk: int, width: int) -> dict:
     if interpreting():
         return {}
     return {"num_warps": 8 if chunk * width >= 128 * 64 else 4, "num_stages": 2}
+
+
+def _pair_weights(head_dim: int, device) -> torch.Tensor:
+    """[D] fp32: the weights w_ij of phi_2 (sqrt(2) off the diagonal, 1 on it). The kernels carry
+    unweighted states R = S / w (rows); the states that go in and out are the weighted S."""
+    return reference._embedding_plan(head_dim, 2)[1].to(device=device, dtype=torch.float32)
 
 
 def _state_dtype(op) -> torch.dtype:
@@ -444,10 +466,14 @@ def _state_dtype(op) -> torch.dtype:
 
 
 def _states_forward(k, v, log_g, s0, z0, chunk, op):
-    """The chunk recurrence: states [B, Hk, N+1, D, d] (dtype of the products) and z_states
-    [B, Hk, N+1, D] fp32, the state before chunk n (n = N: the final one); and the final
-    state (S [B, Hk, D, d], z [B, Hk, D]) in fp32."""
+    """The chunk recurrence: unweighted states R [B, Hk, N+1, D, d] (dtype of the products) and
+    Z [B, Hk, N+1, D] fp32, the state before chunk n (n = N: the final one), from the weighted
+    initial state (S0, z0) or zero; and the final state, weighted (S [B, Hk, D, d], z [B, Hk, D]),
+    in fp32."""
     bsz, t, hk, d = k.shape
+    w = _pair_weights(d, k.device)
+    if s0 is not None:
+        s0, z0 = (s0 / w[:, None]).contiguous(), (z0 / w).contiguous()
     dim = expanded_dim(d, 2)
     n_chunks = triton.cdiv(t, chunk)
     states = torch.empty(bsz, hk, n_chunks + 1, dim, d, dtype=_state_dtype(op), device=k.device)
@@ -462,7 +488,7 @@ def _states_forward(k, v, log_g, s0, z0, chunk, op):
         HEAD_DIM=d, D=dim, CHUNK=chunk, RB=rb, BLOCK_V=bv,
         HAS_GATE=log_g is not None, HAS_INIT=s0 is not None, OP=op, **_launch_opts(chunk, bv * rb),
     )
-    return states, z_states, s_final, z_final
+    return states, z_states, s_final * w[:, None], z_final * w
 
 
 def chunk_forward(q, k, v, log_g, s0, z0, scale: float, eps: float, chunk_size: int):
@@ -480,7 +506,7 @@ def chunk_forward(q, k, v, log_g, s0, z0, scale: float, eps: float, chunk_size: 
         _chunk_fwd_kernel[(n_chunks, bsz * hq)](
             q, k, v, log_g if log_g is not None else k, states, z_states, y, den,
             t, n_chunks, hq, hk, scale, eps,
-            HEAD_DIM=d, D=dim, CHUNK=chunk, CRB=_rows_per_chunk_step(d), HAS_GATE=log_g is not None, OP=op,
+            HEAD_DIM=d, D=dim, CHUNK=chunk, HAS_GATE=log_g is not None, OP=op,
             **_launch_opts(chunk, d),
         )
     return y, den, s_final, z_final
@@ -489,7 +515,9 @@ def chunk_forward(q, k, v, log_g, s0, z0, scale: float, eps: float, chunk_size: 
 def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale: float, eps: float, chunk_size: int):
     """Backward: (dq, dk, dv, dlog_g [B, T, Hk] fp32 or None, dS0 [B, Hk, D, d], dz0 [B, Hk, D]).
 
-    dS0 passes through the chunk-state dtype (bf16 for bf16 inputs)."""
+    dS0 passes through the chunk-state dtype (bf16 for bf16 inputs). Inside, dR_n = dL/dR_n for
+    the unweighted states taken as full symmetric [d, d, d] tensors: a weighted S = w R (each
+    off-diagonal pair stands for two equal entries) gives dR_N = dS_final / w and dS0 = w dR_0."""
     bsz, t, hq, d = q.shape
     hk = k.shape[2]
     chunk = kernel_chunk_size(chunk_size, d)
@@ -504,7 +532,10 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
     delta = -(do * y.float()).sum(-1)
     # the products read dO in their operand dtype anyway: store it so (half the bytes for bf16)
     do = do.to(_state_dtype(op))
-    dstates = torch.empty_like(states)  # dL/dS_n, n = 0 .. N
+    w = _pair_weights(d, q.device)
+    if ds_final is not None:
+        ds_final, dz_final = (ds_final / w[:, None]).contiguous(), (dz_final / w).contiguous()
+    dstates = torch.empty_like(states)  # dL/dR_n, n = 0 .. N
     dz_states = torch.empty_like(z_states)
     bv, rb = _block_v(d), _rows_per_program(d, backward=True)
     lg = log_g if log_g is not None else k
@@ -520,7 +551,7 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
     dbq = torch.empty(bsz, t_pad, hq, dtype=torch.float32, device=q.device)
     dbk = torch.empty(bsz, t_pad, hk, dtype=torch.float32, device=q.device)
     if n_chunks:
-        common = dict(HEAD_DIM=d, D=dim, CHUNK=chunk, CRB=_rows_per_chunk_step(d), HAS_GATE=log_g is not None, OP=op,
+        common = dict(HEAD_DIM=d, D=dim, CHUNK=chunk, HAS_GATE=log_g is not None, OP=op,
                       **_launch_opts(chunk, d))
         _chunk_bwd_q_kernel[(n_chunks, bsz * hq)](
             q, k, v, lg, states, z_states, do, delta, dq, dbq, t, t_pad, n_chunks, hq, hk, scale, **common)
@@ -533,4 +564,4 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
         # b_t = sum_{u <= t in the chunk} g_u, so dL/dg_u = sum_{t >= u in the chunk} dL/db_t
         db = db.view(bsz, n_chunks, chunk, hk).flip(2).cumsum(2).flip(2)
         dlog_g = db.reshape(bsz, t_pad, hk)[:, :t]
-    return dq, dk, dv, dlog_g, dstates[:, :, 0].float(), dz_states[:, :, 0]
+    return dq, dk, dv, dlog_g, dstates[:, :, 0].float() * w[:, None], dz_states[:, :, 0] * w

@@ -11,11 +11,14 @@ build block i on chip from the d-dimensional tile x [M, d] and its column x[:, i
 
     phi_i(x)[m, j] = w_ij x[m, i] x[m, j]     for j >= i, and 0 for j < i.
 
-A row-block of a state S [D, d] is then the [d, d] tile of rows (i, j), j = 0..d-1 (rows j < i
-masked out), and phi(x)^T S = sum_i phi_i(x) @ S_i, S += phi(k) v^T is S_i += phi_i(k)^T v.
-The chunk kernels take RB consecutive row-blocks at a time (phi_multi_rows: [M, RB d], the
-state rows of multi_block_rows), which makes the matrix products larger and, in the state
-passes, lets one read of K and V (or Q and dO) serve RB row-blocks.
+The decode kernel keeps the weighted state S [D, d] = sum phi(k) v^T, the model's and the
+reference's. The chunk kernels carry it unweighted, R = S / w (row by row), which lets a state
+query skip phi altogether: reading row-block i as the full [d, d] tile R_i[j] = R[(min(i, j),
+max(i, j))] (full_tile_rows), phi(x)^T S = sum_i x_i (x @ R_i), one product with the same
+operand x for every i plus one multiply-add. Their state passes build the unweighted products
+x_i x_j for RB consecutive row-blocks at a time (phi_multi_rows: [M, RB d], the state rows of
+multi_block_rows), which makes the matrix products larger and lets one read of K and V (or Q
+and dO) serve RB row-blocks.
 
 (Building phi from gathers of arbitrary (i, j) pairs, without the masked half of each block,
 was tried and ran 3x slower on the H100: the gathers cost more than the masked work.)
@@ -61,10 +64,20 @@ def pair_weights(i, offs_d):
 
 
 @triton.jit
-def phi_rows(x, xi, i, offs_d):
+def pair_mask(i, offs_d):
+    """[d]: 1 for the pairs (i, j >= i), 0 below (the unweighted products x_i x_j of the chunk kernels)."""
+    return tl.where(offs_d >= i, 1.0, 0.0)
+
+
+@triton.jit
+def phi_rows(x, xi, i, offs_d, WEIGHTED: tl.constexpr):
     """Row-block i of phi_2, built on chip: x [M, d] fp32, xi [M] (= x[:, i], possibly times a
-    per-row weight) -> [M, d] with entry (m, j) = w_ij xi[m] x[m, j] (0 for j < i)."""
-    w = pair_weights(i, offs_d)
+    per-row weight) -> [M, d] with entry (m, j) = w_ij xi[m] x[m, j] (0 for j < i); without
+    WEIGHTED the plain x_i x_j (the chunk kernels' unweighted states, see below)."""
+    if WEIGHTED:
+        w = pair_weights(i, offs_d)
+    else:
+        w = pair_mask(i, offs_d)
     return x * (xi[:, None] * w[None, :])
 
 
@@ -133,34 +146,41 @@ def multi_block_rows(i0, RB: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def phi_multi_rows(x, xcols, i0, M: tl.constexpr, RB: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Row-blocks i0 .. i0 + RB - 1 of phi_2, side by side: x [M, d] fp32 and xcols [M, RB]
-    (= x[:, i0:i0+RB], possibly times a per-row weight) -> [M, RB d], in multi_block_rows' order."""
+    """Row-blocks i0 .. i0 + RB - 1 of the unweighted products, side by side: x [M, d] fp32 and
+    xcols [M, RB] (= x[:, i0:i0+RB], possibly times a per-row weight) -> [M, RB d] with entry
+    (m, rb d + j) = xcols[m, rb] x[m, j] for j >= i0 + rb (0 below), in multi_block_rows' order."""
     offs_d = tl.arange(0, HEAD_DIM)
     if RB == 1:  # plain 2-D: the 3-D form costs a layout shuffle per step on the GPU
-        return phi_rows(x, tl.sum(xcols, axis=1), i0, offs_d)
+        return phi_rows(x, tl.sum(xcols, axis=1), i0, offs_d, False)
     i = i0 + tl.arange(0, RB)
-    w = tl.where(offs_d[None, :] > i[:, None], 1.4142135623730951,
-                 tl.where(offs_d[None, :] == i[:, None], 1.0, 0.0))  # [RB, d]
-    phi = x[:, None, :] * xcols[:, :, None] * w[None, :, :]  # [M, RB, d]
+    mask = tl.where(offs_d[None, :] >= i[:, None], 1.0, 0.0)  # [RB, d]
+    phi = x[:, None, :] * xcols[:, :, None] * mask[None, :, :]  # [M, RB, d]
     return tl.reshape(phi, (M, RB * HEAD_DIM))
 
 
-@triton.jit
-def phi_multi_rows_grad(x, xcols, dphi, i0, M: tl.constexpr, RB: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The gradient with respect to x [M, d] of sum(dphi * phi_multi_rows(x, x[:, i0:i0+RB], i0)).
+# ----------------------------------------------------------------------------------
+# Full [d, d] tiles of a symmetric state (the chunk kernels' state queries)
+# ----------------------------------------------------------------------------------
 
-    dphi [M, RB d]. Entry (i, j) = w_ij x_i x_j sends w_ij dphi_ij x_i to x_j and
-    w_ij dphi_ij x_j to x_i (both to x_i on the diagonal).
-    """
-    offs_d = tl.arange(0, HEAD_DIM)
-    if RB == 1:
-        gw1 = dphi * pair_weights(i0, offs_d)[None, :]
-        col1 = tl.sum(gw1 * x, axis=1)  # [M]: everything that lands in column i0
-        return gw1 * tl.sum(xcols, axis=1)[:, None] + tl.where(offs_d[None, :] == i0, col1[:, None], 0.0)
-    i = i0 + tl.arange(0, RB)
-    w = tl.where(offs_d[None, :] > i[:, None], 1.4142135623730951,
-                 tl.where(offs_d[None, :] == i[:, None], 1.0, 0.0))  # [RB, d]
-    gw = tl.reshape(dphi, (M, RB, HEAD_DIM)) * w[None, :, :]
-    dx = tl.sum(gw * xcols[:, :, None], axis=1)  # the x_j side, [M, d]
-    col = tl.sum(gw * x[:, None, :], axis=2)  # the x_i side, [M, RB]: lands in columns i0 .. i0 + RB - 1
-    return dx + tl.sum(tl.where(offs_d[None, None, :] == i[None, :, None], col[:, :, None], 0.0), axis=1)
+
+@triton.jit
+def full_tile_rows(i, offs_d, HEAD_DIM: tl.constexpr):
+    """[d] indices into [0, D) of the rows that hold R_i[j] = R[(min(i, j), max(i, j))], j = 0..d-1.
+
+    The chunk kernels keep unweighted states R[(i, j)] = sum_t c_t x_i x_j y_t (no sqrt(2)), a
+    symmetric [d, d, d] tensor stored once per pair. Read as full tiles R_i (every j, no masked
+    half), a state query needs no phi at all: phi(q)^T S = sum_i q_i (q @ R_i), one product and
+    one multiply-add per row-block. Each row is a contiguous d-vector, so the gather is cheap."""
+    lo = tl.minimum(offs_d, i)
+    hi = tl.maximum(offs_d, i)
+    return lo * HEAD_DIM - (lo * (lo - 1)) // 2 + hi - lo
+
+
+@triton.jit
+def load_sym_matrix(z_ptr, HEAD_DIM: tl.constexpr):
+    """The [d, d] symmetric matrix Z[a, b] = z[(min(a, b), max(a, b))] of a stored z [D] (fp32)."""
+    a = tl.arange(0, HEAD_DIM)[:, None]
+    b = tl.arange(0, HEAD_DIM)[None, :]
+    lo = tl.minimum(a, b)
+    hi = tl.maximum(a, b)
+    return tl.load(z_ptr + lo * HEAD_DIM - (lo * (lo - 1)) // 2 + hi - lo)
