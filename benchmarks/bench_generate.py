@@ -1,27 +1,33 @@
 """Generation end to end on the GPU: a power model against a Llama of the same shape.
 
-    python benchmarks/bench_generate.py [--contexts 4096,16384,65536,131072] [--batches 1,8] [--out DIR]
+    python benchmarks/bench_generate.py [--parts table,floor,fit,profile] [--contexts 4096,16384,65536,131072]
+                                        [--batches 1,8] [--out DIR]
 
 Both models: 12 layers, hidden 768, 12 heads of 64, vocab 32k, random weights, bf16.
-For each (context, batch): prefill time (the prompt fed in chunks of 4k tokens through the cache,
-the same for both models, so that prefill activations do not decide what fits), decode tokens/s
-and peak memory, in these settings:
+For each (context, batch): prefill time (the prompt fed through the cache in chunks of
+min(4096, 32768 / batch) tokens, at least 128, the same for both models, so that prefill
+activations do not decide what fits), decode tokens/s and peak memory, in these settings:
 
     llama eager     DynamicCache, one eager forward per token (what plain generate() runs)
     llama static    StaticCache + torch.compile(mode="reduce-overhead") of the decode step
     power eager     dynamic PowerCache, one eager forward per token
     power static    static PowerCache + torch.compile(mode="reduce-overhead") of the decode step
 
-Also the largest batch each model fits at 64k context (prefill + decode steps), and the memory
-floor of one decode step: weights + every layer's state (or KV cache) read once, at the copy
-bandwidth measured in this run. Prints one markdown table; writes it under --out.
+Also (--parts):
+    floor    the power model's compiled decode step at batch 64 against its memory floor: weights +
+             every layer's state read and written once, at the copy bandwidth measured in this run
+    fit      the largest batch each model fits at 64k context (prefill + decode steps). The Llama
+             is prefilled with the whole context. The power model's memory does not depend on the
+             context (its state has one size; the table's rows show it), so its search prefills
+             4k tokens, and the batch it finds is then run once with the whole 64k prefill.
+    profile  the GPU kernels of one compiled power decode step at batch 1 (torch.profiler)
+Prints markdown; writes it under --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -37,7 +43,7 @@ from power_transformers.compat import CACHE_NAME  # noqa: E402
 
 SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
              num_key_value_heads=12, head_dim=64, max_position_embeddings=140_000)
-PREFILL_CHUNK = 4096
+PREFILL_TOKENS = 32768  # tokens per prefill forward (batch x chunk), chunks of 128 to 4096
 DECODE_STEPS = 32
 
 
@@ -76,8 +82,9 @@ def make_cache(kind: str, model, static: bool, batch: int, max_len: int):
 def prefill(model, cache, batch: int, context: int) -> torch.Tensor:
     """Feed `context` random tokens in chunks; returns the last logits' argmax [B, 1]."""
     ids = torch.randint(100, 32000, (batch, context), device="cuda")
-    for start in range(0, context, PREFILL_CHUNK):
-        chunk = ids[:, start : start + PREFILL_CHUNK]
+    step = max(128, min(4096, PREFILL_TOKENS // batch))
+    for start in range(0, context, step):
+        chunk = ids[:, start : start + step]
         positions = torch.arange(start, start + chunk.shape[1], device="cuda")[None].expand(batch, -1)
         out = model(chunk, position_ids=positions, use_cache=True, logits_to_keep=1, **{CACHE_NAME: cache})
     return out.logits[:, -1:].argmax(-1)
@@ -130,9 +137,8 @@ def fits(kind: str, model, batch: int, context: int) -> bool:
 
 
 def largest_batch(kind: str, model, context: int, start: int, limit: int) -> int:
-    """Doubling then bisection on the batch size that completes prefill + decode at `context`."""
-    good, bad = 0, None
-    b = start
+    """Doubling then bisection (to within 1/8) on the batch size that completes prefill + decode."""
+    good, b = 0, start
     while b <= limit and fits(kind, model, b, context):
         good, b = b, b * 2
     bad = b if b <= limit else None
@@ -145,6 +151,36 @@ def largest_batch(kind: str, model, context: int, start: int, limit: int) -> int
         else:
             bad = mid
     return good
+
+
+def profile_step(model, context: int = 4096, steps: int = 5) -> list[str]:
+    """The GPU kernels of the compiled power decode step at batch 1: count and time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = make_cache("power", model, True, 1, context + 64)
+    token = prefill(model, cache, 1, context)
+    step = torch.compile(decode_step_fn(model, cache), mode="reduce-overhead", fullgraph=False)
+    position = torch.full((1, 1), context, device="cuda", dtype=torch.long)
+    for _ in range(4):
+        token = step(token, position).clone()
+        position += 1
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            token = step(token, position).clone()
+            position += 1
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append((t / steps, e.count / steps, e.key))
+    rows.sort(reverse=True)
+    total_us, kernels = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    lines = [f"Compiled power decode step, batch 1, {context} context: {kernels:.0f} GPU kernels per step, "
+             f"{total_us / 1e3:.3f} ms of kernel time per step", "", "| kernel | per step | us per step |", "|---|---|---|"]
+    lines += [f"| {name[:90]} | {count:.0f} | {us:.1f} |" for us, count, name in rows[:20]]
+    return lines
 
 
 def floor_ms(kind: str, model, batch: int, context: int, bandwidth: float) -> float:
@@ -160,72 +196,82 @@ def floor_ms(kind: str, model, batch: int, context: int, bandwidth: float) -> fl
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--parts", default="table,floor,fit,profile")
     parser.add_argument("--contexts", default="4096,16384,65536,131072")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--static-contexts", default="65536", help="contexts at which the compiled static settings run")
+    parser.add_argument("--llama-static-contexts", default="65536", help="contexts of the compiled static Llama rows")
     parser.add_argument("--fit-context", type=int, default=65536)
     parser.add_argument("--floor-batch", type=int, default=64)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
-    static_contexts = {int(x) for x in args.static_contexts.split(",")}
+    llama_static = {int(x) for x in args.llama_static_contexts.split(",")}
     bandwidth = copy_bandwidth()
     models = {kind: build(kind) for kind in ("llama", "power")}
-    rows = []
-    for context in contexts:
-        for batch in batches:
-            for kind, model in models.items():
-                for static in (False, True):
-                    if static and context not in static_contexts:
-                        continue
-                    setting = f"{kind} {'static+compiled' if static else 'eager'}"
-                    try:
-                        r = measure(kind, model, static, batch, context)
-                        r["floor_ms"] = floor_ms(kind, model, batch, context, bandwidth)
-                    except torch.cuda.OutOfMemoryError:
-                        r = dict(error="OOM")
-                    except Exception as e:  # a setting that does not work is reported, not hidden
-                        r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
-                    torch.cuda.empty_cache()
-                    rows.append(dict(context=context, batch=batch, setting=setting, **r))
-                    print(json.dumps(rows[-1]), flush=True)
-    fit = {kind: largest_batch(kind, model, args.fit_context, 8, 1024) for kind, model in models.items()}
-    floor_row = {}
-    try:
-        floor_row = measure("power", models["power"], True, args.floor_batch, 4096)
-        floor_row["floor_ms"] = floor_ms("power", models["power"], args.floor_batch, 4096, bandwidth)
-    except Exception as e:
-        floor_row = dict(error=f"{type(e).__name__}")
+    out = [f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; date {datetime.date.today()}; "
+           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read+write)", ""]
 
-    lines = [
-        f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; date {datetime.date.today()}; "
-        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read+write)",
-        "",
-        "| context | batch | setting | prefill (s) | decode ms/step | tokens/s | peak GB | floor ms/step |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['context']} | {r['batch']} | {r['setting']} | {r['error']} | | | | |")
-        else:
-            lines.append(
-                f"| {r['context']} | {r['batch']} | {r['setting']} | {r['prefill_s']:.2f} | {r['ms_per_step']:.2f} | "
-                f"{r['tokens_per_s']:.0f} | {r['peak_gb']:.1f} | {r['floor_ms']:.3f} |"
-            )
-    lines += ["", f"Largest batch at {args.fit_context} context (prefill + {DECODE_STEPS + 4} decode steps): "
-              f"llama {fit['llama']}, power {fit['power']}"]
-    if "error" not in floor_row:
-        lines.append(
-            f"Power decode step at batch {args.floor_batch} (static+compiled, 4k context): {floor_row['ms_per_step']:.3f} ms "
-            f"against a floor of {floor_row['floor_ms']:.3f} ms ({floor_row['ms_per_step'] / floor_row['floor_ms']:.1f}x)"
-        )
-    else:
-        lines.append(f"Power decode at batch {args.floor_batch}: {floor_row['error']}")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(args.out, "generate_table.md"), "w") as f:
-        f.write(table + "\n")
+    def write():
+        text = "\n".join(out)
+        with open(os.path.join(args.out, "generate_table.md"), "w") as f:
+            f.write(text + "\n")
+        return text
+
+    if "table" in parts:
+        out += ["| context | batch | setting | prefill (s) | decode ms/step | tokens/s | peak GB | floor ms/step |",
+                "|---|---|---|---|---|---|---|---|"]
+        for context in contexts:
+            for batch in batches:
+                for kind, model in models.items():
+                    for static in (False, True):
+                        if static and kind == "llama" and context not in llama_static:
+                            continue
+                        setting = f"{kind} {'static+compiled' if static else 'eager'}"
+                        try:
+                            r = measure(kind, model, static, batch, context)
+                            r["floor_ms"] = floor_ms(kind, model, batch, context, bandwidth)
+                            out.append(f"| {context} | {batch} | {setting} | {r['prefill_s']:.2f} | {r['ms_per_step']:.3f} | "
+                                       f"{r['tokens_per_s']:.0f} | {r['peak_gb']:.1f} | {r['floor_ms']:.3f} |")
+                        except torch.cuda.OutOfMemoryError:
+                            out.append(f"| {context} | {batch} | {setting} | OOM | | | | |")
+                        except Exception as e:  # a setting that does not work is reported, not hidden
+                            out.append(f"| {context} | {batch} | {setting} | {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | | |")
+                        torch.cuda.empty_cache()
+                        print(out[-1], flush=True)
+                        write()
+        out.append("")
+    if "floor" in parts:
+        try:
+            r = measure("power", models["power"], True, args.floor_batch, 4096)
+            floor = floor_ms("power", models["power"], args.floor_batch, 4096, bandwidth)
+            out.append(f"Power decode step at batch {args.floor_batch} (static+compiled, 4k context): {r['ms_per_step']:.3f} ms "
+                       f"({r['tokens_per_s']:.0f} tokens/s) against a floor of {floor:.3f} ms: {r['ms_per_step'] / floor:.2f}x")
+        except Exception as e:  # noqa: BLE001
+            out.append(f"Power decode at batch {args.floor_batch}: {type(e).__name__}: {str(e)[:120]}")
+        print(out[-1], flush=True)
+        write()
+    if "fit" in parts:
+        llama = largest_batch("llama", models["llama"], args.fit_context, 8, 1024)
+        out.append(f"Largest batch, Llama, {args.fit_context} context prefilled ({DECODE_STEPS + 4} decode steps): {llama}")
+        print(out[-1], flush=True)
+        power = largest_batch("power", models["power"], 4096, 8, 2048)
+        out.append(f"Largest batch, power, 4096 context prefilled (the state has one size at any context): {power}")
+        print(out[-1], flush=True)
+        write()
+        try:
+            r = measure("power", models["power"], False, power, args.fit_context)
+            out.append(f"Power at batch {power} with the whole {args.fit_context}-token prefill: prefill {r['prefill_s']:.1f} s, "
+                       f"decode {r['ms_per_step']:.2f} ms/step ({r['tokens_per_s']:.0f} tokens/s, eager), peak {r['peak_gb']:.1f} GB")
+        except torch.cuda.OutOfMemoryError:
+            out.append(f"Power at batch {power} with the whole {args.fit_context}-token prefill: OOM")
+        print(out[-1], flush=True)
+        write()
+    if "profile" in parts:
+        out += [""] + profile_step(models["power"])
+        print("\n".join(out[-22:]), flush=True)
+    print(write())
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ what=$1; shift
 if [[ $what == *check* ]]; then python3 benchmarks/check_gpu.py ${CHECK_ARGS:-} 2>&1 | tee "$OUT/check.log"; fi
 chunks=128
 if [[ $what == *profile* ]]; then
-  python3 benchmarks/profile_kernels.py 65536 ${PROFILE_CONFIGS:-128:2,64:2} 2>&1 | grep -v -i warn | tee "$OUT/profile.log"
+  python3 benchmarks/profile_kernels.py 65536 ${PROFILE_CHUNKS:-128,64} 2>&1 | grep -v -i warn | tee "$OUT/profile.log"
   best=$(grep '^BEST' "$OUT/profile.log")
   if [[ -n $best ]]; then
     chunks=$(echo "$best" | sed 's/.*C=\([0-9]*\).*/\1/')
-    export $(echo "$best" | grep -o 'POWER_TRITON_[A-Z_]*=[0-9]*')
   fi
 fi
-echo "bench with chunk $chunks, POWER_TRITON_STATE_ROWS=${POWER_TRITON_STATE_ROWS:-default}"
+echo "bench with chunk $chunks"
 if [[ $what == *bench* ]]; then python3 benchmarks/bench_attention.py --chunks "$chunks" --out "$OUT/bench.md" "$@" 2>&1 | tee "$OUT/bench.log"; fi

@@ -1,13 +1,11 @@
 """Per-kernel GPU times of our chunked forward + backward (torch.profiler), for tuning.
 
-    python benchmarks/profile_kernels.py [T] [C:RB,...]
+    python benchmarks/profile_kernels.py [T] [C,...]
 
-C the chunk, RB the row-blocks per program of the forward state pass (POWER_TRITON_STATE_ROWS).
-16 heads, d = 64,
+C the chunk. 16 heads, d = 64,
 bf16, gating, 64k tokens. Prints one line per configuration and the fastest last.
 """
 
-import os
 import sys
 
 import torch
@@ -17,10 +15,9 @@ from torch.profiler import ProfilerActivity, profile
 from power_transformers.kernels import triton_chunk as tc
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
-CONFIGS = [tuple(int(x) for x in c.split(":")) for c in
-           (sys.argv[2] if len(sys.argv) > 2 else "128:2,128:1,64:2").split(",")]
+CHUNKS = [int(c) for c in (sys.argv[2] if len(sys.argv) > 2 else "128,64").split(",")]
 B, H, D = 65536 // T, 16, 64
-KERNELS = ["_state_fwd_kernel", "_chunk_fwd_kernel", "_state_bwd_kernel", "_chunk_bwd_q_kernel", "_chunk_bwd_kv_kernel"]
+KERNELS = ["_chunk_share_kernel", "_state_scan_kernel", "_chunk_fwd_kernel", "_chunk_bwd_q_kernel", "_chunk_bwd_kv_kernel"]
 
 
 def run(chunk, reps=3):
@@ -47,19 +44,18 @@ def run(chunk, reps=3):
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), f"T={T} B={B} H={H} d={D}; ms per forward+backward "
-          "(state_fwd counted twice: forward and the backward's recomputation)", flush=True)
+          "(the state kernels run three times: the forward, the backward's recomputation, dL/dR)", flush=True)
     best = None
-    for chunk, rb in CONFIGS:
-        os.environ["POWER_TRITON_STATE_ROWS"] = str(rb)
+    for chunk in CHUNKS:
         try:
             times = run(chunk)
         except Exception as err:  # noqa: BLE001
-            print(f"C={chunk} RB={rb}: failed {repr(err)[:300]}", flush=True)
+            print(f"C={chunk}: failed {repr(err)[:300]}", flush=True)
             continue
         total = sum(times.values())
         parts = " ".join(f"{k.strip('_').replace('_kernel', '')}={times.get(k, 0):.2f}" for k in KERNELS)
-        print(f"C={chunk} RB={rb}: total {total:.2f} | {parts}", flush=True)
+        print(f"C={chunk}: total {total:.2f} | {parts}", flush=True)
         if best is None or total < best[0]:
-            best = (total, chunk, rb)
+            best = (total, chunk)
     if best:
-        print(f"BEST C={best[1]} POWER_TRITON_STATE_ROWS={best[2]} total {best[0]:.2f} ms")
+        print(f"BEST C={best[1]} total {best[0]:.2f} ms")

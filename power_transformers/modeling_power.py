@@ -10,7 +10,6 @@ Tensors inside the attention modules use the kernels' layout [batch, time, heads
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 from transformers.utils import logging
 
-from .cache_power import PowerCache, PowerStateLayer
+from .cache_power import PowerCache
 from .compat import CACHE_NAME, cache_output, pick_cache
 from .configuration_power import POWER_LAYER, PowerConfig
 from .kernels import power_attention, power_attention_decode_

@@ -15,10 +15,8 @@ The decode kernel keeps the weighted state S [D, d] = sum phi(k) v^T, the model'
 reference's. The chunk kernels carry it unweighted, R = S / w (row by row), which lets a state
 query skip phi altogether: reading row-block i as the full [d, d] tile R_i[j] = R[(min(i, j),
 max(i, j))] (full_tile_rows), phi(x)^T S = sum_i x_i (x @ R_i), one product with the same
-operand x for every i plus one multiply-add. Their state passes build the unweighted products
-x_i x_j for RB consecutive row-blocks at a time (phi_multi_rows: [M, RB d], the state rows of
-multi_block_rows), which makes the matrix products larger and lets one read of K and V (or Q
-and dO) serve RB row-blocks.
+operand x for every i plus one multiply-add. A state update needs no phi either:
+R_i += x^T @ ((w x_i) y), the same operand x^T for every i.
 
 (Building phi from gathers of arbitrary (i, j) pairs, without the masked half of each block,
 was tried and ran 3x slower on the H100: the gathers cost more than the masked work.)
@@ -64,20 +62,10 @@ def pair_weights(i, offs_d):
 
 
 @triton.jit
-def pair_mask(i, offs_d):
-    """[d]: 1 for the pairs (i, j >= i), 0 below (the unweighted products x_i x_j of the chunk kernels)."""
-    return tl.where(offs_d >= i, 1.0, 0.0)
-
-
-@triton.jit
-def phi_rows(x, xi, i, offs_d, WEIGHTED: tl.constexpr):
+def phi_rows(x, xi, i, offs_d):
     """Row-block i of phi_2, built on chip: x [M, d] fp32, xi [M] (= x[:, i], possibly times a
-    per-row weight) -> [M, d] with entry (m, j) = w_ij xi[m] x[m, j] (0 for j < i); without
-    WEIGHTED the plain x_i x_j (the chunk kernels' unweighted states, see below)."""
-    if WEIGHTED:
-        w = pair_weights(i, offs_d)
-    else:
-        w = pair_mask(i, offs_d)
+    per-row weight) -> [M, d] with entry (m, j) = w_ij xi[m] x[m, j] (0 for j < i)."""
+    w = pair_weights(i, offs_d)
     return x * (xi[:, None] * w[None, :])
 
 
@@ -132,30 +120,6 @@ def load_rows(base, t0, T, stride_t, offs_c, offs_d):
 # ----------------------------------------------------------------------------------
 # Several row-blocks at once (the state passes: fewer re-reads of K, V, Q, dO)
 # ----------------------------------------------------------------------------------
-
-
-@triton.jit
-def multi_block_rows(i0, RB: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The state rows of row-blocks i0 .. i0 + RB - 1, flattened: ([RB d] indices into [0, D),
-    [RB d] valid). Entry f = rb d + j is the pair (i0 + rb, j), valid where j >= i0 + rb."""
-    flat = tl.arange(0, RB * HEAD_DIM)
-    i = i0 + flat // HEAD_DIM
-    j = flat % HEAD_DIM
-    return i * HEAD_DIM - (i * (i - 1)) // 2 + j - i, j >= i
-
-
-@triton.jit
-def phi_multi_rows(x, xcols, i0, M: tl.constexpr, RB: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Row-blocks i0 .. i0 + RB - 1 of the unweighted products, side by side: x [M, d] fp32 and
-    xcols [M, RB] (= x[:, i0:i0+RB], possibly times a per-row weight) -> [M, RB d] with entry
-    (m, rb d + j) = xcols[m, rb] x[m, j] for j >= i0 + rb (0 below), in multi_block_rows' order."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    if RB == 1:  # plain 2-D: the 3-D form costs a layout shuffle per step on the GPU
-        return phi_rows(x, tl.sum(xcols, axis=1), i0, offs_d, False)
-    i = i0 + tl.arange(0, RB)
-    mask = tl.where(offs_d[None, :] >= i[:, None], 1.0, 0.0)  # [RB, d]
-    phi = x[:, None, :] * xcols[:, :, None] * mask[None, :, :]  # [M, RB, d]
-    return tl.reshape(phi, (M, RB * HEAD_DIM))
 
 
 # ----------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def _decode_kernel(
         s_i = tl.load(s_ptr, mask=row_ok[:, None], other=0.0)
         z_i = tl.load(z_base + rows, mask=row_ok, other=0.0)
         qi = tl.load(q_rows + i, mask=r_ok, other=0.0).to(tl.float32) * scale
-        phiq_all = phi_rows(q, qi, i, offs_d, True)  # [ROWS, d]
+        phiq_all = phi_rows(q, qi, i, offs_d)  # [ROWS, d]
         w = pair_weights(i, offs_d)
         for tok in range(t):
             kv_off = ((b * t + tok) * HK + h).to(tl.int64) * HEAD_DIM
