@@ -9,14 +9,18 @@ power_retention_inference against its state, SDPA against KV caches of 4k ... 12
 Ceilings measured in the same run: bf16 matmul rate (8192^3) and copy bandwidth (1 GiB
 device-to-device copy, bytes read + written).
 
-FLOP count (ours, per token per head, degree 2, chunk C, D = d (d + 1) / 2):
+Ours twice: the chunked form (any T) and the attention form (what power_attention runs for a
+short sequence without a state in or out, triton_power.ATTENTION_FORM_MAX_T), each forced.
+
+FLOP count (ours chunked, per token per head, degree 2, chunk C, D = d (d + 1) / 2):
     forward   2 C d   (causal half of the two chunk-local products Q K^T and A V)
             + 2 D d   (state update phi(K)^T V)
             + 2 D d   (state query phi(Q) S)
     forward+backward = 3 x forward (the usual convention; the backward's recomputation of
     the chunk states is not counted). These are the useful FLOPs; the kernels do more
     (full [d, d] tiles for the triangular row-blocks of phi).
-SDPA (causal) per head: forward 2 T^2 d per sequence, forward+backward 3.5 x forward.
+SDPA (causal) and our attention form, per head: forward 2 T^2 d per sequence; forward+backward
+3.5 x forward for SDPA, 3 x for ours (as for the chunked form).
 Timing: triton.testing.do_bench, median, after warm-up; inputs random (never zeros).
 """
 
@@ -69,7 +73,16 @@ def ours_flops(t, chunk):
     return TOKENS * HEADS * (2 * chunk * D_HEAD + 4 * dim * D_HEAD)
 
 
-def time_ours(t, chunk):
+def attention_form_flops(t):
+    """Causal attention form, per head: QK^T and A V over the T^2 / 2 pairs, 2 T^2 d per sequence."""
+    return (TOKENS // t) * HEADS * 2 * t * t * D_HEAD
+
+
+def time_ours(t, chunk, form="chunked"):
+    """Our forward and forward+backward, with the form forced: "chunked" or "attention"."""
+    import os
+
+    os.environ["POWER_TRITON_ATTENTION_MAX_T"] = "0" if form == "chunked" else str(1 << 40)
     q, k, v, log_g = train_inputs(t)
     with torch.no_grad():
         fwd = bench(lambda: tp.power_attention(q, k, v, log_g, chunk_size=chunk))
@@ -220,6 +233,7 @@ def main() -> int:
     parser.add_argument("--no-retention", action="store_true", help="skip the retention rows")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode table")
     parser.add_argument("--seqlens", default="1024,4096,16384,65536")
+    parser.add_argument("--attention-form-max-t", type=int, default=16384, help="time our attention form up to this T")
     parser.add_argument("--profile", action="store_true", help="also time our kernels one by one at the last T")
     args = parser.parse_args()
     chunks = [int(c) for c in args.chunks.split(",")]
@@ -242,9 +256,9 @@ def main() -> int:
 
     lines += ["Training, 64k tokens per batch, 16 heads, d = 64, p = 2, gating, bf16 (ms, median):", "",
               "| T | batch | SDPA fwd | SDPA fwd+bwd | retention fwd (C=%d) | retention fwd+bwd | "
-              % args.retention_chunk + " | ".join(f"ours fwd (C={c}) | ours fwd+bwd (C={c}) | ours TFLOP/s fwd / fwd+bwd (C={c})" for c in chunks)
-              + " |",
-              "|---" * (6 + 3 * len(chunks)) + "|"]
+              % args.retention_chunk + " | ".join(f"ours chunked fwd (C={c}) | fwd+bwd | TFLOP/s fwd / fwd+bwd" for c in chunks)
+              + " | ours attention form fwd | fwd+bwd | TFLOP/s fwd / fwd+bwd |",
+              "|---" * (9 + 3 * len(chunks)) + "|"]
     ret_deadline = time.time() + args.retention_budget
     for t in seqlens:
         s_f, s_fb = time_sdpa(t)
@@ -265,6 +279,12 @@ def main() -> int:
                 continue
             fl = ours_flops(t, c)
             cells += [f"{o_f:.3f}", f"{o_fb:.3f}", f"{fl / o_f / 1e9:.0f} / {3 * fl / o_fb / 1e9:.0f}"]
+        if t <= args.attention_form_max_t:
+            a_f, a_fb = time_ours(t, chunks[0], form="attention")
+            fl = attention_form_flops(t)
+            cells += [f"{a_f:.3f}", f"{a_fb:.3f}", f"{fl / a_f / 1e9:.0f} / {3 * fl / a_fb / 1e9:.0f}"]
+        else:
+            cells += ["not run"] * 3
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
         torch.cuda.empty_cache()

@@ -19,7 +19,7 @@ Also (--parts):
     fit      the largest batch each model fits at 64k context (prefill + decode steps). The Llama
              is prefilled with the whole context. The power model's memory does not depend on the
              context (its state has one size; the table's rows show it), so its search prefills
-             4k tokens, and the batch it finds is then run once with the whole 64k prefill.
+             4k tokens; --confirm-fit then runs the batch it finds with the whole 64k prefill.
     profile  the GPU kernels of one compiled power decode step at batch 1 (torch.profiler)
 Prints markdown; writes it under --out.
 """
@@ -126,31 +126,30 @@ def measure(kind: str, model, static: bool, batch: int, context: int) -> dict:
                 peak_gb=torch.cuda.max_memory_allocated() / 1e9)
 
 
-def fits(kind: str, model, batch: int, context: int) -> bool:
+def fits(kind: str, model, batch: int, context: int) -> dict | None:
+    """measure() of eager decoding at this batch, or None where it runs out of memory."""
     try:
-        measure(kind, model, False, batch, context)
-        return True
+        return measure(kind, model, False, batch, context)
     except torch.cuda.OutOfMemoryError:
-        return False
+        return None
     finally:
         torch.cuda.empty_cache()
 
 
-def largest_batch(kind: str, model, context: int, start: int, limit: int) -> int:
-    """Doubling then bisection (to within 1/8) on the batch size that completes prefill + decode."""
-    good, b = 0, start
-    while b <= limit and fits(kind, model, b, context):
-        good, b = b, b * 2
+def largest_batch(kind: str, model, context: int, start: int, limit: int) -> tuple[int, dict]:
+    """Doubling then bisection (to within 1/8) on the batch size that completes prefill + decode:
+    (that batch, its measurement)."""
+    good, best, b = 0, {}, start
+    while b <= limit and (r := fits(kind, model, b, context)) is not None:
+        good, best, b = b, r, b * 2
     bad = b if b <= limit else None
-    if bad is None:
-        return good
-    while bad - good > max(1, good // 8):
+    while bad is not None and bad - good > max(1, good // 8):
         mid = (good + bad) // 2
-        if fits(kind, model, mid, context):
-            good = mid
+        if (r := fits(kind, model, mid, context)) is not None:
+            good, best = mid, r
         else:
             bad = mid
-    return good
+    return good, best
 
 
 def profile_step(model, context: int = 4096, steps: int = 5) -> list[str]:
@@ -202,6 +201,7 @@ def main():
     parser.add_argument("--llama-static-contexts", default="65536", help="contexts of the compiled static Llama rows")
     parser.add_argument("--fit-context", type=int, default=65536)
     parser.add_argument("--floor-batch", type=int, default=64)
+    parser.add_argument("--confirm-fit", action="store_true", help="run the power model's largest batch with the whole prefill")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -253,13 +253,14 @@ def main():
         print(out[-1], flush=True)
         write()
     if "fit" in parts:
-        llama = largest_batch("llama", models["llama"], args.fit_context, 8, 1024)
-        out.append(f"Largest batch, Llama, {args.fit_context} context prefilled ({DECODE_STEPS + 4} decode steps): {llama}")
-        print(out[-1], flush=True)
-        power = largest_batch("power", models["power"], 4096, 8, 2048)
-        out.append(f"Largest batch, power, 4096 context prefilled (the state has one size at any context): {power}")
-        print(out[-1], flush=True)
+        for kind, context in (("llama", args.fit_context), ("power", 4096)):
+            batch, r = largest_batch(kind, models[kind], context, 8, 2048)
+            out.append(f"Largest batch, {kind}, {context} context prefilled ({DECODE_STEPS + 4} eager decode steps): {batch}"
+                       + (f"; there {r['tokens_per_s']:.0f} tokens/s, peak {r['peak_gb']:.1f} GB" if r else ""))
+            print(out[-1], flush=True)
+        power = batch
         write()
+    if "fit" in parts and args.confirm_fit:
         try:
             r = measure("power", models["power"], False, power, args.fit_context)
             out.append(f"Power at batch {power} with the whole {args.fit_context}-token prefill: prefill {r['prefill_s']:.1f} s, "

@@ -53,17 +53,21 @@ def inputs(b, t, hq, hk, d, dtype, gated=True, seed=0):
 
 
 def check_training(case, b, t, hq, hk, d, dtype=torch.bfloat16, gated=True, chunk=128, ref_dtype=torch.float32,
-                   grads=True, seed=0):
+                   grads=True, seed=0, form="chunked"):
+    """form="chunked" asks for the final state too (the chunked kernels); "attention" does not, on
+    a T within triton_power.ATTENTION_FORM_MAX_T: the attention-form kernels."""
     tol = 2e-2 if dtype != torch.float32 else 2e-3
     q, k, v, log_g = inputs(b, t, hq, hk, d, dtype, gated, seed)
     ins = [x.detach().clone().requires_grad_(grads) if x is not None else None for x in (q, k, v, log_g)]
     ref_ins = [x.detach().to(ref_dtype).requires_grad_(grads) if x is not None else None for x in (q, k, v, log_g)]
     poison_allocator()
-    y, state = tp.power_attention(*ins, chunk_size=chunk, output_final_state=True)
-    y_ref, state_ref = reference.power_attention_chunked(*ref_ins, chunk_size=256, output_final_state=True)
+    chunked = form == "chunked"
+    y, state = tp.power_attention(*ins, chunk_size=chunk, output_final_state=chunked)
+    y_ref, state_ref = reference.power_attention_chunked(*ref_ins, chunk_size=256, output_final_state=chunked)
     record(case, "y", rel(y, y_ref), tol)
-    record(case, "S_final", rel(state[0], state_ref[0]), tol)
-    record(case, "z_final", rel(state[1], state_ref[1]), tol)
+    if chunked:
+        record(case, "S_final", rel(state[0], state_ref[0]), tol)
+        record(case, "z_final", rel(state[1], state_ref[1]), tol)
     if not grads:
         return
     gy = torch.randn_like(y_ref)
@@ -95,6 +99,7 @@ def main() -> int:
     start = time.time()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     check_training("bf16 d64 T4096 B2 H8/4 gated C128", 2, 4096, 8, 4, 64)
+    check_training("bf16 d64 T4096 B2 H8/4 gated, attention form", 2, 4096, 8, 4, 64, form="attention")
     if "--quick" in sys.argv:  # one case of each kind: after a kernel change, on little device time
         check_training("fp32 d64 T1000 B1 H2/2 gated C64 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=64,
                        ref_dtype=torch.float64)
@@ -109,6 +114,10 @@ def main() -> int:
     check_training("fp32 d64 T1000 B1 H2/2 gated C64 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=64,
                    ref_dtype=torch.float64)
     check_training("bf16 d64 T16384 B1 H4/2 gated C128", 1, 16384, 4, 2, 64)
+    check_training("bf16 d128 T2048 B1 H4/4 gated, attention form", 1, 2048, 4, 4, 128, form="attention")
+    check_training("fp32 d64 T1000 B1 H2/2 gated, attention form vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32,
+                   ref_dtype=torch.float64, form="attention")
+    check_training("bf16 d64 T16384 B1 H4/2 gated, attention form", 1, 16384, 4, 2, 64, form="attention")
     check_training("bf16 d64 T65536 B1 H2/1 gated C128 (fwd)", 1, 65536, 2, 1, 64, grads=False)
     check_decode("decode bf16 d64 B4 H8/4, 1000 + 64 tokens", 4, 1000, 64, 8, 4, 64)
     failed = [r for r in RESULTS if not (r[2] == r[2] and r[2] < r[3])]

@@ -14,7 +14,16 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from power_transformers.kernels import dispatch, reference  # noqa: E402
+from power_transformers.kernels import triton_attention as ta  # noqa: E402
+from power_transformers.kernels import triton_chunk as tc  # noqa: E402
 from power_transformers.kernels import triton_power as tp  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def chunked_form(monkeypatch):
+    """These tests are of the chunked kernels: keep short sequences off the attention form
+    (test_triton_attention.py has its own tests, and the choice is tested below)."""
+    monkeypatch.setenv("POWER_TRITON_ATTENTION_MAX_T", "0")
 
 
 def rel(a, b):
@@ -235,6 +244,32 @@ def test_dispatch_triton_backend_and_auto_fallback(monkeypatch):
         dispatch.power_attention(x, x, x, None)  # no second warning
 
 
+def test_short_sequences_take_the_attention_form(monkeypatch):
+    """Without a state in or out and T within the limit, power_attention runs the attention-form
+    kernels (same numbers, gradients included); with a state, or past the limit, the chunked ones."""
+    monkeypatch.delenv("POWER_TRITON_ATTENTION_MAX_T")
+    calls = []
+    monkeypatch.setattr(tp, "attention_forward", lambda *a: calls.append("attention") or ta.attention_forward(*a))
+    monkeypatch.setattr(tp, "chunk_forward", lambda *a: calls.append("chunked") or tc.chunk_forward(*a))
+    q, k, v, log_g = make_inputs(1, 40, 2, 1, 16, seed=21)
+    ins, ins64 = leaf(q, k, v, log_g), leaf64(q, k, v, log_g)
+    y, state = tp.power_attention(*ins, chunk_size=16)
+    assert calls == ["attention"] and state is None
+    y_ref = reference.power_attention_quadratic(*ins64)
+    assert rel(y, y_ref) < 1e-5
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    (y * gy).sum().backward()
+    (y_ref * gy.double()).sum().backward()
+    for x, x64 in zip(ins, ins64):
+        assert rel(x.grad, x64.grad) < 1e-4
+
+    tp.power_attention(q, k, v, log_g, chunk_size=16, output_final_state=True)
+    assert calls[-1] == "chunked"  # a final state asked for
+    monkeypatch.setattr(tp, "ATTENTION_FORM_MAX_T", 16)  # at d = 16 that is T <= 1
+    tp.power_attention(q, k, v, log_g, chunk_size=16)
+    assert calls[-1] == "chunked"
+
+
 # ----------------------------------------------------------------------------------
 # Custom ops: opcheck and torch.compile without graph breaks
 # ----------------------------------------------------------------------------------
@@ -245,6 +280,8 @@ def test_opcheck_custom_ops():
     s, z = random_state(1, 1, 16)
     args = leaf(q, k, v, log_g, s, z)
     torch.library.opcheck(torch.ops.power_transformers.chunk_forward.default, (*args, 0.25, 1e-6, 16),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.power_transformers.attention_forward.default, (*args[:4], 0.25, 1e-6),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(torch.ops.power_transformers.decode_.default,
                           (q[:, :1], k[:, :1], v[:, :1], log_g[:, :1], s.clone(), z.clone(), 0.25, 1e-6),

@@ -9,9 +9,14 @@ Shapes as in reference.py: q [B, T, Hq, d], k/v [B, T, Hk, d], log_g [B, T, Hk] 
 S [B, Hk, D, d] fp32, z [B, Hk, D] fp32, D = d (d + 1) / 2, in the reference's symmetric order
 (so states from either implementation are interchangeable).
 
+Two forms for sequences: the chunked kernels (triton_chunk: any T, states in and out) and, for a
+short sequence without a state in or out, the attention-form kernels (triton_attention), which
+cost less there (ATTENTION_FORM_MAX_T).
+
 What the kernels take: degree 2; head sizes 16, 32, 64, 128; fp16, bf16 or fp32 q/k/v of one
 dtype (fp32 accumulation, fp32 states; fp32 products run as tf32 on the GPU); any T; GQA; gating
-on or off; CUDA tensors (or any device under TRITON_INTERPRET=1). Degree 4 is not there: its
+on or off (log-gates <= 0, gates in (0, 1], as the model's logsigmoid gives); CUDA tensors (or any
+device under TRITON_INTERPRET=1). Degree 4 is not there: its
 state (D = C(d+3, 4), 766,480 rows at d = 64) does not fit the on-chip scheme, so the
 reference serves it. `check_supported` names what is outside this set. dispatch.py turns that
 into an error under backend="triton", and into a one-time warning plus the reference under
@@ -25,6 +30,7 @@ no graph break. Nothing here keeps per-process state: device and stream come fro
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -32,6 +38,7 @@ from torch import Tensor
 
 from .reference import State, expanded_dim
 from .triton_common import SUPPORTED_DEGREES, SUPPORTED_HEAD_DIMS, interpreting
+from .triton_attention import attention_backward, attention_forward
 from .triton_chunk import chunk_backward, chunk_forward
 from .triton_decode import decode_
 
@@ -175,6 +182,53 @@ def _backward(ctx, dy, dden, ds_final, dz_final):
 _chunk_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("power_transformers::attention_forward", mutates_args=())
+def _attention_forward_op(q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], scale: float, eps: float
+                          ) -> tuple[Tensor, Tensor]:
+    """The attention form, no state: (y [B,T,Hq,d], den [B,T,Hq] fp32)."""
+    with _on_device_of(q):
+        return attention_forward(q, k, v, log_g, scale, eps)
+
+
+@_attention_forward_op.register_fake
+def _(q, k, v, log_g, scale, eps):
+    b, t, hq, _ = q.shape
+    return q.new_empty(q.shape, dtype=v.dtype), q.new_empty(b, t, hq, dtype=torch.float32)
+
+
+@torch.library.custom_op("power_transformers::attention_backward", mutates_args=())
+def _attention_backward_op(q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], y: Tensor, den: Tensor,
+                           dy: Tensor, scale: float, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dlog_g [B,T,Hk] in log_g's dtype, empty without gates)."""
+    with _on_device_of(q):
+        dq, dk, dv, dlog_g = attention_backward(q, k, v, log_g, y, den, dy, scale, eps)
+    dlog_g = q.new_empty(0, dtype=torch.float32) if dlog_g is None else dlog_g.to(log_g.dtype).contiguous()
+    return dq, dk, dv, dlog_g
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, log_g, y, den, dy, scale, eps):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(log_g) if log_g is not None else q.new_empty(0, dtype=torch.float32))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, log_g, scale, eps = inputs
+    ctx.save_for_backward(q, k, v, log_g, *output)
+    ctx.args = (scale, eps)
+
+
+def _attention_autograd(ctx, dy, dden):
+    q, k, v, log_g, y, den = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(y)
+    dq, dk, dv, dlog_g = _attention_backward_op(q, k, v, log_g, y, den, dy.contiguous(), *ctx.args)
+    return dq, dk, dv, dlog_g if log_g is not None else None, None, None
+
+
+_attention_forward_op.register_autograd(_attention_autograd, setup_context=_attention_setup_context)
+
+
 @torch.library.custom_op("power_transformers::decode_", mutates_args=("state_s", "state_z"))
 def _decode_op(
     q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], state_s: Tensor, state_z: Tensor, scale: float, eps: float,
@@ -198,18 +252,38 @@ def _scale(scale: Optional[float], head_dim: int) -> float:
     return float(head_dim**-0.5 if scale is None else scale)
 
 
+#: Up to this T (at d = 64; it scales with d^2, the ratio of the chunked form's O(d^3) work per
+#: token to the attention form's O(T d)) a sequence without a state in or out runs in the
+#: attention form, the same numbers up to rounding. On the H100 (benchmarks/RESULTS.md, 64k
+#: tokens, 16 heads, bf16, fwd+bwd) the attention form took 4.8 / 11.5 / 38.0 ms at T = 1k /
+#: 4k / 16k against the chunked form's 41.0 / 38.2 / 37.9: they tie at 16k.
+#: POWER_TRITON_ATTENTION_MAX_T overrides it (0: always chunked).
+ATTENTION_FORM_MAX_T = 16384
+
+
+def _attention_form_max_t(head_dim: int) -> int:
+    at_64 = int(os.environ.get("POWER_TRITON_ATTENTION_MAX_T", ATTENTION_FORM_MAX_T))
+    return at_64 * head_dim * head_dim // 4096
+
+
 def power_attention(
     q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor] = None, *, degree: int = 2, scale: Optional[float] = None,
     eps: float = 1e-6, chunk_size: int = 64, initial_state: Optional[State] = None, output_final_state: bool = False,
 ) -> tuple[Tensor, Optional[State]]:
-    """Chunked power attention with the Triton kernels: y [B, T, Hq, d] and the final state if asked.
+    """Power attention over a sequence with the Triton kernels: y [B, T, Hq, d] and the final state if asked.
 
-    Differentiable with respect to q, k, v, log_g and the initial state. `chunk_size` is rounded
-    to a power of two in [16, 128] (64 at d = 128); that changes only rounding.
+    Differentiable with respect to q, k, v, log_g and the initial state. Short sequences without
+    a state in or out run in the attention form (see ATTENTION_FORM_MAX_T), the rest chunked:
+    `chunk_size` is rounded to a power of two in [16, 128] (64 at d = 128). Either choice
+    changes only rounding.
     """
     check_supported(q, degree, k, v, log_g, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if initial_state is None and not output_final_state and q.shape[1] <= _attention_form_max_t(q.shape[-1]):
+        y, _ = _attention_forward_op(q.contiguous(), k.contiguous(), v.contiguous(),
+                                     None if log_g is None else log_g.contiguous(), _scale(scale, q.shape[-1]), float(eps))
+        return y, None
     s0 = z0 = None
     if initial_state is not None:
         s0, z0 = initial_state[0].contiguous(), initial_state[1].contiguous()

@@ -1,0 +1,480 @@
+"""Power attention (degree 2) in its attention form, in Triton: flash-attention-style kernels.
+
+No recurrent state: every query meets every earlier key directly, O(T^2 d) work and O(T d)
+memory. On short sequences (T up to a few thousand) in training this costs less than the
+chunked form (triton_chunk), whose state passes carry a [D, d] state per chunk.
+
+Shapes (all inputs contiguous, one dtype among fp16 / bf16 / fp32):
+
+    q          [B, T, Hq, d]    query heads, Hq = G * Hk (query head hq uses kv head hq // G)
+    k, v       [B, T, Hk, d]
+    log_g      [B, T, Hk]       log-gates (<= 0), or None (no gating)
+    y          [B, T, Hq, d]    output, dtype of v
+    den        [B, T, Hq]       fp32 denominator sum_j A_tj, kept for the backward
+
+With b_t = sum_{u <= t} log_g_u (per batch row and kv head; 0 without gating) and s the scale:
+
+    A_tj  = (s q_t . k_j)^2 exp(b_t - b_j)      (j <= t; 0 above the diagonal)
+    y_t   = sum_j A_tj v_j / (sum_j A_tj + eps)
+
+Scores are >= 0 and decays <= 1, so unlike softmax attention no running maximum is needed:
+num and den are plain fp32 sums over key blocks.
+
+Kernels (a program owns one block of rows, the "outer" block, and walks blocks of the other
+side, the "inner" blocks; only the tiles crossing the diagonal are masked):
+
+    _attn_fwd_kernel     grid (cdiv(T, BLOCK_M), B Hq): a query block, the key blocks up to
+                         the diagonal; writes y and den.
+    _attn_bwd_q_kernel   grid (cdiv(T, BLOCK_M), B Hq): a query block, the key blocks up to the
+                         diagonal; writes dq and dL/db_t from the query side.
+    _attn_bwd_kv_kernel  grid (cdiv(T, BLOCK_N), B Hk): a key block, its G query heads and the
+                         query blocks from the diagonal on; writes dk, dv and dL/db_j from the
+                         key side.
+
+Backward (as in triton_chunk): do_t = dy_t / (den_t + eps), delta_t = -do_t . y_t,
+dA_tj = do_t . v_j + delta_t; with x_tj = (s q_t) . k_j and decay_tj = exp(b_t - b_j),
+dx_tj = 2 dA_tj x_tj decay_tj, d(s q_t) = sum_j dx_tj k_j, dk_j = sum_t dx_tj (s q_t) and
+dv_j = sum_t A_tj do_t (summed over the group's query heads), dL/db_t += sum_j dA_tj A_tj
+(query side), dL/db_j -= sum_t dA_tj A_tj (key side); dlog_g_u = sum_{t >= u} dL/db_t.
+
+The decay:
+
+* Precision. The running sums b are computed in fp64 (torch) and stay fp64 in memory
+  ([B, Hk, T]). A program takes them relative to one reference point r in fp64 -- b at a row
+  of its outer block -- and only then casts to fp32, so b_t - b_j keeps its digits however
+  large |b| has grown over a long, strongly gated sequence (a plain fp32 running sum of
+  T = 4096 gates of -3 has |b| ~ 1e4, an absolute error ~1e-3 in every difference). A
+  relative value is large only where the decay across it is ~0 anyway.
+* Cost. A tile wholly below the diagonal has a separable decay,
+  exp(b_t - b_j) = exp(b_t - r) exp(r - b_j), with both exponents <= 0 when r is b at a row
+  between the two blocks (gates <= 1: b falls with time), so neither factor overflows and a
+  factor underflows only where the whole decay does. The factor that is the same for every
+  tile of a program (its outer block's) is applied once, after the walk: an off-diagonal tile
+  takes one exp per inner row instead of one per pair. Only the diagonal tiles exponentiate
+  differences. (H100, B 4, T 2048, 16 heads, d 64, bf16: the forward kernel went from 0.24 to
+  about 0.18 ms with this; gated it still takes about twice the ungated 0.10 ms.)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import SUPPORTED_HEAD_DIMS, dot_dtype, interpreting, load_rows, load_tile
+
+# What part of the decay a tile of scores carries (_scores' PART):
+DIAGONAL = tl.constexpr(0)  # the tile crosses the diagonal: the whole decay, masked above it
+KEY_FACTOR = tl.constexpr(1)  # below the diagonal, the key factor exp(r - b_j) alone (query blocks own the program)
+QUERY_FACTOR = tl.constexpr(2)  # below the diagonal, the query factor exp(b_t - r) alone (key blocks own it)
+
+
+# ----------------------------------------------------------------------------------
+# Tile math shared by the kernels
+# ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gate_ref(bsum, t, HAS_GATE: tl.constexpr):
+    """The fp64 running sum at token t (< T): the reference point r of a program's gate sums."""
+    if HAS_GATE:
+        ref = tl.load(bsum + t)
+    else:
+        ref = 0.0
+    return ref
+
+
+@triton.jit
+def _relative_gate_sums(bsum, t0, T, offs, ref, HAS_GATE: tl.constexpr):
+    """b - r of tokens t0 + offs ([C] fp32): the fp64 running sums minus the fp64 reference
+    point, cast after the subtraction. Rows past T take the last real token's sum, so that every
+    decay involving them is still exp(<= 0) (their scores are 0, and 0 * inf would be NaN)."""
+    if HAS_GATE:
+        b = tl.load(bsum + tl.minimum(t0 + offs, T - 1))
+        rel = (b - ref).to(tl.float32)
+    else:
+        rel = tl.zeros(offs.shape, dtype=tl.float32)
+    return rel
+
+
+@triton.jit
+def _decay_factor(rel, HAS_GATE: tl.constexpr):
+    """exp(rel) ([C], rel <= 0), or 1 without gating."""
+    if HAS_GATE:
+        f = tl.exp(rel)
+    else:
+        f = tl.full(rel.shape, 1.0, tl.float32)
+    return f
+
+
+@triton.jit
+def _scores(q, k, bq, bk, tq, tk, PART: tl.constexpr, HAS_GATE: tl.constexpr, OP: tl.constexpr):
+    """A tile of scores: x = (s q) k^T [M, N], its decay and A = x^2 decay.
+
+    q [M, d] is already times s; bq [M], bk [N] the gate sums relative to the program's
+    reference point r (fp32); tq [M], tk [N] the token indices. PART (module constants): for
+    DIAGONAL the decay is exp(b_t - b_j) [M, N], 0 above the diagonal; below the diagonal it is
+    one factor, KEY_FACTOR exp(r - b_j) [1, N] or QUERY_FACTOR exp(b_t - r) [M, 1], and the
+    caller multiplies the other one in later (decay, A and everything linear in them alike).
+    """
+    x = tl.dot(q.to(OP), tl.trans(k.to(OP)))
+    if PART == DIAGONAL:
+        causal = tq[:, None] >= tk[None, :]
+        if HAS_GATE:
+            decay = tl.exp(tl.where(causal, bq[:, None] - bk[None, :], float("-inf")))
+        else:
+            decay = tl.where(causal, 1.0, 0.0)
+    elif PART == KEY_FACTOR:
+        decay = _decay_factor(-bk, HAS_GATE)[None, :]
+    else:
+        decay = _decay_factor(bq, HAS_GATE)[:, None]
+    return x, decay, x * x * decay
+
+
+@triton.jit
+def _score_grads(x, decay, a, do, v, delta, OP: tl.constexpr):
+    """The backward of a tile of _scores: dA = do v^T + delta [M, N]; returns dA * A (summed
+    over keys: dL/db_t, over queries: -dL/db_j) and dx = 2 dA x decay (dL/dx, x = (s q) k^T)."""
+    da = tl.dot(do.to(OP), tl.trans(v.to(OP))) + delta[:, None]
+    return da * a, 2.0 * da * x * decay
+
+
+# ----------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(num, den, q, bq, tq, k_base, v_base, bsum, ref, lo, hi, T, HK,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PART: tl.constexpr,
+               HAS_GATE: tl.constexpr, OP: tl.constexpr):
+    """num += A v, den += A 1 over the key blocks starting at lo, lo + BLOCK_N, ... < hi."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for j0 in range(lo, hi, BLOCK_N):
+        k = load_tile(k_base, j0, T, HK * HEAD_DIM, offs_n, offs_d)
+        v = load_tile(v_base, j0, T, HK * HEAD_DIM, offs_n, offs_d)
+        bk = _relative_gate_sums(bsum, j0, T, offs_n, ref, HAS_GATE)
+        x, decay, a = _scores(q, k, bq, bk, tq, j0 + offs_n, PART, HAS_GATE, OP)
+        num += tl.dot(a.to(OP), v.to(OP))
+        den += tl.sum(a, axis=1)
+    return num, den
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, BSUM, Y, DEN,
+    T, HQ, HK, scale, eps,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GATE: tl.constexpr, OP: tl.constexpr,
+):
+    """y and den of one block of BLOCK_M queries of one query head (BLOCK_M a multiple of BLOCK_N)."""
+    t0 = tl.program_id(0) * BLOCK_M
+    bhq = tl.program_id(1)
+    b = bhq // HQ
+    hq = bhq % HQ
+    h = hq // (HQ // HK)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tq = t0 + offs_m
+
+    q_off = (b * T * HQ + hq).to(tl.int64) * HEAD_DIM
+    kv_off = (b * T * HK + h).to(tl.int64) * HEAD_DIM
+    bsum = BSUM + (b * HK + h).to(tl.int64) * T
+    q = (load_rows(Q + q_off, t0, T, HQ * HEAD_DIM, offs_m, offs_d) * scale).to(OP)
+    ref = _gate_ref(bsum, t0, HAS_GATE)  # r = b at the query block's first row
+    bq = _relative_gate_sums(bsum, t0, T, offs_m, ref, HAS_GATE)
+
+    num = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    den = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # the keys before the query block (below the diagonal), then their query factor exp(b_t - r)
+    num, den = _fwd_inner(num, den, q, bq, tq, K + kv_off, V + kv_off, bsum, ref, 0, t0, T, HK,
+                          HEAD_DIM, BLOCK_N, KEY_FACTOR, HAS_GATE, OP)
+    qf = _decay_factor(bq, HAS_GATE)
+    num = num * qf[:, None]
+    den = den * qf
+    # the keys of the query block's own rows: the diagonal
+    num, den = _fwd_inner(num, den, q, bq, tq, K + kv_off, V + kv_off, bsum, ref, t0, tl.minimum(t0 + BLOCK_M, T),
+                          T, HK, HEAD_DIM, BLOCK_N, DIAGONAL, HAS_GATE, OP)
+    y = num / (den + eps)[:, None]
+
+    t_ok = tq < T
+    tl.store(Y + q_off + tq[:, None] * (HQ * HEAD_DIM) + offs_d[None, :], y, mask=t_ok[:, None])
+    tl.store(DEN + (b * T * HQ + hq).to(tl.int64) + tq * HQ, den, mask=t_ok)
+
+
+# ----------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_q_inner(dqs, db, q, do, delta, bq, tq, k_base, v_base, bsum, ref, lo, hi, T, HK,
+                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PART: tl.constexpr,
+                 HAS_GATE: tl.constexpr, OP: tl.constexpr):
+    """dqs += dx k (the gradient with respect to s q), db += sum_j dA A over the key blocks in [lo, hi)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for j0 in range(lo, hi, BLOCK_N):
+        k = load_tile(k_base, j0, T, HK * HEAD_DIM, offs_n, offs_d)
+        v = load_tile(v_base, j0, T, HK * HEAD_DIM, offs_n, offs_d)
+        bk = _relative_gate_sums(bsum, j0, T, offs_n, ref, HAS_GATE)
+        x, decay, a = _scores(q, k, bq, bk, tq, j0 + offs_n, PART, HAS_GATE, OP)
+        da_a, dx = _score_grads(x, decay, a, do, v, delta, OP)
+        db += tl.sum(da_a, axis=1)
+        dqs += tl.dot(dx.to(OP), k.to(OP))
+    return dqs, db
+
+
+@triton.jit
+def _attn_bwd_q_kernel(
+    Q, K, V, BSUM, DO, DELTA, DQ, DBQ,
+    T, HQ, HK, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GATE: tl.constexpr, OP: tl.constexpr,
+):
+    """dq of one block of BLOCK_M queries of one query head, and dL/db_t from the query side
+    (DBQ [B, Hq, T] fp32). BLOCK_M a multiple of BLOCK_N."""
+    t0 = tl.program_id(0) * BLOCK_M
+    bhq = tl.program_id(1)
+    b = bhq // HQ
+    hq = bhq % HQ
+    h = hq // (HQ // HK)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tq = t0 + offs_m
+
+    q_off = (b * T * HQ + hq).to(tl.int64) * HEAD_DIM
+    kv_off = (b * T * HK + h).to(tl.int64) * HEAD_DIM
+    bsum = BSUM + (b * HK + h).to(tl.int64) * T
+    q = (load_rows(Q + q_off, t0, T, HQ * HEAD_DIM, offs_m, offs_d) * scale).to(OP)
+    do = load_tile(DO + q_off, t0, T, HQ * HEAD_DIM, offs_m, offs_d)
+    delta = tl.load(DELTA + (b * T * HQ + hq).to(tl.int64) + tq * HQ, mask=tq < T, other=0.0)
+    ref = _gate_ref(bsum, t0, HAS_GATE)  # r = b at the query block's first row
+    bq = _relative_gate_sums(bsum, t0, T, offs_m, ref, HAS_GATE)
+
+    dqs = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # the keys before the query block, then their query factor exp(b_t - r) (both sums are linear in it)
+    dqs, db = _bwd_q_inner(dqs, db, q, do, delta, bq, tq, K + kv_off, V + kv_off, bsum, ref, 0, t0, T, HK,
+                           HEAD_DIM, BLOCK_N, KEY_FACTOR, HAS_GATE, OP)
+    qf = _decay_factor(bq, HAS_GATE)
+    dqs = dqs * qf[:, None]
+    db = db * qf
+    # the diagonal
+    dqs, db = _bwd_q_inner(dqs, db, q, do, delta, bq, tq, K + kv_off, V + kv_off, bsum, ref,
+                           t0, tl.minimum(t0 + BLOCK_M, T), T, HK, HEAD_DIM, BLOCK_N, DIAGONAL, HAS_GATE, OP)
+
+    t_ok = tq < T
+    tl.store(DQ + q_off + tq[:, None] * (HQ * HEAD_DIM) + offs_d[None, :], dqs * scale, mask=t_ok[:, None])
+    if HAS_GATE:
+        tl.store(DBQ + (b * HQ + hq).to(tl.int64) * T + tq, db, mask=t_ok)
+
+
+@triton.jit
+def _bwd_kv_inner(dk, dv, db, k, v, bk, tk, q_base, do_base, delta_base, bsum, ref, lo, hi, T, HQ, scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PART: tl.constexpr,
+                  HAS_GATE: tl.constexpr, OP: tl.constexpr):
+    """dk += dx^T (s q), dv += A^T do, db -= sum_t dA A over the query blocks of one query
+    head starting at lo, lo + BLOCK_M, ... < hi."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for t0 in range(lo, hi, BLOCK_M):
+        tq = t0 + offs_m
+        q = (load_rows(q_base, t0, T, HQ * HEAD_DIM, offs_m, offs_d) * scale).to(OP)
+        do = load_tile(do_base, t0, T, HQ * HEAD_DIM, offs_m, offs_d)
+        delta = tl.load(delta_base + tq * HQ, mask=tq < T, other=0.0)
+        bq = _relative_gate_sums(bsum, t0, T, offs_m, ref, HAS_GATE)
+        x, decay, a = _scores(q, k, bq, bk, tq, tk, PART, HAS_GATE, OP)
+        da_a, dx = _score_grads(x, decay, a, do, v, delta, OP)
+        dv += tl.dot(tl.trans(a.to(OP)), do.to(OP))
+        db -= tl.sum(da_a, axis=0)
+        dk += tl.dot(tl.trans(dx.to(OP)), q)
+    return dk, dv, db
+
+
+@triton.jit
+def _attn_bwd_kv_kernel(
+    Q, K, V, BSUM, DO, DELTA, DK, DV, DBK,
+    T, HQ, HK, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GATE: tl.constexpr, OP: tl.constexpr,
+):
+    """dk, dv of one block of BLOCK_N keys of one kv head (over its G query heads), and dL/db_j
+    from the key side (DBK [B, Hk, T] fp32). BLOCK_N a multiple of BLOCK_M."""
+    j0 = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = bh // HK
+    h = bh % HK
+    G = HQ // HK
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    tk = j0 + offs_n
+    j_end = tl.minimum(j0 + BLOCK_N, T)
+
+    kv_off = (b * T * HK + h).to(tl.int64) * HEAD_DIM
+    bsum = BSUM + bh.to(tl.int64) * T
+    k = load_tile(K + kv_off, j0, T, HK * HEAD_DIM, offs_n, offs_d).to(OP)
+    v = load_tile(V + kv_off, j0, T, HK * HEAD_DIM, offs_n, offs_d).to(OP)
+    ref = _gate_ref(bsum, j_end - 1, HAS_GATE)  # r = b at the key block's last row: b_j >= r >= b_t
+    bk = _relative_gate_sums(bsum, j0, T, offs_n, ref, HAS_GATE)
+
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # the queries after the key block (below the diagonal), every head of the group; then the
+    # key factor exp(r - b_j) of their decay (dk, dv, db are linear in it)
+    for g in range(G):
+        q_off = (b * T * HQ + h * G + g).to(tl.int64) * HEAD_DIM
+        dl_base = DELTA + (b * T * HQ + h * G + g).to(tl.int64)
+        dk, dv, db = _bwd_kv_inner(dk, dv, db, k, v, bk, tk, Q + q_off, DO + q_off, dl_base, bsum, ref,
+                                   j0 + BLOCK_N, T, T, HQ, scale, HEAD_DIM, BLOCK_M, QUERY_FACTOR, HAS_GATE, OP)
+    kf = _decay_factor(-bk, HAS_GATE)
+    dk = dk * kf[:, None]
+    dv = dv * kf[:, None]
+    db = db * kf
+    # the queries of the key block's own rows: the diagonal
+    for g in range(G):
+        q_off = (b * T * HQ + h * G + g).to(tl.int64) * HEAD_DIM
+        dl_base = DELTA + (b * T * HQ + h * G + g).to(tl.int64)
+        dk, dv, db = _bwd_kv_inner(dk, dv, db, k, v, bk, tk, Q + q_off, DO + q_off, dl_base, bsum, ref,
+                                   j0, j_end, T, HQ, scale, HEAD_DIM, BLOCK_M, DIAGONAL, HAS_GATE, OP)
+
+    t_ok = tk < T
+    out_off = kv_off + tk[:, None] * (HK * HEAD_DIM) + offs_d[None, :]
+    tl.store(DK + out_off, dk, mask=t_ok[:, None])  # dk is already with respect to k: q carried the s
+    tl.store(DV + out_off, dv, mask=t_ok[:, None])
+    if HAS_GATE:
+        tl.store(DBK + bh.to(tl.int64) * T + tk, db, mask=t_ok)
+
+
+# ----------------------------------------------------------------------------------
+# Launchers (plain functions of tensors)
+# ----------------------------------------------------------------------------------
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, by the bytes of a tile row: measured on
+# the H100 (B 4, T 2048, 16 heads, gated; triton 3.6), the fastest of 8 or 9 candidates each.
+# "narrow": 2-byte operands and d <= 64; "wide": 2-byte operands at d = 128, or fp32 at d <= 64
+# (as many bytes per row); "fp32_128": fp32 (tf32) at d = 128, where 64 x 64 tiles with 3
+# stages no longer fit in shared memory.
+_CONFIGS = {
+    "narrow": {"fwd": (64, 64, 4, 3), "bwd_q": (64, 64, 4, 3), "bwd_kv": (64, 64, 4, 3)},
+    "wide": {"fwd": (64, 64, 4, 3), "bwd_q": (64, 32, 4, 4), "bwd_kv": (32, 64, 4, 3)},
+    "fp32_128": {"fwd": (128, 32, 8, 3), "bwd_q": (128, 32, 8, 3), "bwd_kv": (16, 128, 8, 3)},
+}
+
+
+def _config(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[int, int, dict]:
+    """(BLOCK_M, BLOCK_N, launch options) of `kernel`: "fwd", "bwd_q" or "bwd_kv".
+
+    BLOCK_M counts queries, BLOCK_N keys; the outer (per-program) block must be a multiple of
+    the inner (walked) one: BLOCK_M of BLOCK_N for "fwd" and "bwd_q", BLOCK_N of BLOCK_M for
+    "bwd_kv". Under the interpreter small blocks keep the tests fast (its cost is per element).
+    """
+    if interpreting():
+        return 16, 16, {}
+    row_bytes = head_dim * (4 if dtype == torch.float32 else 2)
+    kind = "narrow" if row_bytes <= 128 else ("wide" if row_bytes <= 256 else "fp32_128")
+    block_m, block_n, warps, stages = _CONFIGS[kind][kernel]
+    return block_m, block_n, {"num_warps": warps, "num_stages": stages}
+
+
+def _check(q, k, v, log_g) -> None:
+    bsz, t, hq, d = q.shape
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head size {d} is not supported (supported: {SUPPORTED_HEAD_DIMS})")
+    if k.shape != (bsz, t, k.shape[2], d) or v.shape != k.shape or hq % k.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together")
+    if log_g is not None and log_g.shape != k.shape[:3]:
+        raise ValueError(f"log_g must be {tuple(k.shape[:3])}, got {tuple(log_g.shape)}")
+    if not all(x.is_contiguous() for x in (q, k, v) + ((log_g,) if log_g is not None else ())):
+        raise ValueError("q, k, v and log_g must be contiguous")
+
+
+def _gate_sums(log_g):
+    """The running sums b [B, Hk, T] of the log-gates [B, T, Hk], in fp64, or None.
+
+    Time is the last axis: a torch scan along an outer axis of few columns runs one thread per
+    column (0.4 ms at B Hk = 64, T = 2048 on the H100), and the kernels read b per head."""
+    return None if log_g is None else log_g.to(torch.float64).transpose(1, 2).contiguous().cumsum(-1)
+
+
+def _torch_dtype(op) -> torch.dtype:
+    return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(op, torch.float32)
+
+
+def attention_forward(q, k, v, log_g, scale: float, eps: float):
+    """Forward: (y [B, T, Hq, d] in the dtype of v, den [B, T, Hq] fp32 = sum_j A_tj, without eps).
+
+    q [B, T, Hq, d], k and v [B, T, Hk, d], log_g [B, T, Hk] (<= 0) or None; all contiguous.
+    """
+    _check(q, k, v, log_g)
+    bsz, t, hq, d = q.shape
+    hk = k.shape[2]
+    y = torch.empty(bsz, t, hq, d, dtype=v.dtype, device=q.device)
+    den = torch.empty(bsz, t, hq, dtype=torch.float32, device=q.device)
+    if t == 0 or bsz * hq == 0:
+        return y, den
+    bsum = _gate_sums(log_g)
+    block_m, block_n, opts = _config("fwd", d, q.dtype)
+    assert block_m % block_n == 0
+    _attn_fwd_kernel[(triton.cdiv(t, block_m), bsz * hq)](
+        q, k, v, bsum if bsum is not None else k, y, den,
+        t, hq, hk, scale, eps,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_GATE=log_g is not None, OP=dot_dtype(q.dtype), **opts,
+    )
+    return y, den
+
+
+def attention_backward(q, k, v, log_g, y, den, dy, scale: float, eps: float):
+    """Backward: (dq, dk, dv in the dtypes of q, k, v; dlog_g [B, T, Hk] fp32, or None without gating).
+
+    y [B, T, Hq, d] and den [B, T, Hq] are attention_forward's outputs, dy [B, T, Hq, d] the
+    gradient of the loss with respect to y (any memory layout).
+    """
+    _check(q, k, v, log_g)
+    bsz, t, hq, d = q.shape
+    hk = k.shape[2]
+    op = dot_dtype(q.dtype)
+    gated = log_g is not None
+    if t == 0 or bsz * hq == 0:
+        dlog_g = torch.zeros(log_g.shape, dtype=torch.float32, device=q.device) if gated else None
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dlog_g
+
+    # The products read dO in their operand dtype anyway: store it so (half the bytes for bf16),
+    # and take delta from that very dO. dA = do . v + delta is a difference of nearly equal terms
+    # where y ~ v (strong gates: the diagonal dominates), and an fp32 dO in delta against a
+    # rounded one in the product would leave the rounding uncancelled. Elementwise ops keep dy's
+    # memory layout, which autograd does not promise to be contiguous: the kernels need it so.
+    do = (dy.float() / (den + eps)[..., None]).to(_torch_dtype(op)).contiguous()
+    delta = (-(do.float() * y.float()).sum(-1)).contiguous()
+    bsum = _gate_sums(log_g)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dbq = torch.empty(bsz, hq, t, dtype=torch.float32, device=q.device) if gated else den
+    dbk = torch.empty(bsz, hk, t, dtype=torch.float32, device=q.device) if gated else den
+    bsum_arg = bsum if gated else k
+
+    block_m, block_n, opts = _config("bwd_q", d, q.dtype)
+    assert block_m % block_n == 0
+    _attn_bwd_q_kernel[(triton.cdiv(t, block_m), bsz * hq)](
+        q, k, v, bsum_arg, do, delta, dq, dbq, t, hq, hk, scale,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_GATE=gated, OP=op, **opts,
+    )
+    block_m, block_n, opts = _config("bwd_kv", d, q.dtype)
+    assert block_n % block_m == 0
+    _attn_bwd_kv_kernel[(triton.cdiv(t, block_n), bsz * hk)](
+        q, k, v, bsum_arg, do, delta, dk, dv, dbk, t, hq, hk, scale,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_GATE=gated, OP=op, **opts,
+    )
+
+    dlog_g = None
+    if gated:
+        # dL/db_t [B, Hk, T]: the query side summed over the group's heads, plus the key side.
+        # b_t = sum_{u <= t} g_u, so dL/dg_u = sum_{t >= u} dL/db_t = total - sum_{t < u} dL/db_t.
+        # The two sides cancel in the total (it is 0 in exact arithmetic), so the running sum is
+        # a small difference of large terms: take it in fp64.
+        db = dbk.double() + dbq.view(bsz, hk, hq // hk, t).sum(2, dtype=torch.float64)
+        rev = db.sum(-1, keepdim=True) - db.cumsum(-1) + db
+        dlog_g = rev.transpose(1, 2).float().contiguous()
+    return dq, dk, dv, dlog_g
