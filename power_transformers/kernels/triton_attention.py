@@ -162,13 +162,12 @@ def _fwd_inner(num, den, q, bq, tq, k_base, v_base, bsum, ref, lo, hi, T, HK,
 
 
 @triton.jit
-def _attn_fwd_kernel(
-    Q, K, V, BSUM, Y, DEN,
-    T, HQ, HK, scale, eps,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_GATE: tl.constexpr, OP: tl.constexpr,
-):
-    """y and den of one block of BLOCK_M queries of one query head (BLOCK_M a multiple of BLOCK_N)."""
+def _query_block(Q, BSUM, T, HQ, HK, scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 HAS_GATE: tl.constexpr, OP: tl.constexpr):
+    """What a program over one block of BLOCK_M queries of one query head starts from: its first
+    row t0, batch row b, query head hq and kv head h, the offsets (offs_m, offs_d, tq = t0 +
+    offs_m), the q and k/v base offsets, its gate sums' base, s q [M, d] in the operand dtype,
+    the reference point r = b at its first row and its queries' b_t - r."""
     t0 = tl.program_id(0) * BLOCK_M
     bhq = tl.program_id(1)
     b = bhq // HQ
@@ -176,14 +175,25 @@ def _attn_fwd_kernel(
     h = hq // (HQ // HK)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    tq = t0 + offs_m
-
     q_off = (b * T * HQ + hq).to(tl.int64) * HEAD_DIM
     kv_off = (b * T * HK + h).to(tl.int64) * HEAD_DIM
     bsum = BSUM + (b * HK + h).to(tl.int64) * T
     q = (load_rows(Q + q_off, t0, T, HQ * HEAD_DIM, offs_m, offs_d) * scale).to(OP)
-    ref = _gate_ref(bsum, t0, HAS_GATE)  # r = b at the query block's first row
+    ref = _gate_ref(bsum, t0, HAS_GATE)
     bq = _relative_gate_sums(bsum, t0, T, offs_m, ref, HAS_GATE)
+    return t0, b, hq, h, offs_m, offs_d, t0 + offs_m, q_off, kv_off, bsum, q, ref, bq
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, BSUM, Y, DEN,
+    T, HQ, HK, scale, eps,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_GATE: tl.constexpr, OP: tl.constexpr,
+):
+    """y and den of one block of BLOCK_M queries of one query head (BLOCK_M a multiple of BLOCK_N)."""
+    t0, b, hq, h, offs_m, offs_d, tq, q_off, kv_off, bsum, q, ref, bq = _query_block(
+        Q, BSUM, T, HQ, HK, scale, HEAD_DIM, BLOCK_M, HAS_GATE, OP)
 
     num = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     den = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -235,23 +245,10 @@ def _attn_bwd_q_kernel(
 ):
     """dq of one block of BLOCK_M queries of one query head, and dL/db_t from the query side
     (DBQ [B, Hq, T] fp32). BLOCK_M a multiple of BLOCK_N."""
-    t0 = tl.program_id(0) * BLOCK_M
-    bhq = tl.program_id(1)
-    b = bhq // HQ
-    hq = bhq % HQ
-    h = hq // (HQ // HK)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    tq = t0 + offs_m
-
-    q_off = (b * T * HQ + hq).to(tl.int64) * HEAD_DIM
-    kv_off = (b * T * HK + h).to(tl.int64) * HEAD_DIM
-    bsum = BSUM + (b * HK + h).to(tl.int64) * T
-    q = (load_rows(Q + q_off, t0, T, HQ * HEAD_DIM, offs_m, offs_d) * scale).to(OP)
+    t0, b, hq, h, offs_m, offs_d, tq, q_off, kv_off, bsum, q, ref, bq = _query_block(
+        Q, BSUM, T, HQ, HK, scale, HEAD_DIM, BLOCK_M, HAS_GATE, OP)
     do = load_tile(DO + q_off, t0, T, HQ * HEAD_DIM, offs_m, offs_d)
     delta = tl.load(DELTA + (b * T * HQ + hq).to(tl.int64) + tq * HQ, mask=tq < T, other=0.0)
-    ref = _gate_ref(bsum, t0, HAS_GATE)  # r = b at the query block's first row
-    bq = _relative_gate_sums(bsum, t0, T, offs_m, ref, HAS_GATE)
 
     dqs = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     db = tl.zeros((BLOCK_M,), dtype=tl.float32)
