@@ -69,6 +69,7 @@ def leaf64(*xs):
         (2, 37, 2, 1, 32, True, 16, True),  # GQA, ragged T, gates, initial and final state
         (1, 20, 1, 1, 32, False, 16, False),  # no gates
         (1, 33, 4, 2, 16, True, 32, True),  # groups of 2, chunk 32, one token in the last chunk
+        (1, 20, 2, 1, 128, True, 16, False),  # the largest head size (full [128, 128] state tiles)
     ],
 )
 def test_forward_and_gradients(b, t, hq, hk, d, gated, chunk, with_state):
