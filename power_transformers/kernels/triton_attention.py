@@ -61,7 +61,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import SUPPORTED_HEAD_DIMS, dot_dtype, interpreting, load_rows, load_tile
+from .triton_common import (
+    SUPPORTED_HEAD_DIMS,
+    dot_dtype,
+    interpreting,
+    load_rows,
+    load_tile,
+    operand_torch_dtype,
+)
 
 # What part of the decay a tile of scores carries (_scores' PART):
 DIAGONAL = tl.constexpr(0)  # the tile crosses the diagonal: the whole decay, masked above it
@@ -397,10 +404,6 @@ def _gate_sums(log_g):
     return None if log_g is None else log_g.to(torch.float64).transpose(1, 2).contiguous().cumsum(-1)
 
 
-def _torch_dtype(op) -> torch.dtype:
-    return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(op, torch.float32)
-
-
 def attention_forward(q, k, v, log_g, scale: float, eps: float):
     """Forward: (y [B, T, Hq, d] in the dtype of v, den [B, T, Hq] fp32 = sum_j A_tj, without eps).
 
@@ -444,7 +447,7 @@ def attention_backward(q, k, v, log_g, y, den, dy, scale: float, eps: float):
     # where y ~ v (strong gates: the diagonal dominates), and an fp32 dO in delta against a
     # rounded one in the product would leave the rounding uncancelled. Elementwise ops keep dy's
     # memory layout, which autograd does not promise to be contiguous: the kernels need it so.
-    do = (dy.float() / (den + eps)[..., None]).to(_torch_dtype(op)).contiguous()
+    do = (dy.float() / (den + eps)[..., None]).to(operand_torch_dtype(op)).contiguous()
     delta = (-(do.float() * y.float()).sum(-1)).contiguous()
     bsum = _gate_sums(log_g)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -54,6 +54,7 @@ from .triton_common import (
     load_tile,
     full_tile_rows,
     load_sym_matrix,
+    operand_torch_dtype,
     row_block_rows,
 )
 from . import reference
@@ -430,12 +431,6 @@ def _pair_weights(head_dim: int, device) -> torch.Tensor:
     return reference._embedding_plan(head_dim, 2)[1].to(device=device, dtype=torch.float32)
 
 
-def _state_dtype(op) -> torch.dtype:
-    """Chunk states are stored in the dtype the matrix products read them in (bf16 for bf16
-    inputs): half the memory traffic, and the very numbers the products would see."""
-    return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(op, torch.float32)
-
-
 def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_final, z_final, *, reverse: bool,
                 chunk: int, op):
     """Fill states / z_states [B, Hk, N+1, ...] with the recurrence over chunks: every chunk's own
@@ -472,7 +467,7 @@ def _states_forward(k, v, log_g, s0, z0, chunk, op):
         s0, z0 = (s0 / w[:, None]).contiguous(), (z0 / w).contiguous()
     dim = expanded_dim(d, 2)
     n_chunks = triton.cdiv(t, chunk)
-    states = torch.empty(bsz, hk, n_chunks + 1, dim, d, dtype=_state_dtype(op), device=k.device)
+    states = torch.empty(bsz, hk, n_chunks + 1, dim, d, dtype=operand_torch_dtype(op), device=k.device)
     z_states = torch.empty(bsz, hk, n_chunks + 1, dim, dtype=torch.float32, device=k.device)
     s_final = torch.empty(bsz, hk, dim, d, dtype=torch.float32, device=k.device)
     z_final = torch.empty(bsz, hk, dim, dtype=torch.float32, device=k.device)
@@ -521,7 +516,7 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
     do = dy.float() / (den + eps)[..., None]
     delta = -(do * y.float()).sum(-1)
     # the products read dO in their operand dtype anyway: store it so (half the bytes for bf16)
-    do = do.to(_state_dtype(op))
+    do = do.to(operand_torch_dtype(op))
     w = _pair_weights(d, q.device)
     if ds_final is not None:
         ds_final, dz_final = (ds_final / w[:, None]).contiguous(), (dz_final / w).contiguous()

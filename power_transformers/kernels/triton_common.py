@@ -55,6 +55,15 @@ def dot_dtype(torch_dtype):
     return tl.float32
 
 
+def operand_torch_dtype(op):
+    """The torch dtype of tl.dot operands of type `op` (bf16, fp16, else fp32): what the kernels
+    store the tensors in that only the products read (chunk states, dO), half the bytes for
+    16-bit inputs and the very numbers the products would see."""
+    import torch
+
+    return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(op, torch.float32)
+
+
 @triton.jit
 def pair_weights(i, offs_d):
     """[d] weights of the pairs (i, j): sqrt(2) for j > i, 1 for j == i, 0 for j < i (no such pair)."""
