@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import signal
 import sys
 import time
@@ -80,8 +81,6 @@ def attention_form_flops(t):
 
 def time_ours(t, chunk, form="chunked"):
     """Our forward and forward+backward, with the form forced: "chunked" or "attention"."""
-    import os
-
     os.environ["POWER_TRITON_ATTENTION_MAX_T"] = "0" if form == "chunked" else str(1 << 40)
     q, k, v, log_g = train_inputs(t)
     with torch.no_grad():

@@ -253,14 +253,15 @@ def main():
         print(out[-1], flush=True)
         write()
     if "fit" in parts:
+        largest = {}
         for kind, context in (("llama", args.fit_context), ("power", 4096)):
-            batch, r = largest_batch(kind, models[kind], context, 8, 2048)
-            out.append(f"Largest batch, {kind}, {context} context prefilled ({DECODE_STEPS + 4} eager decode steps): {batch}"
-                       + (f"; there {r['tokens_per_s']:.0f} tokens/s, peak {r['peak_gb']:.1f} GB" if r else ""))
+            largest[kind], r = largest_batch(kind, models[kind], context, 8, 2048)
+            out.append(f"Largest batch, {kind}, {context} context prefilled ({DECODE_STEPS + 4} eager decode steps): "
+                       f"{largest[kind]}" + (f"; there {r['tokens_per_s']:.0f} tokens/s, peak {r['peak_gb']:.1f} GB" if r else ""))
             print(out[-1], flush=True)
-        power = batch
         write()
     if "fit" in parts and args.confirm_fit:
+        power = largest["power"]
         try:
             r = measure("power", models["power"], False, power, args.fit_context)
             out.append(f"Power at batch {power} with the whole {args.fit_context}-token prefill: prefill {r['prefill_s']:.1f} s, "

@@ -166,7 +166,7 @@ def _state_scan_kernel(
     tl.store(z_base + first * D + offs_r, zacc, mask=r_ok)
 
     step = -1 if REVERSE else 1
-    slot = NUM_CHUNKS * 0 + (NUM_CHUNKS - 1 if REVERSE else 1)
+    slot = NUM_CHUNKS * 0 + (NUM_CHUNKS - 1 if REVERSE else 1)  # a tensor from the start: it is loop-carried
     share = tl.load(st_base + slot * D * HEAD_DIM + s_off, mask=r_ok[:, None], other=0.0)
     zshare = tl.load(z_base + slot * D + offs_r, mask=r_ok, other=0.0)
     for it in range(NUM_CHUNKS):
@@ -214,12 +214,12 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, offs_c, offs
 
 
 @triton.jit
-def _chunk_fwd_kernel(
-    Q, K, V, LG, STATES, ZSTATES, Y, DEN,
-    T, NUM_CHUNKS, HQ, HK, scale, eps,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-    HAS_GATE: tl.constexpr, OP: tl.constexpr,
-):
+def _query_chunk(Q, K, V, LG, STATES, ZSTATES, T, NUM_CHUNKS, HQ, HK, scale,
+                 HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, HAS_GATE: tl.constexpr):
+    """What a program over chunk n of one query head (grid (N, B Hq)) starts from: n, its batch
+    row b and query head hq, the offsets offs_c, offs_d and first token t0, the query head's base
+    pointer, the chunk's s q, k, v ([C, d] fp32), the gates' chunk-local running sums b [C], and
+    the pointers to its kv head's state R_n and Z_n."""
     n = tl.program_id(0)
     bhq = tl.program_id(1)
     b = bhq // HQ
@@ -229,21 +229,31 @@ def _chunk_fwd_kernel(
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
     t0 = n * CHUNK
-
     q_base = Q + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM
     kv_base = (b * T * HK + h).to(tl.int64) * HEAD_DIM
     q = load_rows(q_base, t0, T, HQ * HEAD_DIM, offs_c, offs_d) * scale
     k = load_rows(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
     v = load_rows(V + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
-    bcum, total = chunk_gates(LG + b.to(tl.int64) * T * HK + h, t0, T, HK, offs_c, HAS_GATE)
+    bcum, _ = chunk_gates(LG + b.to(tl.int64) * T * HK + h, t0, T, HK, offs_c, HAS_GATE)
+    slot = bh.to(tl.int64) * (NUM_CHUNKS + 1) + n
+    return n, b, hq, offs_c, offs_d, t0, q_base, q, k, v, bcum, STATES + slot * D * HEAD_DIM, ZSTATES + slot * D
+
+
+@triton.jit
+def _chunk_fwd_kernel(
+    Q, K, V, LG, STATES, ZSTATES, Y, DEN,
+    T, NUM_CHUNKS, HQ, HK, scale, eps,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_GATE: tl.constexpr, OP: tl.constexpr,
+):
+    n, b, hq, offs_c, offs_d, t0, q_base, q, k, v, bcum, st_base, z_base = _query_chunk(
+        Q, K, V, LG, STATES, ZSTATES, T, NUM_CHUNKS, HQ, HK, scale, HEAD_DIM, D, CHUNK, HAS_GATE)
 
     x_unused, decay_unused, a = _intra_scores(q, k, bcum, offs_c, OP)
     num = tl.dot(a.to(OP), v.to(OP))
     den = tl.sum(a, axis=1)
 
     # The state carried from earlier chunks (unweighted R_n, Z_n): sum_i q_i (q @ R_i) and q^T Z q.
-    st_base = STATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D * HEAD_DIM
-    z_base = ZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D
     inter_num = _query_full_tiles(q.to(OP), q_base, st_base, t0, T, HQ * HEAD_DIM, scale, offs_c, offs_d,
                                   HEAD_DIM, False, OP)
     inter_den = tl.sum(_dot_f32(q, load_sym_matrix(z_base, HEAD_DIM)) * q, axis=1)
@@ -273,25 +283,10 @@ def _chunk_bwd_q_kernel(
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
     """dq of chunk n for one query head, and dL/db_t from the query side (DBQ [B, T_PAD, Hq])."""
-    n = tl.program_id(0)
-    bhq = tl.program_id(1)
-    b = bhq // HQ
-    hq = bhq % HQ
-    h = hq // (HQ // HK)
-    bh = b * HK + h
-    offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    t0 = n * CHUNK
-
-    q_base = Q + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM
-    do_base = DO + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM
-    kv_base = (b * T * HK + h).to(tl.int64) * HEAD_DIM
-    q = load_rows(q_base, t0, T, HQ * HEAD_DIM, offs_c, offs_d) * scale
-    k = load_rows(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
-    v = load_rows(V + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
-    do = load_rows(do_base, t0, T, HQ * HEAD_DIM, offs_c, offs_d)
+    n, b, hq, offs_c, offs_d, t0, q_base, q, k, v, bcum, st_base, z_base = _query_chunk(
+        Q, K, V, LG, STATES, ZSTATES, T, NUM_CHUNKS, HQ, HK, scale, HEAD_DIM, D, CHUNK, HAS_GATE)
+    do = load_rows(DO + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, t0, T, HQ * HEAD_DIM, offs_c, offs_d)
     delta = tl.load(DELTA + (b * T * HQ + hq).to(tl.int64) + (t0 + offs_c) * HQ, mask=t0 + offs_c < T, other=0.0)
-    bcum, total = chunk_gates(LG + b.to(tl.int64) * T * HK + h, t0, T, HK, offs_c, HAS_GATE)
 
     x, decay, a = _intra_scores(q, k, bcum, offs_c, OP)
     da = tl.dot(do.to(OP), tl.trans(v.to(OP))) + delta[:, None]
@@ -302,8 +297,6 @@ def _chunk_bwd_q_kernel(
     # The state's part, with the unweighted R_n, Z_n symmetric: the loss term e^{b_t} (do_t .
     # sum_ij q_i q_j R_i[j] + delta_t q^T Z q) has gradient 2 e^{b_t} U_t with
     # U = sum_i q_i (do @ R_i^T) + delta (q @ Z), and its b_t-derivative is e^{b_t} q_t . U_t.
-    st_base = STATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D * HEAD_DIM
-    z_base = ZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n) * D
     u = _query_full_tiles(do.to(OP), q_base, st_base, t0, T, HQ * HEAD_DIM, scale, offs_c, offs_d, HEAD_DIM, True, OP)
     u += delta[:, None] * _dot_f32(q, load_sym_matrix(z_base, HEAD_DIM))
     qdec = tl.exp(bcum)
