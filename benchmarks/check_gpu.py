@@ -109,6 +109,9 @@ def main() -> int:
         return 1 if failed else 0
     check_training("bf16 d64 T3000 B2 H4/4 ungated C64", 2, 3000, 4, 4, 64, gated=False, chunk=64)
     check_training("bf16 d32 T2048 B2 H4/2 gated C128", 2, 2048, 4, 2, 32)
+    # before the state part of chunk_bwd_kv ran first, this shape gave wrong dk, dv on the GPU (and C64 an
+    # illegal memory access) while the interpreter passed: keep both
+    check_training("bf16 d32 T2048 B2 H4/2 gated C64", 2, 2048, 4, 2, 32, chunk=64)
     check_training("bf16 d128 T2048 B1 H4/4 gated C64", 1, 2048, 4, 4, 128, chunk=64)
     check_training("fp16 d64 T1024 B2 H4/4 gated C128", 2, 1024, 4, 4, 64, dtype=torch.float16)
     check_training("fp32 d64 T1000 B1 H2/2 gated C64 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=64,

@@ -1,9 +1,11 @@
 """Per-kernel GPU times of our chunked forward + backward (torch.profiler), for tuning.
 
-    python benchmarks/profile_kernels.py [T] [C,...]
+    python benchmarks/profile_kernels.py [T] [C,...] [LAUNCH ...]
 
-C the chunk. 16 heads, d = 64,
-bf16, gating, 64k tokens. Prints one line per configuration and the fastest last.
+C the chunk. 16 heads, d = 64, bf16, gating, 64k tokens. Each LAUNCH is a set of launch options
+for triton_chunk.LAUNCH, `kernel=warps:stages` joined by commas (`share=4:2,fwd=8:3`), or
+`default`; every chunk runs with every set. Prints one line per configuration and the fastest
+last.
 """
 
 import sys
@@ -16,6 +18,7 @@ from power_transformers.kernels import triton_chunk as tc
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
 CHUNKS = [int(c) for c in (sys.argv[2] if len(sys.argv) > 2 else "128,64").split(",")]
+LAUNCHES = sys.argv[3:] or ["default"]
 B, H, D = 65536 // T, 16, 64
 KERNELS = ["_chunk_share_kernel", "_state_scan_kernel", "_chunk_fwd_kernel", "_chunk_bwd_q_kernel", "_chunk_bwd_kv_kernel"]
 
@@ -42,20 +45,41 @@ def run(chunk, reps=3):
     return times
 
 
+def registers():
+    """'name regs/spills' of every compiled variant of our kernels (spills slow a kernel down)."""
+    out = []
+    for name in KERNELS:
+        fn = getattr(tc, name)
+        for caches in getattr(fn, "device_caches", {}).values():
+            for compiled in caches[0].values():
+                out.append(f"{name.strip('_').replace('_kernel', '')} {compiled.n_regs}/{compiled.n_spills}")
+    return " ".join(out)
+
+
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), f"T={T} B={B} H={H} d={D}; ms per forward+backward "
           "(the state kernels run three times: the forward, the backward's recomputation, dL/dR)", flush=True)
     best = None
     for chunk in CHUNKS:
-        try:
-            times = run(chunk)
-        except Exception as err:  # noqa: BLE001
-            print(f"C={chunk}: failed {repr(err)[:300]}", flush=True)
-            continue
-        total = sum(times.values())
-        parts = " ".join(f"{k.strip('_').replace('_kernel', '')}={times.get(k, 0):.2f}" for k in KERNELS)
-        print(f"C={chunk}: total {total:.2f} | {parts}", flush=True)
-        if best is None or total < best[0]:
-            best = (total, chunk)
+        for launch in LAUNCHES:
+            tc.LAUNCH.clear()
+            if launch != "default":
+                for item in launch.split(","):
+                    kernel, opts = item.split("=")
+                    tc.LAUNCH[kernel] = tuple(int(x) for x in opts.split(":"))
+            try:
+                times = run(chunk)
+            except Exception as err:  # noqa: BLE001
+                print(f"C={chunk} {launch}: failed {repr(err)[:300]}", flush=True)
+                continue
+            total = sum(times.values())  # our kernels and the torch ops around them
+            parts = " ".join(f"{k.strip('_').replace('_kernel', '')}={times.get(k, 0):.2f}" for k in KERNELS)
+            print(f"C={chunk} {launch}: total {total:.2f} | {parts}", flush=True)
+            try:
+                print("  registers/spills:", registers(), flush=True)
+            except Exception as err:  # noqa: BLE001
+                print("  registers/spills: not read", repr(err)[:200], flush=True)
+            if best is None or total < best[0]:
+                best = (total, chunk, launch)
     if best:
-        print(f"BEST C={best[1]} total {best[0]:.2f} ms")
+        print(f"BEST C={best[1]} {best[2]} total {best[0]:.2f} ms")

@@ -133,17 +133,34 @@ def _chunk_share_kernel(
 
 
 @triton.jit
+def _slot_inner_product(acc, zacc, FSTATES, FZ, MULT, DBETA, slot, s_off, offs_r, r_ok, NUM_SLOTS, D: tl.constexpr,
+                        HEAD_DIM: tl.constexpr):
+    """This program's rows of <dR, R> + <dZ, Z> for one slot, the full symmetric tensors (MULT [D]:
+    2 for an off-diagonal pair, which stands for two entries, 1 on the diagonal), into
+    DBETA [B Hk, N + 1, row blocks]."""
+    bh = tl.program_id(1)
+    r = tl.load(FSTATES + (bh.to(tl.int64) * NUM_SLOTS + slot) * D * HEAD_DIM + s_off, mask=r_ok[:, None], other=0.0)
+    z = tl.load(FZ + (bh.to(tl.int64) * NUM_SLOTS + slot) * D + offs_r, mask=r_ok, other=0.0)
+    mult = tl.load(MULT + offs_r, mask=r_ok, other=0.0)
+    part = tl.sum(mult * (tl.sum(acc * r.to(tl.float32), axis=1) + zacc * z), axis=0)
+    tl.store(DBETA + (bh.to(tl.int64) * NUM_SLOTS + slot) * tl.num_programs(0) + tl.program_id(0), part)
+
+
+@triton.jit
 def _state_scan_kernel(
-    STATES, ZSTATES, DECAY, S0, Z0, SF, ZF,
+    STATES, ZSTATES, DECAY, S0, Z0, SF, ZF, FSTATES, FZ, MULT, DBETA,
     NUM_CHUNKS,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr,
+    HAS_DOT: tl.constexpr,
 ):
     """Chain the chunks' own shares into the states, in place, for BLOCK_R rows of one head.
 
     Forward (slot n + 1 holds chunk n's share):  R_0 = S0 (or 0), R_{n+1} = decay_n R_n + share_n.
     Reverse (slot n holds chunk n's share):      R_N = S0 (or 0), R_n = decay_n R_{n+1} + share_n.
     Every slot then holds its state; forward, SF/ZF get R_N in fp32. Memory-bound: each slot is
-    read and written once, the next one's load issued first.
+    read and written once, the next one's load issued first. HAS_DOT (reverse, the gradients dR):
+    also each slot's inner product with the forward states FSTATES / FZ (_slot_inner_product),
+    the gradient of the decay that the slot's state carries.
     """
     r0 = tl.program_id(0) * BLOCK_R
     bh = tl.program_id(1)
@@ -164,6 +181,9 @@ def _state_scan_kernel(
     first = NUM_CHUNKS if REVERSE else 0
     tl.store(st_base + first * D * HEAD_DIM + s_off, acc, mask=r_ok[:, None])
     tl.store(z_base + first * D + offs_r, zacc, mask=r_ok)
+    if HAS_DOT:
+        _slot_inner_product(acc, zacc, FSTATES, FZ, MULT, DBETA, first, s_off, offs_r, r_ok, NUM_CHUNKS + 1, D,
+                            HEAD_DIM)
 
     step = -1 if REVERSE else 1
     slot = NUM_CHUNKS * 0 + (NUM_CHUNKS - 1 if REVERSE else 1)  # a tensor from the start: it is loop-carried
@@ -179,6 +199,9 @@ def _state_scan_kernel(
         zacc = zacc * decay + zshare
         tl.store(st_base + slot * D * HEAD_DIM + s_off, acc, mask=r_ok[:, None])
         tl.store(z_base + slot * D + offs_r, zacc, mask=r_ok)
+        if HAS_DOT:
+            _slot_inner_product(acc, zacc, FSTATES, FZ, MULT, DBETA, slot, s_off, offs_r, r_ok, NUM_CHUNKS + 1, D,
+                                HEAD_DIM)
         share, zshare, slot = share_next, zshare_next, slot + step
 
     if not REVERSE:
@@ -218,8 +241,11 @@ def _query_chunk(Q, K, V, LG, STATES, ZSTATES, T, NUM_CHUNKS, HQ, HK, scale,
                  HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, HAS_GATE: tl.constexpr):
     """What a program over chunk n of one query head (grid (N, B Hq)) starts from: n, its batch
     row b and query head hq, the offsets offs_c, offs_d and first token t0, the query head's base
-    pointer, the chunk's s q, k, v ([C, d] fp32), the gates' chunk-local running sums b [C], and
-    the pointers to its kv head's state R_n and Z_n."""
+    pointer, the chunk's s q ([C, d] fp32), the base pointers of its kv head's k and v, the gates'
+    chunk-local running sums b [C], and the pointers to the kv head's state R_n and Z_n.
+
+    k and v are left in memory: the kernels run the state part first and load them after it, so
+    that fewer [C, d] tiles are live at once (register spills cost more than the loads)."""
     n = tl.program_id(0)
     bhq = tl.program_id(1)
     b = bhq // HQ
@@ -232,11 +258,10 @@ def _query_chunk(Q, K, V, LG, STATES, ZSTATES, T, NUM_CHUNKS, HQ, HK, scale,
     q_base = Q + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM
     kv_base = (b * T * HK + h).to(tl.int64) * HEAD_DIM
     q = load_rows(q_base, t0, T, HQ * HEAD_DIM, offs_c, offs_d) * scale
-    k = load_rows(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
-    v = load_rows(V + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
     bcum, _ = chunk_gates(LG + b.to(tl.int64) * T * HK + h, t0, T, HK, offs_c, HAS_GATE)
     slot = bh.to(tl.int64) * (NUM_CHUNKS + 1) + n
-    return n, b, hq, offs_c, offs_d, t0, q_base, q, k, v, bcum, STATES + slot * D * HEAD_DIM, ZSTATES + slot * D
+    return (n, b, hq, offs_c, offs_d, t0, q_base, q, K + kv_base, V + kv_base, bcum,
+            STATES + slot * D * HEAD_DIM, ZSTATES + slot * D)
 
 
 @triton.jit
@@ -246,21 +271,22 @@ def _chunk_fwd_kernel(
     HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
-    n, b, hq, offs_c, offs_d, t0, q_base, q, k, v, bcum, st_base, z_base = _query_chunk(
+    n, b, hq, offs_c, offs_d, t0, q_base, q, k_base, v_base, bcum, st_base, z_base = _query_chunk(
         Q, K, V, LG, STATES, ZSTATES, T, NUM_CHUNKS, HQ, HK, scale, HEAD_DIM, D, CHUNK, HAS_GATE)
 
+    # The state carried from earlier chunks (unweighted R_n, Z_n): sum_i q_i (q @ R_i) and q^T Z q,
+    # decayed from the chunk start to each query (e^{b_t} <= 1).
+    qdec = tl.exp(bcum)
+    num = qdec[:, None] * _query_full_tiles(q.to(OP), q_base, st_base, t0, T, HQ * HEAD_DIM, scale, offs_c,
+                                            offs_d, HEAD_DIM, False, OP)
+    den = qdec * tl.sum(_dot_f32(q, load_sym_matrix(z_base, HEAD_DIM)) * q, axis=1)
+
+    # Chunk-local attention.
+    k = load_rows(k_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
     x_unused, decay_unused, a = _intra_scores(q, k, bcum, offs_c, OP)
-    num = tl.dot(a.to(OP), v.to(OP))
-    den = tl.sum(a, axis=1)
-
-    # The state carried from earlier chunks (unweighted R_n, Z_n): sum_i q_i (q @ R_i) and q^T Z q.
-    inter_num = _query_full_tiles(q.to(OP), q_base, st_base, t0, T, HQ * HEAD_DIM, scale, offs_c, offs_d,
-                                  HEAD_DIM, False, OP)
-    inter_den = tl.sum(_dot_f32(q, load_sym_matrix(z_base, HEAD_DIM)) * q, axis=1)
-
-    qdec = tl.exp(bcum)  # decay from the chunk start to each query (<= 1)
-    num += qdec[:, None] * inter_num
-    den += qdec * inter_den
+    v = load_tile(v_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
+    num += tl.dot(a.to(OP), v.to(OP))
+    den += tl.sum(a, axis=1)
     y = num / (den + eps)[:, None]
 
     t = t0 + offs_c
@@ -283,25 +309,28 @@ def _chunk_bwd_q_kernel(
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
     """dq of chunk n for one query head, and dL/db_t from the query side (DBQ [B, T_PAD, Hq])."""
-    n, b, hq, offs_c, offs_d, t0, q_base, q, k, v, bcum, st_base, z_base = _query_chunk(
+    n, b, hq, offs_c, offs_d, t0, q_base, q, k_base, v_base, bcum, st_base, z_base = _query_chunk(
         Q, K, V, LG, STATES, ZSTATES, T, NUM_CHUNKS, HQ, HK, scale, HEAD_DIM, D, CHUNK, HAS_GATE)
-    do = load_rows(DO + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, t0, T, HQ * HEAD_DIM, offs_c, offs_d)
+    do = load_tile(DO + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, t0, T, HQ * HEAD_DIM, offs_c, offs_d).to(OP)
     delta = tl.load(DELTA + (b * T * HQ + hq).to(tl.int64) + (t0 + offs_c) * HQ, mask=t0 + offs_c < T, other=0.0)
-
-    x, decay, a = _intra_scores(q, k, bcum, offs_c, OP)
-    da = tl.dot(do.to(OP), tl.trans(v.to(OP))) + delta[:, None]
-    db = tl.sum(da * a, axis=1)
-    dx = 2.0 * da * x * decay
-    dqs = tl.dot(dx.to(OP), k.to(OP))  # gradient with respect to s q
 
     # The state's part, with the unweighted R_n, Z_n symmetric: the loss term e^{b_t} (do_t .
     # sum_ij q_i q_j R_i[j] + delta_t q^T Z q) has gradient 2 e^{b_t} U_t with
     # U = sum_i q_i (do @ R_i^T) + delta (q @ Z), and its b_t-derivative is e^{b_t} q_t . U_t.
-    u = _query_full_tiles(do.to(OP), q_base, st_base, t0, T, HQ * HEAD_DIM, scale, offs_c, offs_d, HEAD_DIM, True, OP)
+    u = _query_full_tiles(do, q_base, st_base, t0, T, HQ * HEAD_DIM, scale, offs_c, offs_d, HEAD_DIM, True, OP)
     u += delta[:, None] * _dot_f32(q, load_sym_matrix(z_base, HEAD_DIM))
     qdec = tl.exp(bcum)
-    dqs += (2.0 * qdec)[:, None] * u
-    db += qdec * tl.sum(q * u, axis=1)
+    dqs = (2.0 * qdec)[:, None] * u  # the gradient with respect to s q
+    db = qdec * tl.sum(q * u, axis=1)
+
+    # Chunk-local attention.
+    k = load_rows(k_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
+    x, decay, a = _intra_scores(q, k, bcum, offs_c, OP)
+    v = load_tile(v_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
+    da = tl.dot(do, tl.trans(v.to(OP))) + delta[:, None]
+    db += tl.sum(da * a, axis=1)
+    dx = 2.0 * da * x * decay
+    dqs += tl.dot(dx.to(OP), k.to(OP))
 
     t = t0 + offs_c
     tl.store(DQ + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM + t[:, None] * (HQ * HEAD_DIM) + offs_d[None, :],
@@ -311,13 +340,14 @@ def _chunk_bwd_q_kernel(
 
 @triton.jit
 def _chunk_bwd_kv_kernel(
-    Q, K, V, LG, STATES, ZSTATES, DSTATES, DZSTATES, DO, DELTA, DK, DV, DBK,
+    Q, K, V, LG, DSTATES, DZSTATES, DBETA, DO, DELTA, DK, DV, DBK,
     T, T_PAD, NUM_CHUNKS, HQ, HK, scale,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
     """dk, dv of chunk n for one kv head (its whole query group) and dL/db_j from the key side
-    (DBK [B, T_PAD, Hk]; the chunk total's gradient added at the chunk's last position)."""
+    (DBK [B, T_PAD, Hk]; the chunk total's gradient, DBETA [B Hk, N + 1] at slot n + 1 from the
+    reverse scan, added at the chunk's last position)."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HK
@@ -326,55 +356,44 @@ def _chunk_bwd_kv_kernel(
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
     t0 = n * CHUNK
-
     kv_base = (b * T * HK + h).to(tl.int64) * HEAD_DIM
-    k = load_rows(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
-    v = load_rows(V + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
     bcum, total = chunk_gates(LG + b.to(tl.int64) * T * HK + h, t0, T, HK, offs_c, HAS_GATE)
-
-    dk = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
-    dv = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
-    db = tl.zeros((CHUNK,), dtype=tl.float32)
-    for g in range(G):
-        hq = h * G + g
-        q = load_rows(Q + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, t0, T, HQ * HEAD_DIM, offs_c, offs_d) * scale
-        do = load_rows(DO + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, t0, T, HQ * HEAD_DIM, offs_c, offs_d)
-        delta = tl.load(DELTA + (b * T * HQ + hq).to(tl.int64) + (t0 + offs_c) * HQ, mask=t0 + offs_c < T, other=0.0)
-        x, decay, a = _intra_scores(q, k, bcum, offs_c, OP)
-        da = tl.dot(do.to(OP), tl.trans(v.to(OP))) + delta[:, None]
-        dv += tl.dot(tl.trans(a.to(OP)), do.to(OP))
-        db -= tl.sum(da * a, axis=0)
-        dx = 2.0 * da * x * decay
-        dk += tl.dot(tl.trans(dx.to(OP)), q.to(OP))
 
     # The keys' share of the state after the chunk, R_{n+1} = e^beta R_n + sum_j c_j k_j k_j v_j^T
     # (Z likewise without v), unweighted and symmetric: dv_j = c_j sum_i k_i (k_j @ dR_i),
     # dk_j = 2 c_j V2_j with V2 = sum_i k_i (v @ dR_i^T) + k @ dZ, and dL/db_j = -c_j k_j . V2_j.
+    # First, while few tiles are live: only k and v in the operand dtype and two accumulators.
     c = tl.exp(total - bcum)
-    dst_base = DSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + 1) * D * HEAD_DIM
-    dz_base = DZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + 1) * D
-    st_base = STATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + 1) * D * HEAD_DIM
-    z_base = ZSTATES + (bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + 1) * D
-    kop = k.to(OP)
-    vop = v.to(OP)
-    dv_state = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
+    slot = bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + 1
+    dst_base = DSTATES + slot * D * HEAD_DIM
+    kop = load_tile(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d).to(OP)
+    vop = load_tile(V + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d).to(OP)
+    dv = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
     v2 = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
-    # every term of R_{n+1} carries e^beta (b_j held fixed): dL/dbeta = <dR_{n+1}, R_{n+1}> over full tiles
-    dbeta = tl.sum(tl.zeros((CHUNK,), dtype=tl.float32), axis=0)
     for i in range(HEAD_DIM):
-        tile = full_tile_rows(i, offs_d, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :]
-        dr_i = tl.load(dst_base + tile)
+        dr_i = tl.load(dst_base + full_tile_rows(i, offs_d, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :]).to(OP)
         ki = tl.load(K + kv_base + (t0 + offs_c) * (HK * HEAD_DIM) + i, mask=t0 + offs_c < T, other=0.0).to(tl.float32)
-        dv_state += ki[:, None] * tl.dot(kop, dr_i.to(OP))
-        v2 += ki[:, None] * tl.dot(vop, tl.trans(dr_i.to(OP)))
-        dbeta += tl.sum(tl.sum(dr_i.to(tl.float32) * tl.load(st_base + tile).to(tl.float32), axis=1), axis=0)
-    dzmat = load_sym_matrix(dz_base, HEAD_DIM)
-    v2 += _dot_f32(k, dzmat)
-    dbeta += tl.sum(tl.sum(dzmat * load_sym_matrix(z_base, HEAD_DIM), axis=1), axis=0)
-    dk += (2.0 * c)[:, None] * v2
-    db -= c * tl.sum(k * v2, axis=1)
-    dv += c[:, None] * dv_state
-    db += tl.where(offs_c == CHUNK - 1, dbeta, 0.0)
+        dv += (c * ki)[:, None] * tl.dot(kop, dr_i)
+        v2 += ki[:, None] * tl.dot(vop, tl.trans(dr_i))
+    k = load_rows(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
+    v2 += _dot_f32(k, load_sym_matrix(DZSTATES + slot * D, HEAD_DIM))
+    dk = (2.0 * c)[:, None] * v2
+    db = -c * tl.sum(k * v2, axis=1)
+    # every term of R_{n+1} carries e^beta (b_j held fixed): dL/dbeta = <dR_{n+1}, R_{n+1}>
+    db += tl.where(offs_c == CHUNK - 1, tl.load(DBETA + slot), 0.0)
+
+    # Chunk-local attention, over every query head of the group.
+    for g in range(G):
+        hq = h * G + g
+        q = load_rows(Q + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, t0, T, HQ * HEAD_DIM, offs_c, offs_d) * scale
+        do = load_tile(DO + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, t0, T, HQ * HEAD_DIM, offs_c, offs_d).to(OP)
+        delta = tl.load(DELTA + (b * T * HQ + hq).to(tl.int64) + (t0 + offs_c) * HQ, mask=t0 + offs_c < T, other=0.0)
+        x, decay, a = _intra_scores(q, k, bcum, offs_c, OP)
+        da = tl.dot(do, tl.trans(vop)) + delta[:, None]
+        dv += tl.dot(tl.trans(a.to(OP)), do)
+        db -= tl.sum(da * a, axis=0)
+        dx = 2.0 * da * x * decay
+        dk += tl.dot(tl.trans(dx.to(OP)), q.to(OP))
 
     t = t0 + offs_c
     t_ok = (t < T)[:, None]
@@ -412,10 +431,27 @@ def _gate_weights(log_g, bsz: int, t: int, hk: int, n_chunks: int, chunk: int, t
     return w, total[:, :, 0].exp().transpose(1, 2).contiguous()
 
 
-def _launch_opts(chunk: int, width: int) -> dict:
+#: (num_warps, num_stages) per kernel at chunk 128 and head size 64, measured on the H100 at 64k
+#: tokens (RESULTS.md, tuning notes): forward+backward 35.8 -> 28.0 ms against 8 warps and two
+#: stages everywhere. The share kernel's stores go faster with 4 warps; the query-style kernels
+#: want a deeper pipeline for their state tiles.
+TUNED: dict[str, tuple[int, int]] = {"share": (4, 3), "fwd": (8, 4), "bwd_q": (8, 4), "bwd_kv": (8, 4)}
+#: overrides of any kernel's launch options (benchmarks/profile_kernels.py sets them to compare)
+LAUNCH: dict[str, tuple[int, int]] = {}
+
+
+def _launch_opts(kernel: str, chunk: int, width: int, op) -> dict:
+    """Launch options of `kernel` ("share", "fwd", "bwd_q", "bwd_kv") for operands of type `op`:
+    LAUNCH's entry, else TUNED's at the measured shape (C = 128, d = 64, 16-bit operands: fp32
+    tiles at four stages overflow shared memory), else 8 warps for tiles of 128 x 64 and up, 4
+    below, two pipeline stages."""
     if interpreting():
         return {}
-    return {"num_warps": 8 if chunk * width >= 128 * 64 else 4, "num_stages": 2}
+    default = (8 if chunk * width >= 128 * 64 else 4, 2)
+    if (chunk, width) == (128, 64) and op != tl.float32:
+        default = TUNED.get(kernel, default)
+    warps, stages = LAUNCH.get(kernel, default)
+    return {"num_warps": warps, "num_stages": stages}
 
 
 def _pair_weights(head_dim: int, device) -> torch.Tensor:
@@ -425,10 +461,12 @@ def _pair_weights(head_dim: int, device) -> torch.Tensor:
 
 
 def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_final, z_final, *, reverse: bool,
-                chunk: int, op):
+                chunk: int, op, inner_with=None):
     """Fill states / z_states [B, Hk, N+1, ...] with the recurrence over chunks: every chunk's own
     share at once (_chunk_share_kernel, the matrix products), then a scan that chains them
     (_state_scan_kernel, memory-bound); forward, s_final / z_final get the last state.
+    inner_with = (R, Z) of the forward: also return every slot's <state, R> + <z, Z> over the full
+    symmetric tensors ([B Hk, N + 1] fp32; the decay gradients of the backward).
 
     (One serial pass per row-block group that did both, the obvious design, ran at 7.5 ms per pass
     on the H100 at 64k tokens against 3.4 + 1.6 ms for these two.)"""
@@ -440,13 +478,22 @@ def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_f
         _chunk_share_kernel[(n_chunks, bsz * hk)](
             x, y, weights, zw if zw is not None else dummy, states, z_states,
             t, n_chunks * chunk, n_chunks, hx, hk, 0 if reverse else 1,
-            HEAD_DIM=d, D=dim, CHUNK=chunk, G=hx // hk, HAS_ZW=zw is not None, OP=op, **_launch_opts(chunk, d))
+            HEAD_DIM=d, D=dim, CHUNK=chunk, G=hx // hk, HAS_ZW=zw is not None, OP=op,
+            **_launch_opts("share", chunk, d, op))
     block_r = 64 if d <= 64 else 32
-    _state_scan_kernel[(triton.cdiv(dim, block_r), bsz * hk)](
+    n_blocks = triton.cdiv(dim, block_r)
+    inner = mult = None
+    if inner_with is not None:
+        inner = torch.empty(bsz * hk, slots, n_blocks, dtype=torch.float32, device=x.device)
+        mult = _pair_weights(d, x.device) ** 2
+    _state_scan_kernel[(n_blocks, bsz * hk)](
         states, z_states, decays, init_s if init_s is not None else dummy, init_z if init_z is not None else dummy,
         s_final if s_final is not None else dummy, z_final if z_final is not None else dummy,
+        *(inner_with if inner_with is not None else (dummy, dummy)), mult if mult is not None else dummy,
+        inner if inner is not None else dummy,
         n_chunks, HEAD_DIM=d, D=dim, BLOCK_R=block_r, REVERSE=reverse, HAS_INIT=init_s is not None,
-        **({} if interpreting() else {"num_warps": 4}))
+        HAS_DOT=inner_with is not None, **({} if interpreting() else {"num_warps": LAUNCH.get("scan", (4, 1))[0]}))
+    return inner.sum(-1) if inner is not None else None
 
 
 def _states_forward(k, v, log_g, s0, z0, chunk, op):
@@ -485,7 +532,7 @@ def chunk_forward(q, k, v, log_g, s0, z0, scale: float, eps: float, chunk_size: 
             q, k, v, log_g if log_g is not None else k, states, z_states, y, den,
             t, n_chunks, hq, hk, scale, eps,
             HEAD_DIM=d, D=dim, CHUNK=chunk, HAS_GATE=log_g is not None, OP=op,
-            **_launch_opts(chunk, d),
+            **_launch_opts("fwd", chunk, d, op),
         )
     return y, den, s_final, z_final
 
@@ -518,21 +565,21 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
     lg = log_g if log_g is not None else k
     # dR_n = sum_t s^2 e^{b_t} q_t q_t^T-products do_t^T (chunk n's queries, every head of the group) + e^{beta_n} dR_{n+1}
     weights, decays = _gate_weights(log_g, bsz, t, hk, n_chunks, chunk, False, scale * scale, q.device)
-    _state_pass(q, do, delta, weights, decays, ds_final, dz_final, dstates, dz_states, None, None, reverse=True,
-                chunk=chunk, op=op)
+    dbeta = _state_pass(q, do, delta, weights, decays, ds_final, dz_final, dstates, dz_states, None, None,
+                        reverse=True, chunk=chunk, op=op, inner_with=(states, z_states))
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbq = torch.empty(bsz, t_pad, hq, dtype=torch.float32, device=q.device)
     dbk = torch.empty(bsz, t_pad, hk, dtype=torch.float32, device=q.device)
     if n_chunks:
-        common = dict(HEAD_DIM=d, D=dim, CHUNK=chunk, HAS_GATE=log_g is not None, OP=op,
-                      **_launch_opts(chunk, d))
+        common = dict(HEAD_DIM=d, D=dim, CHUNK=chunk, HAS_GATE=log_g is not None, OP=op)
         _chunk_bwd_q_kernel[(n_chunks, bsz * hq)](
-            q, k, v, lg, states, z_states, do, delta, dq, dbq, t, t_pad, n_chunks, hq, hk, scale, **common)
+            q, k, v, lg, states, z_states, do, delta, dq, dbq, t, t_pad, n_chunks, hq, hk, scale, **common,
+            **_launch_opts("bwd_q", chunk, d, op))
         _chunk_bwd_kv_kernel[(n_chunks, bsz * hk)](
-            q, k, v, lg, states, z_states, dstates, dz_states, do, delta, dk, dv, dbk,
-            t, t_pad, n_chunks, hq, hk, scale, **common)
+            q, k, v, lg, dstates, dz_states, dbeta, do, delta, dk, dv, dbk,
+            t, t_pad, n_chunks, hq, hk, scale, **common, **_launch_opts("bwd_kv", chunk, d, op))
     dlog_g = None
     if log_g is not None:
         db = dbk + dbq.view(bsz, t_pad, hk, hq // hk).sum(-1)
