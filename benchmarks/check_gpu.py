@@ -54,14 +54,16 @@ def inputs(b, t, hq, hk, d, dtype, gated=True, seed=0):
 
 def check_training(case, b, t, hq, hk, d, dtype=torch.bfloat16, gated=True, chunk=128, ref_dtype=torch.float32,
                    grads=True, seed=0, form="chunked"):
-    """form="chunked" asks for the final state too (the chunked kernels); "attention" does not, on
-    a T within triton_power.ATTENTION_FORM_MAX_T: the attention-form kernels."""
+    """form="chunked" asks for the final state too (the chunked kernels); "attention" does not, and
+    raises triton_power.ATTENTION_FORM_MAX_T to cover T: the attention-form kernels."""
     tol = 2e-2 if dtype != torch.float32 else 2e-3
     q, k, v, log_g = inputs(b, t, hq, hk, d, dtype, gated, seed)
     ins = [x.detach().clone().requires_grad_(grads) if x is not None else None for x in (q, k, v, log_g)]
     ref_ins = [x.detach().to(ref_dtype).requires_grad_(grads) if x is not None else None for x in (q, k, v, log_g)]
     poison_allocator()
     chunked = form == "chunked"
+    if not chunked:  # the attention form past the T where power_attention would pick it
+        tp.ATTENTION_FORM_MAX_T = max(tp.ATTENTION_FORM_MAX_T, t * 4096 // (d * d))
     y, state = tp.power_attention(*ins, chunk_size=chunk, output_final_state=chunked)
     y_ref, state_ref = reference.power_attention_chunked(*ref_ins, chunk_size=256, output_final_state=chunked)
     record(case, "y", rel(y, y_ref), tol)

@@ -254,11 +254,11 @@ def _scale(scale: Optional[float], head_dim: int) -> float:
 
 #: Up to this T (at d = 64; it scales with d^2, the ratio of the chunked form's O(d^3) work per
 #: token to the attention form's O(T d)) a sequence without a state in or out runs in the
-#: attention form, the same numbers up to rounding. On the H100 (benchmarks/RESULTS.md, 64k
-#: tokens, 16 heads, bf16, fwd+bwd) the attention form took 4.8 / 11.5 / 38.0 ms at T = 1k /
-#: 4k / 16k against the chunked form's 41.0 / 38.2 / 37.9: they tie at 16k.
-#: POWER_TRITON_ATTENTION_MAX_T overrides it (0: always chunked).
-ATTENTION_FORM_MAX_T = 16384
+#: attention form, the same numbers up to rounding. On the H100 (benchmarks/RESULTS.md, run E:
+#: 64k tokens, 16 heads, bf16, fwd+bwd) the attention form took 4.9 / 11.5 / 20.3 / 37.9 ms at
+#: T = 1k / 4k / 8k / 16k against the chunked form's 28.0 / 25.8 / 25.2 / 25.2: they cross
+#: between 8k and 16k. POWER_TRITON_ATTENTION_MAX_T overrides it (0: always chunked).
+ATTENTION_FORM_MAX_T = 8192
 
 
 def _attention_form_max_t(head_dim: int) -> int:
