@@ -165,6 +165,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{per_device} per device x {processes} x {accumulation} accumulation")
         print(f"trained {args.steps} steps of {args.global_batch_size} x {args.seq_len} tokens: "
               f"{tokens / metrics['train_runtime']:,.0f} tokens/s; saved to {args.output}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Tear the process group down before the interpreter exits: left to exit on their own,
+        # gloo's threads once aborted a process after its work was done (CI, "terminate called
+        # without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
