@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--backend", default="triton", choices=("triton", "auto", "reference"))
-    parser.add_argument("--chunk-size", type=int, default=64, help="the power model's chunk (64: PowerConfig's default)")
+    parser.add_argument("--chunk-size", type=int, default=128, help="the power model's chunk (128: PowerConfig's default)")
     parser.add_argument("--models", default="llama,power", help="in this order (the baseline first)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, for checking the script (CPU too)")
     parser.add_argument("--out", default=None)

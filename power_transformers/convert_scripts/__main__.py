@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("output", help="output folder (must not exist)")
     parser.add_argument("--degree", type=int, default=2, help="even power p of the scores (default 2)")
-    parser.add_argument("--chunk-size", type=int, default=64, help="chunk size of the chunked form (default 64)")
+    parser.add_argument("--chunk-size", type=int, default=128, help="chunk size of the chunked form (default 128)")
     parser.add_argument(
         "--keep-softmax-layers", default="", metavar="0,5,11", help="comma-separated layers left as softmax attention"
     )
