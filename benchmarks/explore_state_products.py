@@ -48,6 +48,18 @@ def pair_block(p, offs_d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def pair_products(x_base, t, p, offs_d, HEAD_DIM: tl.constexpr):
+    """[C, d] x_I x_J of pair block p (x_J gathered from memory, x_I one of two columns), with the
+    block's stored rows, validity and multiplicity."""
+    i, j, row, valid, m = pair_block(p, offs_d, HEAD_DIM)
+    xj = tl.load(x_base + t[:, None] * HEAD_DIM + j[None, :]).to(tl.float32)
+    xa = tl.load(x_base + t * HEAD_DIM + p).to(tl.float32)
+    xb = tl.load(x_base + t * HEAD_DIM + (HEAD_DIM - p) % HEAD_DIM).to(tl.float32)
+    xi = tl.where((offs_d >= p)[None, :], xa[:, None], xb[:, None])
+    return xj * xi, row, valid, m
+
+
+@triton.jit
 def _query_kernel(X, ST, OUT, T, N, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
                   VARIANT: tl.constexpr):
     n = tl.program_id(0)
@@ -72,12 +84,8 @@ def _query_kernel(X, ST, OUT, T, N, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
             acc = tl.dot((xf * xi[:, None]).to(x.dtype), r_i, acc)
     else:
         for p in range(HEAD_DIM // 2 + 1):
-            i, j, row, valid, m = pair_block(p, offs_d, HEAD_DIM)
-            xj = tl.load(x_base + t[:, None] * HEAD_DIM + j[None, :]).to(tl.float32)
-            xa = tl.load(x_base + t * HEAD_DIM + p).to(tl.float32)
-            xb = tl.load(x_base + t * HEAD_DIM + (HEAD_DIM - p) % HEAD_DIM).to(tl.float32)
-            xi = tl.where((offs_d >= p)[None, :], xa[:, None], xb[:, None])
-            a = (xj * xi * tl.where(valid, m, 0.0)[None, :]).to(x.dtype)
+            xx, row, valid, m = pair_products(x_base, t, p, offs_d, HEAD_DIM)
+            a = (xx * tl.where(valid, m, 0.0)[None, :]).to(x.dtype)
             r = tl.load(st + row[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0.0)
             acc = tl.dot(a, r, acc)
     tl.store(OUT + (bh.to(tl.int64) * T + t[:, None]) * HEAD_DIM + offs_d[None, :], acc)
@@ -106,12 +114,8 @@ def _share_kernel(X, Y, W, OUT, T, N, CHUNK: tl.constexpr, HEAD_DIM: tl.constexp
     else:
         yop = y.to(X.dtype.element_ty)
         for p in range(HEAD_DIM // 2 + 1):
-            i, j, row, valid, m = pair_block(p, offs_d, HEAD_DIM)
-            xj = tl.load(x_base + t[:, None] * HEAD_DIM + j[None, :]).to(tl.float32)
-            xa = tl.load(x_base + t * HEAD_DIM + p).to(tl.float32)
-            xb = tl.load(x_base + t * HEAD_DIM + (HEAD_DIM - p) % HEAD_DIM).to(tl.float32)
-            xi = tl.where((offs_d >= p)[None, :], xa[:, None], xb[:, None])
-            a = (xj * xi * w[:, None]).to(yop.dtype)
+            xx, row, valid, m_unused = pair_products(x_base, t, p, offs_d, HEAD_DIM)
+            a = (xx * w[:, None]).to(yop.dtype)
             acc = tl.dot(tl.trans(a), yop)
             tl.store(out + row[:, None] * HEAD_DIM + offs_d[None, :], acc.to(OUT.dtype.element_ty),
                      mask=valid[:, None])

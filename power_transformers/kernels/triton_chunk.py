@@ -27,7 +27,8 @@ Kernels (phi(q), phi(k) built row-block by row-block on chip, never stored; see 
                         place (memory-bound).
     _chunk_fwd_kernel   grid (N, B Hq): chunk-local attention + state query (full tiles of the
                         unweighted state, see below) + normalisation, y written once.
-    (backward)          the same two over queries and dO, scanned in reverse: dL/dR_n.
+    (backward)          the same two over queries and dO, scanned in reverse: dL/dR_n; the
+                        reverse scan also takes <dR_n, R_n>, the gradient of each chunk's decay.
     _chunk_bwd_q_kernel grid (N, B Hq): dq and the query part of the gate gradient.
     _chunk_bwd_kv_kernel grid (N, B Hk): dk, dv and the key part of the gate gradient.
 
