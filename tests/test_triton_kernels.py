@@ -271,6 +271,21 @@ def test_short_sequences_take_the_attention_form(monkeypatch):
     assert calls[-1] == "chunked"
 
 
+def test_launch_options_take_the_tuned_set_only_where_it_was_measured(monkeypatch):
+    """TUNED (deeper pipelines) applies at C = 128, d = 64 with 16-bit operands only: fp32 tiles at
+    four stages overflow shared memory on the H100, and other shapes were not measured."""
+    import triton.language as tl
+
+    monkeypatch.setattr(tc, "interpreting", lambda: False)
+    monkeypatch.setattr(tc, "LAUNCH", {})
+    assert tc._launch_opts("fwd", 128, 64, tl.bfloat16) == {"num_warps": 8, "num_stages": 4}
+    assert tc._launch_opts("share", 128, 64, tl.float16) == {"num_warps": 4, "num_stages": 3}
+    assert tc._launch_opts("fwd", 128, 64, tl.float32) == {"num_warps": 8, "num_stages": 2}
+    assert tc._launch_opts("bwd_kv", 64, 64, tl.bfloat16) == {"num_warps": 4, "num_stages": 2}
+    monkeypatch.setattr(tc, "LAUNCH", {"fwd": (4, 1)})
+    assert tc._launch_opts("fwd", 128, 64, tl.bfloat16) == {"num_warps": 4, "num_stages": 1}
+
+
 # ----------------------------------------------------------------------------------
 # Custom ops: opcheck and torch.compile without graph breaks
 # ----------------------------------------------------------------------------------
