@@ -238,7 +238,12 @@ def main() -> int:
     parser.add_argument("--seqlens", default="1024,4096,16384,65536")
     parser.add_argument("--attention-form-max-t", type=int, default=16384, help="time our attention form up to this T")
     parser.add_argument("--profile", action="store_true", help="also time our kernels one by one at the last T")
+    parser.add_argument("--launch", default="default",
+                        help="launch options of our chunk kernels, as profile_kernels.py takes them (share=4:3,...)")
     args = parser.parse_args()
+    from power_transformers.kernels import triton_chunk
+
+    triton_chunk.LAUNCH.update(triton_chunk.parse_launch(args.launch))
     chunks = [int(c) for c in args.chunks.split(",")]
     seqlens = [int(t) for t in args.seqlens.split(",")]
 
@@ -250,7 +255,8 @@ def main() -> int:
         retention_ok = False
     dev = torch.cuda.get_device_name()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"Device: {dev}; torch {torch.__version__}, triton {triton.__version__}; {when}", ""]
+    lines = [f"Device: {dev}; torch {torch.__version__}, triton {triton.__version__}; {when}; "
+             f"chunk-kernel launch options: {args.launch}", ""]
 
     matmul, copy_tbs = ceilings()
     lines += [f"Ceilings measured in this run: bf16 matmul {matmul:.0f} TFLOP/s, copy {copy_tbs:.2f} TB/s "

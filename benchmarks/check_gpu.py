@@ -1,6 +1,6 @@
 """The Triton kernels against the PyTorch reference at real sizes, on a CUDA GPU.
 
-    python benchmarks/check_gpu.py [--quick]   (exit status 1 if any check fails)
+    python benchmarks/check_gpu.py [--quick] [--launch=share=4:3,...]   (exit status 1 if any check fails)
 
 The kernels run on bf16 inputs (fp32 for one case); the reference runs in fp32 on the same
 inputs upcast (fp64 where the sequence is short). Every comparison is the relative norm
@@ -98,6 +98,11 @@ def check_decode(case, b, t_prefill, t_decode, hq, hk, d, dtype=torch.bfloat16):
 
 def main() -> int:
     torch.manual_seed(0)
+    for arg in sys.argv[1:]:  # --launch=share=4:3,...: the chunk kernels' launch options (profile_kernels.py's form)
+        if arg.startswith("--launch="):
+            from power_transformers.kernels import triton_chunk
+
+            triton_chunk.LAUNCH.update(triton_chunk.parse_launch(arg[len("--launch="):]))
     start = time.time()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     check_training("bf16 d64 T4096 B2 H8/4 gated C128", 2, 4096, 8, 4, 64)

@@ -63,10 +63,7 @@ if __name__ == "__main__":
     for chunk in CHUNKS:
         for launch in LAUNCHES:
             tc.LAUNCH.clear()
-            if launch != "default":
-                for item in launch.split(","):
-                    kernel, opts = item.split("=")
-                    tc.LAUNCH[kernel] = tuple(int(x) for x in opts.split(":"))
+            tc.LAUNCH.update(tc.parse_launch(launch))
             try:
                 times = run(chunk)
             except Exception as err:  # noqa: BLE001

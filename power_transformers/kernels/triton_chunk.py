@@ -442,6 +442,22 @@ TUNED: dict[str, tuple[int, int]] = {"share": (4, 3), "fwd": (8, 4), "bwd_q": (8
 LAUNCH: dict[str, tuple[int, int]] = {}
 
 
+def parse_launch(spec: str) -> dict[str, tuple[int, int]]:
+    """LAUNCH entries from `kernel=warps:stages` items joined by commas ("share=4:3,fwd=8:4");
+    "default" or "" gives none."""
+    if spec in ("", "default"):
+        return {}
+    out = {}
+    for item in spec.split(","):
+        kernel, _, opts = item.partition("=")
+        warps, _, stages = opts.partition(":")
+        if kernel not in ("share", "scan", "fwd", "bwd_q", "bwd_kv") or not warps.isdigit() or not stages.isdigit():
+            raise ValueError(f"launch option {item!r}: expected kernel=warps:stages with kernel one of "
+                             "share, scan, fwd, bwd_q, bwd_kv")
+        out[kernel] = (int(warps), int(stages))
+    return out
+
+
 def _launch_opts(kernel: str, chunk: int, width: int, op) -> dict:
     """Launch options of `kernel` ("share", "fwd", "bwd_q", "bwd_kv") for operands of type `op`:
     LAUNCH's entry, else TUNED's at the measured shape (C = 128, d = 64, 16-bit operands: fp32
