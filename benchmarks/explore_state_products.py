@@ -14,10 +14,20 @@ Variants timed here on the same inputs (16 heads, d = 64, bf16 operands, fp32 ac
   query_acc      full tiles, the scale on the operand: acc = dot(x_i * x, R_i, acc)
   query_pairs    row-blocks p and d - p packed into one [d, d] tile (d/2 + 1 products, no
                  masked half): acc = dot(m x_I x_J, R[rows], acc), x_J gathered from memory
+  query_blocks   the state in blocks of 16 x 16 pairs (I <= J, retention's layout: D' = 2560
+                 rows at d = 64, 62.5% of the full tiles' products): the operand x_I (x) x_J
+                 [C, 256] built in registers by a reshape, no gathers
   share_masked   today's: per row-block, x^T @ ((w x_i) y), the j < i half masked on store
   share_pairs    row-blocks p and d - p packed: (w x_I x_J)^T @ y, every stored row useful
+  share_blocks   the block layout: (w x_I (x) x_J)^T @ y per block pair
+  dq_full        the query's gradient through the state, today's: sum_i x_i (dO @ R_i^T)
+  dq_blocks      the same in the block layout: P = dO @ S_IJ^T [C, 256], reduced against x_J
+                 and x_I into the columns of blocks I and J
 
-Each variant is checked against the first of its kind before it is timed.
+Each variant is checked against the first of its kind before it is timed (block-layout states
+and shares are converted to and from the pair layout for that). query_blocks, share_blocks and
+the dq variants were added after the first GPU run of this script and checked only under the
+interpreter so far.
 """
 
 from __future__ import annotations
@@ -31,6 +41,45 @@ import triton.language as tl
 from power_transformers.kernels.triton_common import full_tile_rows, row_block_rows
 
 H, D_HEAD = 16, 64
+BLOCK = 16  # the block layout's block of the head dimension
+
+
+def block_layout_index(d: int, bb: int = BLOCK) -> torch.Tensor:
+    """[D'] long: for each row of the block layout (block pairs I <= J in order, then u, v within
+    the block), the row of the pair layout holding the same entry R[(min(a, b), max(a, b))]."""
+    nb = d // bb
+    pair_row = lambda a, b: a * d - a * (a - 1) // 2 + b - a  # noqa: E731
+    rows = []
+    for i in range(nb):
+        for j in range(i, nb):
+            for u in range(bb):
+                for v in range(bb):
+                    a, b = i * bb + u, j * bb + v
+                    rows.append(pair_row(min(a, b), max(a, b)))
+    return torch.tensor(rows)
+
+
+def pair_layout_index(d: int, bb: int = BLOCK) -> torch.Tensor:
+    """[D] long: for each pair (a <= b) of the pair layout, the row of the block layout holding it."""
+    nb = d // bb
+    block_row = {}
+    r = 0
+    for i in range(nb):
+        for j in range(i, nb):
+            for u in range(bb):
+                for v in range(bb):
+                    block_row.setdefault((i * bb + u, j * bb + v), r)
+                    r += 1
+    return torch.tensor([block_row[(a, b)] for a in range(d) for b in range(a, d)])
+
+
+@triton.jit
+def block_features(x_base, t, I: tl.constexpr, J: tl.constexpr, HEAD_DIM: tl.constexpr, BB: tl.constexpr):
+    """x_I [C, BB], x_J [C, BB] (fp32, loaded) and their outer products [C, BB * BB] (u major)."""
+    offs_b = tl.arange(0, BB)
+    xi = tl.load(x_base + t[:, None] * HEAD_DIM + I * BB + offs_b[None, :]).to(tl.float32)
+    xj = tl.load(x_base + t[:, None] * HEAD_DIM + J * BB + offs_b[None, :]).to(tl.float32)
+    return xi, xj, tl.reshape(xi[:, :, None] * xj[:, None, :], (xi.shape[0], BB * BB))
 
 
 @triton.jit
@@ -61,7 +110,7 @@ def pair_products(x_base, t, p, offs_d, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _query_kernel(X, ST, OUT, T, N, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
-                  VARIANT: tl.constexpr):
+                  VARIANT: tl.constexpr, BB: tl.constexpr = BLOCK, NB: tl.constexpr = D_HEAD // BLOCK):
     n = tl.program_id(0)
     bh = tl.program_id(1)
     offs_c = tl.arange(0, CHUNK)
@@ -82,18 +131,26 @@ def _query_kernel(X, ST, OUT, T, N, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
             r_i = tl.load(st + full_tile_rows(i, offs_d, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :])
             xi = tl.load(x_base + t * HEAD_DIM + i).to(tl.float32)
             acc = tl.dot((xf * xi[:, None]).to(x.dtype), r_i, acc)
-    else:
+    elif VARIANT == 2:
         for p in range(HEAD_DIM // 2 + 1):
             xx, row, valid, m = pair_products(x_base, t, p, offs_d, HEAD_DIM)
             a = (xx * tl.where(valid, m, 0.0)[None, :]).to(x.dtype)
             r = tl.load(st + row[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0.0)
             acc = tl.dot(a, r, acc)
+    elif VARIANT == 3:
+        offs_f = tl.arange(0, BB * BB)
+        for I in tl.static_range(NB):
+            for J in tl.static_range(I, NB):
+                p = I * NB - I * (I - 1) // 2 + (J - I)
+                xi_unused, xj_unused, f = block_features(x_base, t, I, J, HEAD_DIM, BB)
+                r = tl.load(st + (p * BB * BB + offs_f)[:, None] * HEAD_DIM + offs_d[None, :])
+                acc = tl.dot((f * (1.0 if I == J else 2.0)).to(x.dtype), r, acc)
     tl.store(OUT + (bh.to(tl.int64) * T + t[:, None]) * HEAD_DIM + offs_d[None, :], acc)
 
 
 @triton.jit
 def _share_kernel(X, Y, W, OUT, T, N, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
-                  VARIANT: tl.constexpr):
+                  VARIANT: tl.constexpr, BB: tl.constexpr = BLOCK, NB: tl.constexpr = D_HEAD // BLOCK):
     n = tl.program_id(0)
     bh = tl.program_id(1)
     offs_c = tl.arange(0, CHUNK)
@@ -111,6 +168,16 @@ def _share_kernel(X, Y, W, OUT, T, N, CHUNK: tl.constexpr, HEAD_DIM: tl.constexp
             rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
             tl.store(out + rows[:, None] * HEAD_DIM + offs_d[None, :], acc.to(OUT.dtype.element_ty),
                      mask=row_ok[:, None])
+    elif VARIANT == 2:
+        wy = (w[:, None] * y).to(X.dtype.element_ty)
+        offs_f = tl.arange(0, BB * BB)
+        for I in tl.static_range(NB):
+            for J in tl.static_range(I, NB):
+                p = I * NB - I * (I - 1) // 2 + (J - I)
+                xi_unused, xj_unused, f = block_features(x_base, t, I, J, HEAD_DIM, BB)
+                acc = tl.dot(tl.trans(f.to(wy.dtype)), wy)
+                tl.store(out + (p * BB * BB + offs_f)[:, None] * HEAD_DIM + offs_d[None, :],
+                         acc.to(OUT.dtype.element_ty))
     else:
         yop = y.to(X.dtype.element_ty)
         for p in range(HEAD_DIM // 2 + 1):
@@ -121,14 +188,72 @@ def _share_kernel(X, Y, W, OUT, T, N, CHUNK: tl.constexpr, HEAD_DIM: tl.constexp
                      mask=valid[:, None])
 
 
+@triton.jit
+def _dq_kernel(X, DO, ST, OUT, T, N, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
+               VARIANT: tl.constexpr, BB: tl.constexpr = BLOCK, NB: tl.constexpr = D_HEAD // BLOCK):
+    """d/dx of sum_t dO_t . (phi(x_t)^T S) for the chunk's rows: 2 sum_i x_i (dO @ R_i^T) over full
+    tiles (VARIANT 0), or through the block layout (VARIANT 1)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_c = tl.arange(0, CHUNK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    t = n * CHUNK + offs_c
+    x_base = X + bh.to(tl.int64) * T * HEAD_DIM
+    st = ST + (bh.to(tl.int64) * N + n) * D * HEAD_DIM
+    do = tl.load(DO + (bh.to(tl.int64) * T + t[:, None]) * HEAD_DIM + offs_d[None, :])
+    if VARIANT == 0:
+        acc = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
+        for i in range(HEAD_DIM):
+            r_i = tl.load(st + full_tile_rows(i, offs_d, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :])
+            xi = tl.load(x_base + t * HEAD_DIM + i).to(tl.float32)
+            acc += xi[:, None] * tl.dot(do, tl.trans(r_i))
+        acc = 2.0 * acc
+    else:
+        offs_f = tl.arange(0, BB * BB)
+        offs_nb = tl.arange(0, NB)
+        acc3 = tl.zeros((CHUNK, NB, BB), dtype=tl.float32)
+        for I in tl.static_range(NB):
+            for J in tl.static_range(I, NB):
+                p = I * NB - I * (I - 1) // 2 + (J - I)
+                xi, xj, f_unused = block_features(x_base, t, I, J, HEAD_DIM, BB)
+                r = tl.load(st + (p * BB * BB + offs_f)[:, None] * HEAD_DIM + offs_d[None, :])
+                m = 1.0 if I == J else 2.0
+                pp = tl.reshape(tl.dot(do, tl.trans(r)), (CHUNK, BB, BB)) * m  # [C, u, v]
+                gi = tl.sum(pp * xj[:, None, :], axis=2)  # d/dx_I
+                gj = tl.sum(pp * xi[:, :, None], axis=1)  # d/dx_J
+                acc3 += tl.where((offs_nb == I)[None, :, None], gi[:, None, :], 0.0)
+                acc3 += tl.where((offs_nb == J)[None, :, None], gj[:, None, :], 0.0)
+        acc = tl.reshape(acc3, (CHUNK, HEAD_DIM))
+    tl.store(OUT + (bh.to(tl.int64) * T + t[:, None]) * HEAD_DIM + offs_d[None, :], acc)
+
+
+def time_variant(name, chunk, warps, stages, fn, result, ref):
+    """Run fn once, compare result() with ref[0] (the first variant of its kind sets it), time fn,
+    print a table row."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+        out = result()
+        err = 0.0 if ref[0] is None else ((out - ref[0]).norm() / ref[0].norm()).item()
+        if ref[0] is None:
+            ref[0] = out.clone()
+        ms = triton.testing.do_bench(fn, warmup=5, rep=50)
+        print(f"| {name} | {chunk} | {warps} | {stages} | {ms:.3f} | {err:.1e} |", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"| {name} | {chunk} | {warps} | {stages} | failed: {repr(e)[:200]} | |", flush=True)
+
+
 def main():
     t_len = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
     d = D_HEAD
     dim = d * (d + 1) // 2
+    to_block, to_pair = block_layout_index(d).cuda(), pair_layout_index(d).cuda()
+    dim_blocks = to_block.numel()
     dev = "cuda"
     print(torch.cuda.get_device_name(), f"T={t_len} H={H} d={d}; ms per pass (median of triton do_bench)", flush=True)
     print("| kernel | C | warps | stages | ms | rel. err vs first |")
     print("|---|---|---|---|---|---|")
+    configs = ((8, 2), (8, 3), (4, 2))
     for chunk in (128, 256):
         n = t_len // chunk
         g = torch.Generator(device=dev).manual_seed(0)
@@ -136,43 +261,32 @@ def main():
         y = torch.randn(H, t_len, d, device=dev, generator=g).bfloat16()
         w = torch.rand(H, t_len, device=dev, generator=g)
         st = torch.randn(H, n, dim, d, device=dev, generator=g).bfloat16()
-        ref = None
-        for variant, name in ((0, "query_scaled"), (1, "query_acc"), (2, "query_pairs")):
-            for warps, stages in ((8, 2), (8, 3), (4, 2)):
-                out = torch.zeros(H, t_len, d, device=dev)
-
-                def fn():
-                    _query_kernel[(n, H)](x, st, out, t_len, n, CHUNK=chunk, HEAD_DIM=d, D=dim, VARIANT=variant,
-                                          num_warps=warps, num_stages=stages)
-                try:
-                    fn()
-                    torch.cuda.synchronize()
-                    err = 0.0 if ref is None else ((out - ref).norm() / ref.norm()).item()
-                    if ref is None:
-                        ref = out.clone()
-                    ms = triton.testing.do_bench(fn, warmup=5, rep=50)
-                    print(f"| {name} | {chunk} | {warps} | {stages} | {ms:.3f} | {err:.1e} |", flush=True)
-                except Exception as e:  # noqa: BLE001
-                    print(f"| {name} | {chunk} | {warps} | {stages} | failed: {repr(e)[:200]} | |", flush=True)
-        ref = None
-        for variant, name in ((0, "share_masked"), (1, "share_pairs")):
-            for warps, stages in ((8, 2), (4, 2), (8, 1)):
-                out = torch.zeros(H, n, dim, d, device=dev, dtype=torch.bfloat16)
-
-                def fn():
-                    _share_kernel[(n, H)](x, y, w, out, t_len, n, CHUNK=chunk, HEAD_DIM=d, D=dim, VARIANT=variant,
-                                          num_warps=warps, num_stages=stages)
-                try:
-                    fn()
-                    torch.cuda.synchronize()
-                    err = 0.0 if ref is None else ((out.float() - ref).norm() / ref.norm()).item()
-                    if ref is None:
-                        ref = out.float().clone()
-                    ms = triton.testing.do_bench(fn, warmup=5, rep=50)
-                    print(f"| {name} | {chunk} | {warps} | {stages} | {ms:.3f} | {err:.1e} |", flush=True)
-                except Exception as e:  # noqa: BLE001
-                    print(f"| {name} | {chunk} | {warps} | {stages} | failed: {repr(e)[:200]} | |", flush=True)
-        del x, y, w, st
+        st_blocks = st[:, :, to_block].contiguous()  # the same symmetric state in the block layout
+        out = torch.zeros(H, t_len, d, device=dev)
+        ref = [None]
+        for variant, name in ((0, "query_scaled"), (1, "query_acc"), (2, "query_pairs"), (3, "query_blocks")):
+            state, rows = (st_blocks, dim_blocks) if variant == 3 else (st, dim)
+            for warps, stages in configs:
+                time_variant(name, chunk, warps, stages, lambda: _query_kernel[(n, H)](
+                    x, state, out, t_len, n, CHUNK=chunk, HEAD_DIM=d, D=rows, VARIANT=variant, num_warps=warps,
+                    num_stages=stages), lambda: out, ref)
+        ref = [None]
+        for variant, name in ((0, "dq_full"), (1, "dq_blocks")):
+            state, rows = (st_blocks, dim_blocks) if variant == 1 else (st, dim)
+            for warps, stages in configs:
+                time_variant(name, chunk, warps, stages, lambda: _dq_kernel[(n, H)](
+                    x, y, state, out, t_len, n, CHUNK=chunk, HEAD_DIM=d, D=rows, VARIANT=variant, num_warps=warps,
+                    num_stages=stages), lambda: out, ref)
+        ref = [None]
+        shares = torch.zeros(H, n, dim, d, device=dev, dtype=torch.bfloat16)
+        share_blocks = torch.zeros(H, n, dim_blocks, d, device=dev, dtype=torch.bfloat16)
+        for variant, name in ((0, "share_masked"), (1, "share_pairs"), (2, "share_blocks")):
+            target, rows = (share_blocks, dim_blocks) if variant == 2 else (shares, dim)
+            result = (lambda: share_blocks[:, :, to_pair].float()) if variant == 2 else (lambda: shares.float())
+            for warps, stages in ((8, 2), (4, 2), (4, 3)):
+                time_variant(name, chunk, warps, stages, lambda: _share_kernel[(n, H)](
+                    x, y, w, target, t_len, n, CHUNK=chunk, HEAD_DIM=d, D=rows, VARIANT=variant, num_warps=warps,
+                    num_stages=stages), result, ref)
         torch.cuda.empty_cache()
 
 
