@@ -9,9 +9,9 @@ min(4096, 32768 / batch) tokens, at least 128, the same for both models, so that
 activations do not decide what fits), decode tokens/s and peak memory, in these settings:
 
     llama eager     DynamicCache, one eager forward per token (what plain generate() runs)
-    llama static    StaticCache + torch.compile(mode="reduce-overhead") of the decode step
+    llama static    StaticCache + torch.compile(mode="reduce-overhead", or --compile-mode) of the decode step
     power eager     dynamic PowerCache, one eager forward per token
-    power static    static PowerCache + torch.compile(mode="reduce-overhead") of the decode step
+    power static    static PowerCache + torch.compile(mode="reduce-overhead", or --compile-mode) of the decode step
 
 Also (--parts):
     floor    the power model's compiled decode step at batch 64 against its memory floor: weights +
@@ -45,6 +45,7 @@ SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidd
              num_key_value_heads=12, head_dim=64, max_position_embeddings=140_000)
 PREFILL_TOKENS = 32768  # tokens per prefill forward (batch x chunk), chunks of 128 to 4096
 DECODE_STEPS = 32
+COMPILE_MODE = "reduce-overhead"  # of the static rows' decode step (--compile-mode)
 
 
 def build(kind: str):
@@ -110,7 +111,7 @@ def measure(kind: str, model, static: bool, batch: int, context: int) -> dict:
     prefill_s = time.perf_counter() - t0
     step = decode_step_fn(model, cache)
     if static:
-        step = torch.compile(step, mode="reduce-overhead", fullgraph=False)
+        step = torch.compile(step, mode=COMPILE_MODE, fullgraph=False)
     position = torch.full((batch, 1), context, device="cuda", dtype=torch.long)
     for _ in range(4):  # warm-up (compilation, graph capture)
         token = step(token, position).clone()
@@ -158,7 +159,7 @@ def profile_step(model, context: int = 4096, steps: int = 5) -> list[str]:
 
     cache = make_cache("power", model, True, 1, context + 64)
     token = prefill(model, cache, 1, context)
-    step = torch.compile(decode_step_fn(model, cache), mode="reduce-overhead", fullgraph=False)
+    step = torch.compile(decode_step_fn(model, cache), mode=COMPILE_MODE, fullgraph=False)
     position = torch.full((1, 1), context, device="cuda", dtype=torch.long)
     for _ in range(4):
         token = step(token, position).clone()
@@ -203,7 +204,12 @@ def main():
     parser.add_argument("--floor-batch", type=int, default=64)
     parser.add_argument("--confirm-fit", action="store_true", help="run the power model's largest batch with the whole prefill")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--compile-mode", default="reduce-overhead", choices=("reduce-overhead", "max-autotune"),
+                        help="torch.compile mode of the static rows, for both models (max-autotune: inductor's own "
+                             "Triton matrix kernels with fused epilogues, and CUDA graphs)")
     args = parser.parse_args()
+    global COMPILE_MODE
+    COMPILE_MODE = args.compile_mode
     parts = set(args.parts.split(","))
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
@@ -211,7 +217,7 @@ def main():
     bandwidth = copy_bandwidth()
     models = {kind: build(kind) for kind in ("llama", "power")}
     out = [f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; date {datetime.date.today()}; "
-           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read+write)", ""]
+           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read+write); static rows compiled with mode={COMPILE_MODE}", ""]
 
     def write():
         text = "\n".join(out)
