@@ -282,8 +282,12 @@ def test_launch_options_take_the_tuned_set_only_where_it_was_measured(monkeypatc
     assert tc._launch_opts("share", 128, 64, tl.float16) == {"num_warps": 4, "num_stages": 3}
     assert tc._launch_opts("fwd", 128, 64, tl.float32) == {"num_warps": 8, "num_stages": 2}
     assert tc._launch_opts("bwd_kv", 64, 64, tl.bfloat16) == {"num_warps": 4, "num_stages": 2}
-    monkeypatch.setattr(tc, "LAUNCH", {"fwd": (4, 1)})
+    monkeypatch.setattr(tc, "LAUNCH", tc.parse_launch("fwd=4:1"))
     assert tc._launch_opts("fwd", 128, 64, tl.bfloat16) == {"num_warps": 4, "num_stages": 1}
+    assert tc.parse_launch("default") == {}
+    for bad in ("fwd=4", "forward=4:1", "fwd=four:1"):
+        with pytest.raises(ValueError, match="kernel=warps:stages"):
+            tc.parse_launch(bad)
 
 
 # ----------------------------------------------------------------------------------
