@@ -109,15 +109,20 @@ def pair_products(x_base, t, p, offs_d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _query_kernel(X, ST, OUT, T, N, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
-                  VARIANT: tl.constexpr, BB: tl.constexpr = BLOCK, NB: tl.constexpr = D_HEAD // BLOCK):
+def _chunk_program(X, ST, T, N, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr):
+    """A program over chunk n of head bh (grid (N, H)): n, bh, offs_d, the chunk's tokens t [C],
+    the head's base pointer in X [H, T, d] and its chunk's base in ST [H, N, D, d]."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
-    offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    t = n * CHUNK + offs_c
-    x_base = X + bh.to(tl.int64) * T * HEAD_DIM
-    st = ST + (bh.to(tl.int64) * N + n) * D * HEAD_DIM
+    t = n * CHUNK + tl.arange(0, CHUNK)
+    return (n, bh, tl.arange(0, HEAD_DIM), t, X + bh.to(tl.int64) * T * HEAD_DIM,
+            ST + (bh.to(tl.int64) * N + n) * D * HEAD_DIM)
+
+
+@triton.jit
+def _query_kernel(X, ST, OUT, T, N, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
+                  VARIANT: tl.constexpr, BB: tl.constexpr = BLOCK, NB: tl.constexpr = D_HEAD // BLOCK):
+    n, bh, offs_d, t, x_base, st = _chunk_program(X, ST, T, N, CHUNK, HEAD_DIM, D)
     x = tl.load(x_base + t[:, None] * HEAD_DIM + offs_d[None, :])
     acc = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
     if VARIANT == 0:
@@ -151,13 +156,7 @@ def _query_kernel(X, ST, OUT, T, N, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr,
 @triton.jit
 def _share_kernel(X, Y, W, OUT, T, N, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
                   VARIANT: tl.constexpr, BB: tl.constexpr = BLOCK, NB: tl.constexpr = D_HEAD // BLOCK):
-    n = tl.program_id(0)
-    bh = tl.program_id(1)
-    offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    t = n * CHUNK + offs_c
-    x_base = X + bh.to(tl.int64) * T * HEAD_DIM
-    out = OUT + (bh.to(tl.int64) * N + n) * D * HEAD_DIM
+    n, bh, offs_d, t, x_base, out = _chunk_program(X, OUT, T, N, CHUNK, HEAD_DIM, D)
     w = tl.load(W + bh.to(tl.int64) * T + t)
     y = tl.load(Y + (bh.to(tl.int64) * T + t[:, None]) * HEAD_DIM + offs_d[None, :]).to(tl.float32)
     if VARIANT == 0:
@@ -193,13 +192,7 @@ def _dq_kernel(X, DO, ST, OUT, T, N, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr
                VARIANT: tl.constexpr, BB: tl.constexpr = BLOCK, NB: tl.constexpr = D_HEAD // BLOCK):
     """d/dx of sum_t dO_t . (phi(x_t)^T S) for the chunk's rows: 2 sum_i x_i (dO @ R_i^T) over full
     tiles (VARIANT 0), or through the block layout (VARIANT 1)."""
-    n = tl.program_id(0)
-    bh = tl.program_id(1)
-    offs_c = tl.arange(0, CHUNK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    t = n * CHUNK + offs_c
-    x_base = X + bh.to(tl.int64) * T * HEAD_DIM
-    st = ST + (bh.to(tl.int64) * N + n) * D * HEAD_DIM
+    n, bh, offs_d, t, x_base, st = _chunk_program(X, ST, T, N, CHUNK, HEAD_DIM, D)
     do = tl.load(DO + (bh.to(tl.int64) * T + t[:, None]) * HEAD_DIM + offs_d[None, :])
     if VARIANT == 0:
         acc = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)

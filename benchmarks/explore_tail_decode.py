@@ -34,7 +34,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from power_transformers.kernels import reference  # noqa: E402
 from power_transformers.kernels import triton_power as tp  # noqa: E402
 from power_transformers.kernels.reference import expanded_dim  # noqa: E402
-from power_transformers.kernels.triton_common import interpreting, phi_rows, row_block_rows  # noqa: E402
+from power_transformers.kernels.triton_common import interpreting, phi_rows  # noqa: E402
+from power_transformers.kernels.triton_decode import (  # noqa: E402
+    _split, add_up_shares, leave_share, load_row_block, query_phi_rows, row_block_query)
 
 
 @triton.jit
@@ -94,26 +96,20 @@ def _tail_step_kernel(
     den = tl.zeros((ROWS,), dtype=tl.float32)
     for mm in range(HEAD_DIM // SPLIT):
         i = sp + mm * SPLIT
-        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
-        s_i = tl.load(s_base + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        z_i = tl.load(z_base + rows, mask=row_ok, other=0.0)
-        qi = tl.load(q_rows + i, mask=r_ok, other=0.0).to(tl.float32) * scale
-        phiq = phi_rows(q, qi, i, offs_d)  # [ROWS, d]
-        num += carry * tl.sum(phiq[:, :, None] * s_i[None, :, :], axis=1)
-        den += carry * tl.sum(phiq * z_i[None, :], axis=1)
+        s_ptr_unused, z_ptr_unused, row_ok_unused, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
+        num_i, den_i = row_block_query(query_phi_rows(q, q_rows, i, r_ok, scale, offs_d), s_i, z_i)
+        num += carry * num_i
+        den += carry * den_i
 
     if fold:  # once every CT tokens: the tail into this program's row-blocks (they are read again)
         tk, tv, decay = _load_tail(K, V, TK, TV, TG, kv, tail, m, g_m, offs_t, offs_d, HEAD_DIM)
         for mm in range(HEAD_DIM // SPLIT):
             i = sp + mm * SPLIT
-            rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
-            s_ptr = s_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
+            s_ptr, z_ptr, row_ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
             ki = tl.sum(tl.where((offs_d == i)[None, :], tk, 0.0), axis=1)  # column i of the tail's keys
             phik = phi_rows(tk, ki * decay, i, offs_d)  # [CT, d]
-            s_new = carry * tl.load(s_ptr, mask=row_ok[:, None], other=0.0)
-            tl.store(s_ptr, s_new + tl.dot(tl.trans(phik), tv, input_precision="ieee"), mask=row_ok[:, None])
-            z_new = carry * tl.load(z_base + rows, mask=row_ok, other=0.0) + tl.sum(phik, axis=0)
-            tl.store(z_base + rows, z_new, mask=row_ok)
+            tl.store(s_ptr, carry * s_i + tl.dot(tl.trans(phik), tv, input_precision="ieee"), mask=row_ok[:, None])
+            tl.store(z_ptr, carry * z_i + tl.sum(phik, axis=0), mask=row_ok)
 
     if sp == 0:  # the tail's attention, and the new token into the buffer
         tk, tv, decay = _load_tail(K, V, TK, TV, TG, kv, tail, m, g_m, offs_t, offs_d, HEAD_DIM)
@@ -125,17 +121,8 @@ def _tail_step_kernel(
         tl.store(TV + (tail + m) * HEAD_DIM + offs_d, tl.load(V + kv + offs_d).to(tl.float32))
         tl.store(TG + tail + m, g_m)
 
-    part = (bh * SPLIT + sp).to(tl.int64) * ROWS
-    tl.store(PART_NUM + (part + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], num)
-    tl.store(PART_DEN + part + offs_r, den)
-    arrived = tl.atomic_add(COUNT + bh, 1)  # acq_rel: every share is visible to the last one
-    if arrived == SPLIT - 1:
-        num = tl.zeros((ROWS, HEAD_DIM), dtype=tl.float32)
-        den = tl.zeros((ROWS,), dtype=tl.float32)
-        for other in range(SPLIT):
-            part = (bh * SPLIT + other).to(tl.int64) * ROWS
-            num += tl.load(PART_NUM + (part + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], cache_modifier=".cg")
-            den += tl.load(PART_DEN + part + offs_r, cache_modifier=".cg")
+    if leave_share(PART_NUM, PART_DEN, COUNT, num, den, offs_r, offs_d, ROWS, SPLIT, HEAD_DIM):
+        num, den = add_up_shares(PART_NUM, PART_DEN, offs_r, offs_d, ROWS, SPLIT, HEAD_DIM)
         tl.store(Y + row_off[:, None] + offs_d[None, :], num / (den + eps)[:, None], mask=r_ok[:, None])
         tl.store(TLEN + bh, tl.where(fold, 0, m + 1))
         tl.store(COUNT + bh, 0)
@@ -156,7 +143,7 @@ class TailDecoder:
         self.count = torch.zeros(bsz * hk, dtype=torch.int32, device=dev)
         group = hq // hk
         self.rows = triton.next_power_of_2(group)
-        self.split = min(16, d)
+        self.split = _split(bsz * hk, d)  # programs per (row, head), as today's kernel uses
         self.part_num = torch.empty(bsz * hk * self.split * self.rows, d, device=dev)
         self.part_den = torch.empty(bsz * hk * self.split * self.rows, device=dev)
 

@@ -152,6 +152,18 @@ def _score_grads(x, decay, a, do, v, delta, OP: tl.constexpr):
 
 
 @triton.jit
+def _key_block(q, bq, tq, k_base, v_base, bsum, ref, j0, T, HK, offs_n, offs_d, HEAD_DIM: tl.constexpr,
+               PART: tl.constexpr, HAS_GATE: tl.constexpr, OP: tl.constexpr):
+    """The key block at j0 of a query block's walk: k, v [BLOCK_N, d] as stored, and the scores'
+    x, decay and A (_scores) against the queries q."""
+    k = load_tile(k_base, j0, T, HK * HEAD_DIM, offs_n, offs_d)
+    v = load_tile(v_base, j0, T, HK * HEAD_DIM, offs_n, offs_d)
+    bk = _relative_gate_sums(bsum, j0, T, offs_n, ref, HAS_GATE)
+    x, decay, a = _scores(q, k, bq, bk, tq, j0 + offs_n, PART, HAS_GATE, OP)
+    return k, v, x, decay, a
+
+
+@triton.jit
 def _fwd_inner(num, den, q, bq, tq, k_base, v_base, bsum, ref, lo, hi, T, HK,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PART: tl.constexpr,
                HAS_GATE: tl.constexpr, OP: tl.constexpr):
@@ -159,10 +171,8 @@ def _fwd_inner(num, den, q, bq, tq, k_base, v_base, bsum, ref, lo, hi, T, HK,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for j0 in range(lo, hi, BLOCK_N):
-        k = load_tile(k_base, j0, T, HK * HEAD_DIM, offs_n, offs_d)
-        v = load_tile(v_base, j0, T, HK * HEAD_DIM, offs_n, offs_d)
-        bk = _relative_gate_sums(bsum, j0, T, offs_n, ref, HAS_GATE)
-        x, decay, a = _scores(q, k, bq, bk, tq, j0 + offs_n, PART, HAS_GATE, OP)
+        k_unused, v, x_unused, decay_unused, a = _key_block(q, bq, tq, k_base, v_base, bsum, ref, j0, T, HK, offs_n,
+                                                            offs_d, HEAD_DIM, PART, HAS_GATE, OP)
         num += tl.dot(a.to(OP), v.to(OP))
         den += tl.sum(a, axis=1)
     return num, den
@@ -233,10 +243,8 @@ def _bwd_q_inner(dqs, db, q, do, delta, bq, tq, k_base, v_base, bsum, ref, lo, h
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for j0 in range(lo, hi, BLOCK_N):
-        k = load_tile(k_base, j0, T, HK * HEAD_DIM, offs_n, offs_d)
-        v = load_tile(v_base, j0, T, HK * HEAD_DIM, offs_n, offs_d)
-        bk = _relative_gate_sums(bsum, j0, T, offs_n, ref, HAS_GATE)
-        x, decay, a = _scores(q, k, bq, bk, tq, j0 + offs_n, PART, HAS_GATE, OP)
+        k, v, x, decay, a = _key_block(q, bq, tq, k_base, v_base, bsum, ref, j0, T, HK, offs_n, offs_d,
+                                       HEAD_DIM, PART, HAS_GATE, OP)
         da_a, dx = _score_grads(x, decay, a, do, v, delta, OP)
         db += tl.sum(da_a, axis=1)
         dqs += tl.dot(dx.to(OP), k.to(OP))

@@ -29,6 +29,57 @@ from .triton_common import interpreting, pair_weights, phi_rows, row_block_rows
 
 
 @triton.jit
+def load_row_block(s_base, z_base, i, offs_d, HEAD_DIM: tl.constexpr):
+    """Row-block i of one head's state (S [D, d], z [D] fp32): the pointers to its rows in S and z,
+    the rows' mask (pairs (i, j >= i)), and the rows s_i [d, d], z_i [d] (0 where masked)."""
+    rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
+    s_ptr = s_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
+    z_ptr = z_base + rows
+    return (s_ptr, z_ptr, row_ok, tl.load(s_ptr, mask=row_ok[:, None], other=0.0),
+            tl.load(z_ptr, mask=row_ok, other=0.0))
+
+
+@triton.jit
+def query_phi_rows(q, q_rows, i, r_ok, scale, offs_d):
+    """Row-block i of phi(s q) [ROWS, d] for the scaled queries q [ROWS, d] (fp32) whose rows start
+    at the pointers q_rows [ROWS] (column i is read from there)."""
+    qi = tl.load(q_rows + i, mask=r_ok, other=0.0).to(tl.float32) * scale
+    return phi_rows(q, qi, i, offs_d)
+
+
+@triton.jit
+def row_block_query(phiq, s_i, z_i):
+    """Row-block i's part of phi(q)^T S [ROWS, d] and phi(q)^T z [ROWS] (phiq [ROWS, d] from
+    query_phi_rows; a few rows, so a broadcast product rather than tl.dot)."""
+    return tl.sum(phiq[:, :, None] * s_i[None, :, :], axis=1), tl.sum(phiq * z_i[None, :], axis=1)
+
+
+@triton.jit
+def leave_share(PART_NUM, PART_DEN, COUNT, num, den, offs_r, offs_d, ROWS: tl.constexpr, SPLIT: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    """Split over SPLIT programs (grid (B Hk, SPLIT)): store this program's share of the output
+    (num [ROWS, d], den [ROWS]) and arrive at COUNT[b h]. True for the last of the (b, h) to
+    arrive; the atomic is acq_rel, so every share is visible to it (add_up_shares)."""
+    part = (tl.program_id(0) * SPLIT + tl.program_id(1)).to(tl.int64) * ROWS
+    tl.store(PART_NUM + (part + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], num)
+    tl.store(PART_DEN + part + offs_r, den)
+    return tl.atomic_add(COUNT + tl.program_id(0), 1) == SPLIT - 1
+
+
+@triton.jit
+def add_up_shares(PART_NUM, PART_DEN, offs_r, offs_d, ROWS: tl.constexpr, SPLIT: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+    """The sum of the SPLIT shares that leave_share stored for this program's (b, h): num, den."""
+    num = tl.zeros((ROWS, HEAD_DIM), dtype=tl.float32)
+    den = tl.zeros((ROWS,), dtype=tl.float32)
+    for other in range(SPLIT):
+        part = (tl.program_id(0) * SPLIT + other).to(tl.int64) * ROWS
+        num += tl.load(PART_NUM + (part + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], cache_modifier=".cg")
+        den += tl.load(PART_DEN + part + offs_r, cache_modifier=".cg")
+    return num, den
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, LG, S, Z, Y, PART_NUM, PART_DEN, COUNT,
     t, HQ, HK, scale, eps,
@@ -54,12 +105,8 @@ def _decode_kernel(
     # row-blocks sp, sp + SPLIT, ...: interleaved, since the early ones hold more pairs
     for m in range(HEAD_DIM // SPLIT):
         i = sp + m * SPLIT
-        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
-        s_ptr = s_base + rows[:, None] * HEAD_DIM + offs_d[None, :]
-        s_i = tl.load(s_ptr, mask=row_ok[:, None], other=0.0)
-        z_i = tl.load(z_base + rows, mask=row_ok, other=0.0)
-        qi = tl.load(q_rows + i, mask=r_ok, other=0.0).to(tl.float32) * scale
-        phiq_all = phi_rows(q, qi, i, offs_d)  # [ROWS, d]
+        s_ptr, z_ptr, row_ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
+        phiq_all = query_phi_rows(q, q_rows, i, r_ok, scale, offs_d)  # [ROWS, d]
         w = pair_weights(i, offs_d)
         for tok in range(t):
             kv_off = ((b * t + tok) * HK + h).to(tl.int64) * HEAD_DIM
@@ -73,29 +120,18 @@ def _decode_kernel(
             phik = k * ki * w
             s_i += phik[:, None] * v[None, :]
             z_i += phik
-            phiq = tl.where((r_tok == tok)[:, None], phiq_all, 0.0)
-            num += tl.sum(phiq[:, :, None] * s_i[None, :, :], axis=1)
-            den += tl.sum(phiq * z_i[None, :], axis=1)
+            num_i, den_i = row_block_query(tl.where((r_tok == tok)[:, None], phiq_all, 0.0), s_i, z_i)
+            num += num_i
+            den += den_i
         tl.store(s_ptr, s_i, mask=row_ok[:, None])
-        tl.store(z_base + rows, z_i, mask=row_ok)
+        tl.store(z_ptr, z_i, mask=row_ok)
 
     y_ptr = Y + row_off[:, None] + offs_d[None, :]
     if SPLIT == 1:
         tl.store(y_ptr, num / (den + eps)[:, None], mask=r_ok[:, None])
     else:
-        # Split over programs: each leaves its share; the last one of the (b, h) to arrive adds
-        # them up and writes y. The atomic is acq_rel, so every share is visible to it.
-        part = (bh * SPLIT + sp).to(tl.int64) * ROWS
-        tl.store(PART_NUM + (part + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], num)
-        tl.store(PART_DEN + part + offs_r, den)
-        arrived = tl.atomic_add(COUNT + bh, 1)
-        if arrived == SPLIT - 1:
-            num = tl.zeros((ROWS, HEAD_DIM), dtype=tl.float32)
-            den = tl.zeros((ROWS,), dtype=tl.float32)
-            for other in range(SPLIT):
-                part = (bh * SPLIT + other).to(tl.int64) * ROWS
-                num += tl.load(PART_NUM + (part + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], cache_modifier=".cg")
-                den += tl.load(PART_DEN + part + offs_r, cache_modifier=".cg")
+        if leave_share(PART_NUM, PART_DEN, COUNT, num, den, offs_r, offs_d, ROWS, SPLIT, HEAD_DIM):
+            num, den = add_up_shares(PART_NUM, PART_DEN, offs_r, offs_d, ROWS, SPLIT, HEAD_DIM)
             tl.store(y_ptr, num / (den + eps)[:, None], mask=r_ok[:, None])
 
 

@@ -1,0 +1,77 @@
+"""The experiment kernels of benchmarks/ (explore_state_products.py, explore_tail_decode.py) under
+Triton's interpreter: each variant against a PyTorch computation, so that the figures they give on
+the GPU are of correct kernels. Tiny shapes, fp32."""
+
+import itertools
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import explore_state_products as esp  # noqa: E402
+import explore_tail_decode as etd  # noqa: E402
+
+D, T, C, H = 32, 64, 32, 2
+N, NB = T // C, D // esp.BLOCK
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    dim = D * (D + 1) // 2
+    x, y = torch.randn(H, T, D, generator=g), torch.randn(H, T, D, generator=g)
+    w, st = torch.rand(H, T, generator=g), torch.randn(H, N, dim, D, generator=g)
+    pairs = list(itertools.combinations_with_replacement(range(D), 2))
+    mult = torch.tensor([1.0 if i == j else 2.0 for i, j in pairs])
+    xx = torch.stack([x[..., i] * x[..., j] for i, j in pairs], -1)  # [H, T, D'] unweighted pairs
+    return x, y, w, st, xx, mult, st[:, :, esp.block_layout_index(D)].contiguous()
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2, 3])
+def test_query_variants(data, variant):
+    x, _, _, st, xx, mult, st_blocks = data
+    ref = torch.einsum("hntp,hnpe->hnte", (xx * mult).view(H, N, C, -1), st).reshape(H, T, D)
+    state = st_blocks if variant == 3 else st
+    out = torch.zeros(H, T, D)
+    esp._query_kernel[(N, H)](x, state, out, T, N, CHUNK=C, HEAD_DIM=D, D=state.shape[2], VARIANT=variant, NB=NB)
+    assert rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_share_variants(data, variant):
+    x, y, w, _, xx, _, _ = data
+    ref = torch.einsum("hncp,hnce->hnpe", (xx * w[..., None]).view(H, N, C, -1), y.view(H, N, C, D))
+    rows = esp.block_layout_index(D).numel() if variant == 2 else ref.shape[2]
+    out = torch.zeros(H, N, rows, D)
+    esp._share_kernel[(N, H)](x, y, w, out, T, N, CHUNK=C, HEAD_DIM=D, D=rows, VARIANT=variant, NB=NB)
+    if variant == 2:
+        out = out[:, :, esp.pair_layout_index(D)]
+    assert rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("variant", [0, 1])
+def test_query_gradient_variants(data, variant):
+    x, y, _, st, _, mult, st_blocks = data
+    xr = x.clone().requires_grad_()
+    pairs = list(itertools.combinations_with_replacement(range(D), 2))
+    xx = torch.stack([xr[..., i] * xr[..., j] for i, j in pairs], -1)
+    (torch.einsum("hntp,hnpe->hnte", (xx * mult).view(H, N, C, -1), st).reshape(H, T, D) * y).sum().backward()
+    state = st_blocks if variant == 1 else st
+    out = torch.zeros(H, T, D)
+    esp._dq_kernel[(N, H)](x, y, state, out, T, N, CHUNK=C, HEAD_DIM=D, D=state.shape[2], VARIANT=variant, NB=NB)
+    assert rel(out, xr.grad) < 1e-5
+
+
+@pytest.mark.parametrize("hq, hk, d, tail, steps", [(2, 2, 16, 4, 11), (4, 2, 16, 8, 19)])
+def test_tail_decode_matches_todays_decode(hq, hk, d, tail, steps):
+    """Over more than two folds: every output, and the state right after a fold."""
+    y_err, s_err = etd.check(2, hq, hk, d, tail, steps, "cpu")
+    assert y_err < 1e-5 and s_err < 1e-5
