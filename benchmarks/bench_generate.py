@@ -200,6 +200,8 @@ def main():
     parser.add_argument("--contexts", default="4096,16384,65536,131072")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--llama-static-contexts", default="65536", help="contexts of the compiled static Llama rows")
+    parser.add_argument("--settings", default="llama eager,llama static,power eager,power static",
+                        help="the table's settings (of: llama eager, llama static, power eager, power static)")
     parser.add_argument("--fit-context", type=int, default=65536)
     parser.add_argument("--floor-batch", type=int, default=64)
     parser.add_argument("--confirm-fit", action="store_true", help="run the power model's largest batch with the whole prefill")
@@ -214,6 +216,10 @@ def main():
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     llama_static = {int(x) for x in args.llama_static_contexts.split(",")}
+    settings = {x.strip() for x in args.settings.split(",")}
+    unknown = settings - {"llama eager", "llama static", "power eager", "power static"}
+    if unknown:
+        parser.error(f"unknown --settings {sorted(unknown)}")
     bandwidth = copy_bandwidth()
     models = {kind: build(kind) for kind in ("llama", "power")}
     out = [f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; date {datetime.date.today()}; "
@@ -233,6 +239,8 @@ def main():
                 for kind, model in models.items():
                     for static in (False, True):
                         if static and kind == "llama" and context not in llama_static:
+                            continue
+                        if f"{kind} {'static' if static else 'eager'}" not in settings:
                             continue
                         setting = f"{kind} {'static+compiled' if static else 'eager'}"
                         try:

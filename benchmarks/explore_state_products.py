@@ -1,6 +1,6 @@
 """Tuning experiment (GPU): ways to run the two state products of the chunk kernels.
 
-    python benchmarks/explore_state_products.py [T]
+    python benchmarks/explore_state_products.py [T] [--passes query,dq,share] [--chunks 128,256]
 
 The chunked kernels spend most of their time in two products against a symmetric state held
 once per pair (i <= j), D = d (d + 1) / 2 rows of d:
@@ -32,7 +32,8 @@ interpreter so far.
 
 from __future__ import annotations
 
-import sys
+import argparse
+
 
 import torch
 import triton
@@ -237,7 +238,12 @@ def time_variant(name, chunk, warps, stages, fn, result, ref):
 
 
 def main():
-    t_len = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
+    parser = argparse.ArgumentParser()
+    parser.add_argument("t_len", nargs="?", type=int, default=65536)
+    parser.add_argument("--passes", default="query,dq,share", help="which products to time")
+    parser.add_argument("--chunks", default="128,256")
+    args = parser.parse_args()
+    t_len, passes = args.t_len, set(args.passes.split(","))
     d = D_HEAD
     dim = d * (d + 1) // 2
     to_block, to_pair = block_layout_index(d).cuda(), pair_layout_index(d).cuda()
@@ -247,7 +253,7 @@ def main():
     print("| kernel | C | warps | stages | ms | rel. err vs first |")
     print("|---|---|---|---|---|---|")
     configs = ((8, 2), (8, 3), (4, 2))
-    for chunk in (128, 256):
+    for chunk in (int(c) for c in args.chunks.split(",")):
         n = t_len // chunk
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(H, t_len, d, device=dev, generator=g).bfloat16() * 0.3
@@ -257,14 +263,14 @@ def main():
         st_blocks = st[:, :, to_block].contiguous()  # the same symmetric state in the block layout
         out = torch.zeros(H, t_len, d, device=dev)
         ref = [None]
-        for variant, name in ((0, "query_scaled"), (1, "query_acc"), (2, "query_pairs"), (3, "query_blocks")):
+        for variant, name in () if "query" not in passes else ((0, "query_scaled"), (1, "query_acc"), (2, "query_pairs"), (3, "query_blocks")):
             state, rows = (st_blocks, dim_blocks) if variant == 3 else (st, dim)
             for warps, stages in configs:
                 time_variant(name, chunk, warps, stages, lambda: _query_kernel[(n, H)](
                     x, state, out, t_len, n, CHUNK=chunk, HEAD_DIM=d, D=rows, VARIANT=variant, num_warps=warps,
                     num_stages=stages), lambda: out, ref)
         ref = [None]
-        for variant, name in ((0, "dq_full"), (1, "dq_blocks")):
+        for variant, name in () if "dq" not in passes else ((0, "dq_full"), (1, "dq_blocks")):
             state, rows = (st_blocks, dim_blocks) if variant == 1 else (st, dim)
             for warps, stages in configs:
                 time_variant(name, chunk, warps, stages, lambda: _dq_kernel[(n, H)](
@@ -273,7 +279,7 @@ def main():
         ref = [None]
         shares = torch.zeros(H, n, dim, d, device=dev, dtype=torch.bfloat16)
         share_blocks = torch.zeros(H, n, dim_blocks, d, device=dev, dtype=torch.bfloat16)
-        for variant, name in ((0, "share_masked"), (1, "share_pairs"), (2, "share_blocks")):
+        for variant, name in () if "share" not in passes else ((0, "share_masked"), (2, "share_blocks")):
             target, rows = (share_blocks, dim_blocks) if variant == 2 else (shares, dim)
             result = (lambda: share_blocks[:, :, to_pair].float()) if variant == 2 else (lambda: shares.float())
             for warps, stages in ((8, 2), (4, 2), (4, 3)):

@@ -197,6 +197,25 @@ def test_decode_matches_reference_decode_ungated_with_padding_row(split, monkeyp
     assert rel(state[0], state_ref[0]) < 1e-5 and rel(state[1], state_ref[1]) < 1e-5
 
 
+@pytest.mark.parametrize("split", [1, 4])
+def test_decode_one_query_row_sums_its_terms_once(split, monkeypatch):
+    """One token and one query head per kv head (the DEFER_SUMS path): token by token, gated,
+    outputs and state against the reference."""
+    from power_transformers.kernels import triton_decode
+
+    monkeypatch.setattr(triton_decode, "_split", lambda programs, head_dim: split)
+    q, k, v, log_g = make_inputs(2, 4, 2, 2, 32, seed=6)
+    s, z = random_state(2, 2, 32)
+    state, state_ref = (s.clone(), z.clone()), (s.double(), z.double())
+    for t in range(4):
+        sl = slice(t, t + 1)
+        y = tp.power_attention_decode_(q[:, sl], k[:, sl], v[:, sl], log_g[:, sl], state)
+        y_ref = reference.power_attention_decode_(q[:, sl].double(), k[:, sl].double(), v[:, sl].double(),
+                                                  log_g[:, sl].double(), state_ref)
+        assert rel(y, y_ref) < 1e-5
+    assert rel(state[0], state_ref[0]) < 1e-5 and rel(state[1], state_ref[1]) < 1e-5
+
+
 # ----------------------------------------------------------------------------------
 # Bad input, dispatch
 # ----------------------------------------------------------------------------------

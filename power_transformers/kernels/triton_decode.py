@@ -55,6 +55,21 @@ def row_block_query(phiq, s_i, z_i):
 
 
 @triton.jit
+def row_block_terms(phiq, s_i, z_i, acc_s, acc_z):
+    """For one query row (phiq [1, d]): row-block i's terms of phi(q)^T S and phi(q)^T z added to
+    acc_s [d, d] and acc_z [d] unsummed; sum_terms sums them once, after the last row-block, where
+    row_block_query would sum across the tile's rows (over the warps) for every block."""
+    p = tl.sum(phiq, axis=0)  # the one row, [d]
+    return acc_s + p[:, None] * s_i, acc_z + p * z_i
+
+
+@triton.jit
+def sum_terms(acc_s, acc_z):
+    """num [1, d] and den [1] from the terms that row_block_terms gathered."""
+    return tl.sum(acc_s[None, :, :], axis=1), tl.sum(acc_z[None, :], axis=1)
+
+
+@triton.jit
 def leave_share(PART_NUM, PART_DEN, COUNT, num, den, offs_r, offs_d, ROWS: tl.constexpr, SPLIT: tl.constexpr,
                 HEAD_DIM: tl.constexpr):
     """Split over SPLIT programs (grid (B Hk, SPLIT)): store this program's share of the output
@@ -84,7 +99,7 @@ def _decode_kernel(
     Q, K, V, LG, S, Z, Y, PART_NUM, PART_DEN, COUNT,
     t, HQ, HK, scale, eps,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_GATE: tl.constexpr,
+    HAS_GATE: tl.constexpr, DEFER: tl.constexpr,
 ):
     bh = tl.program_id(0)
     sp = tl.program_id(1)
@@ -102,6 +117,8 @@ def _decode_kernel(
     z_base = Z + bh.to(tl.int64) * D
     num = tl.zeros((ROWS, HEAD_DIM), dtype=tl.float32)
     den = tl.zeros((ROWS,), dtype=tl.float32)
+    acc_s = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)  # DEFER's terms (row_block_terms)
+    acc_z = tl.zeros((HEAD_DIM,), dtype=tl.float32)
     # row-blocks sp, sp + SPLIT, ...: interleaved, since the early ones hold more pairs
     for m in range(HEAD_DIM // SPLIT):
         i = sp + m * SPLIT
@@ -120,11 +137,16 @@ def _decode_kernel(
             phik = k * ki * w
             s_i += phik[:, None] * v[None, :]
             z_i += phik
-            num_i, den_i = row_block_query(tl.where((r_tok == tok)[:, None], phiq_all, 0.0), s_i, z_i)
-            num += num_i
-            den += den_i
+            if DEFER:  # one token, one query row
+                acc_s, acc_z = row_block_terms(phiq_all, s_i, z_i, acc_s, acc_z)
+            else:
+                num_i, den_i = row_block_query(tl.where((r_tok == tok)[:, None], phiq_all, 0.0), s_i, z_i)
+                num += num_i
+                den += den_i
         tl.store(s_ptr, s_i, mask=row_ok[:, None])
         tl.store(z_ptr, z_i, mask=row_ok)
+    if DEFER:
+        num, den = sum_terms(acc_s, acc_z)
 
     y_ptr = Y + row_off[:, None] + offs_d[None, :]
     if SPLIT == 1:
@@ -137,6 +159,10 @@ def _decode_kernel(
 
 def _rows(tokens: int, group: int) -> int:
     return triton.next_power_of_2(max(1, tokens * group))
+
+
+#: sum a single query row's terms once per program (row_block_terms) rather than once per row-block
+DEFER_SUMS = True
 
 
 def _split(programs: int, head_dim: int) -> int:
@@ -167,7 +193,8 @@ def decode_(q, k, v, log_g, s_state, z_state, scale: float, eps: float) -> torch
         count = torch.zeros(bsz * hk, dtype=torch.int32, device=q.device)
         _decode_kernel[(bsz * hk, split)](
             qs, ks, vs, gs, s_state, z_state, ys, part_num, part_den, count, n, hq, hk, scale, eps,
-            HEAD_DIM=d, D=expanded_dim(d, 2), G=group, ROWS=rows, SPLIT=split, HAS_GATE=log_g is not None, **opts,
+            HEAD_DIM=d, D=expanded_dim(d, 2), G=group, ROWS=rows, SPLIT=split, HAS_GATE=log_g is not None,
+            DEFER=DEFER_SUMS and rows == 1, **opts,
         )
         if ys is not y:
             y[:, sl] = ys
