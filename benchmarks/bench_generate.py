@@ -190,7 +190,8 @@ def floor_ms(kind: str, model, batch: int, context: int, bandwidth: float) -> fl
     if kind == "llama":
         per_row = c.num_hidden_layers * 2 * context * c.num_key_value_heads * c.head_dim * 2
     else:
-        per_row = PowerCache(c).power_state_bytes_per_row() * 2  # read and write the fp32 state
+        # the fp32 state and its tail read once (a step writes the state only once every DECODE_TAIL tokens)
+        per_row = PowerCache(c).power_state_bytes_per_row()
     return (weights + batch * per_row) / bandwidth * 1e3
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from power_transformers.kernels import reference
 from power_transformers.kernels import triton_power as tp
+from power_transformers.kernels.reference import DECODE_TAIL, empty_decode_state
 
 RESULTS: list[tuple[str, str, float, float]] = []
 
@@ -80,16 +81,25 @@ def check_training(case, b, t, hq, hk, d, dtype=torch.bfloat16, gated=True, chun
             record(case, name, rel(x.grad, xr.grad), tol)
 
 
-def check_decode(case, b, t_prefill, t_decode, hq, hk, d, dtype=torch.bfloat16):
+def check_decode(case, b, t_prefill, t_decode, hq, hk, d, dtype=torch.bfloat16, tail=False):
+    """Prefill, then t_decode tokens one at a time: through (S, z) updated every token, or (tail)
+    through a DecodeState as the model's cache runs it (folds every DECODE_TAIL tokens; the state
+    is compared after a last fold of what stays in the tail)."""
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     q, k, v, log_g = inputs(b, t_prefill + t_decode, hq, hk, d, dtype, True, seed=5)
     y_ref, state_ref = reference.power_attention_chunked(q.float(), k.float(), v.float(), log_g, chunk_size=256,
                                                          output_final_state=True)
     p = t_prefill
     _, state = tp.power_attention(q[:, :p], k[:, :p], v[:, :p], log_g[:, :p], chunk_size=128, output_final_state=True)
+    if tail:
+        tailed = empty_decode_state(b, hk, d, 2, device="cuda")
+        tailed.s.copy_(state[0]), tailed.z.copy_(state[1])
+        state = tailed
     ptr = state[0].data_ptr()
     ys = [tp.power_attention_decode_(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], log_g[:, i:i + 1], state)
           for i in range(p, p + t_decode)]
+    if tail:
+        tp.fold_tail(state)
     assert state[0].data_ptr() == ptr
     record(case, "y", rel(torch.cat(ys, 1), y_ref[:, p:]), tol)
     record(case, "S", rel(state[0], state_ref[0]), tol)
@@ -112,6 +122,8 @@ def main() -> int:
                        ref_dtype=torch.float64)
         check_decode("decode bf16 d64 B4 H8/4, 1000 + 64 tokens", 4, 1000, 64, 8, 4, 64)
         check_decode("decode bf16 d64 B8 H16/16, 1000 + 64 tokens (one query row: DEFER_SUMS)", 8, 1000, 64, 16, 16, 64)
+        check_decode(f"tail decode bf16 d64 B8 H16/16, 1000 + 150 tokens (tail {DECODE_TAIL})", 8, 1000, 150, 16, 16, 64,
+                     tail=True)
         failed = [r for r in RESULTS if not (r[2] == r[2] and r[2] < r[3])]
         print(f"{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed in {time.time() - start:.0f} s", flush=True)
         return 1 if failed else 0
@@ -134,6 +146,12 @@ def main() -> int:
     check_decode("decode bf16 d64 B8 H16/16, 1000 + 64 tokens (one query row: DEFER_SUMS)", 8, 1000, 64, 16, 16, 64)
     check_decode("decode fp32 d128 B2 H4/4, 300 + 16 tokens (one query row: DEFER_SUMS)", 2, 300, 16, 4, 4, 128,
                  dtype=torch.float32)
+    check_decode(f"tail decode bf16 d64 B8 H16/16, 1000 + 150 tokens (tail {DECODE_TAIL})", 8, 1000, 150, 16, 16, 64,
+                 tail=True)
+    check_decode(f"tail decode bf16 d64 B4 H8/2, 1000 + 150 tokens (tail {DECODE_TAIL})", 4, 1000, 150, 8, 2, 64, tail=True)
+    check_decode(f"tail decode fp32 d128 B2 H8/1, 300 + 140 tokens (tail {DECODE_TAIL})", 2, 300, 140, 8, 1, 128,
+                 dtype=torch.float32, tail=True)
+    check_decode(f"tail decode bf16 d32 B2 H4/4, 300 + 70 tokens (tail {DECODE_TAIL})", 2, 300, 70, 4, 4, 32, tail=True)
     failed = [r for r in RESULTS if not (r[2] == r[2] and r[2] < r[3])]
     print(f"{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed in {time.time() - start:.0f} s", flush=True)
     return 1 if failed else 0

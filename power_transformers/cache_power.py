@@ -1,7 +1,8 @@
 """PowerCache: the generation cache of a power model.
 
 Per power layer it holds the recurrent state of DESIGN.md, S [B, Hk, D, d] and z [B, Hk, D] in fp32,
-plus a count of tokens seen; its size is fixed by the config, whatever the context length.
+the tail of up to DECODE_TAIL decoded tokens not yet folded into it, and a count of tokens seen;
+its size is fixed by the config, whatever the context length.
 Per softmax layer of a hybrid it holds an ordinary growing KV cache (transformers' `DynamicLayer`).
 
 `PowerStateLayer` subclasses `DynamicLayer` (not transformers' `LinearAttentionLayer`): every
@@ -15,16 +16,23 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .configuration_power import POWER_LAYER
-from .kernels import empty_state, expanded_dim
+from .kernels import DecodeState, empty_decode_state, expanded_dim, fold_tail_, reference
 
 
 class PowerStateLayer(DynamicLayer):
-    """The recurrent state of one power layer: (S, z) updated in place, and the tokens seen.
+    """The recurrent state of one power layer, updated in place, and the tokens seen.
 
-    `keys` / `values` stay None: a power layer keeps no per-token history.
+    state_s [B, Hk, D, d], state_z [B, Hk, D]: the state (S, z) of DESIGN.md (fp32; fp64 for fp64).
+    tail_k, tail_v [B, Hk, TAIL, d], tail_g [B, Hk, TAIL], tail_len [B, Hk]: the last tokens of
+    one-token decoding, not yet folded into (S, z) (kernels.DecodeState, kernels.DECODE_TAIL):
+    a decode step reads the state without writing it, and folds a full tail in once every TAIL
+    tokens. `state` folds what is pending and returns (S, z).
+
+    `keys` / `values` stay None: a power layer keeps no per-token history beyond the tail.
     """
 
     _layer_type = "power_attention"  # registers the class with transformers' cache mappings
+    _tensors = ("state_s", "state_z", "tail_k", "tail_v", "tail_g", "tail_len")
     is_croppable = False
     is_compileable = False
 
@@ -35,29 +43,47 @@ class PowerStateLayer(DynamicLayer):
         self.degree = degree
         self.static = static
         self.is_compileable = static
-        self.state_s: torch.Tensor | None = None
-        self.state_z: torch.Tensor | None = None
+        for name in self._tensors:
+            setattr(self, name, None)
+        # True once a decode step may have left tokens in the tail (a host flag: folding an
+        # empty tail would cost a launch or a CPU computation before every prefill)
+        self.tail_pending = False
         # Dynamic mode counts tokens here; a static cache counts them in one device tensor
         # (PowerCache.position) so that a compiled step reads no Python int that changes.
         self.seen_tokens = 0
 
+    def _present(self) -> list[str]:
+        return [] if self.state_s is None else list(self._tensors)
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
-        """Allocate a zero state for key_states [B, T, Hk, d]."""
+        """Allocate a zero state and an empty tail for key_states [B, T, Hk, d]."""
         batch, _, heads, head_dim = key_states.shape
         self.device = key_states.device
         dtype = torch.float64 if key_states.dtype == torch.float64 else torch.float32
-        self.state_s, self.state_z = empty_state(batch, heads, head_dim, self.degree, device=key_states.device, dtype=dtype)
-        if self.static and not torch.compiler.is_compiling():
-            torch._dynamo.mark_static_address(self.state_s)  # CUDA graphs replay on these very buffers
-            torch._dynamo.mark_static_address(self.state_z)
+        state = empty_decode_state(batch, heads, head_dim, self.degree, device=key_states.device, dtype=dtype)
+        for name, tensor in zip(self._tensors, state):
+            setattr(self, name, tensor)
+            if self.static and not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(tensor)  # CUDA graphs replay on these very buffers
+        self.tail_pending = False
         self.is_initialized = True
 
     @property
+    def decode_state(self) -> DecodeState:
+        """What a one-token decode step reads and updates in place (the tail included)."""
+        return DecodeState(*(getattr(self, name) for name in self._tensors))
+
+    @property
     def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, z) with every token seen folded in (a pending tail is folded first)."""
+        if self.tail_pending:
+            fold_tail_(self.decode_state, degree=self.degree)
+            self.tail_pending = False
         return self.state_s, self.state_z
 
     def set_state(self, state: tuple[torch.Tensor, torch.Tensor], num_new_tokens: int) -> None:
-        """Store the state after `num_new_tokens` more tokens (copied in place once allocated)."""
+        """Store the state after `num_new_tokens` more tokens (copied in place once allocated).
+        The tail must be empty (`state` empties it): the new state holds every token."""
         if self.static and self.state_s is not None:
             if self.state_s.shape != state[0].shape:
                 raise ValueError(f"a static PowerCache holds states of shape {tuple(self.state_s.shape)}, got {tuple(state[0].shape)}")
@@ -87,9 +113,9 @@ class PowerStateLayer(DynamicLayer):
         return -1
 
     def reset(self) -> None:
-        if self.state_s is not None:
-            self.state_s.zero_()
-            self.state_z.zero_()
+        for name in self._present():
+            getattr(self, name).zero_()
+        self.tail_pending = False
         self.seen_tokens = 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -100,34 +126,30 @@ class PowerStateLayer(DynamicLayer):
             )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row i takes the state of row beam_idx[i] (in place, storage kept)."""
-        if self.state_s is not None:
-            beam_idx = beam_idx.to(self.state_s.device)
-            self.state_s.copy_(self.state_s.index_select(0, beam_idx))
-            self.state_z.copy_(self.state_z.index_select(0, beam_idx))
+        """Beam search: row i takes the state and tail of row beam_idx[i] (in place, storage kept)."""
+        for name in self._present():
+            tensor = getattr(self, name)
+            tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.state_s is not None:
-            self.state_s = self.state_s.repeat_interleave(repeats, dim=0)
-            self.state_z = self.state_z.repeat_interleave(repeats, dim=0)
+        for name in self._present():
+            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.state_s is not None:
-            self.state_s = self.state_s[indices].contiguous()
-            self.state_z = self.state_z[indices].contiguous()
+        for name in self._present():
+            setattr(self, name, getattr(self, name)[indices].contiguous())
 
     def offload(self) -> None:
-        if self.state_s is not None:
-            self.state_s = self.state_s.to("cpu", non_blocking=True)
-            self.state_z = self.state_z.to("cpu", non_blocking=True)
+        for name in self._present():
+            setattr(self, name, getattr(self, name).to("cpu", non_blocking=True))
 
     def prefetch(self) -> None:
         if self.state_s is not None and self.state_s.device != self.device:
-            self.state_s = self.state_s.to(self.device, non_blocking=True)
-            self.state_z = self.state_z.to(self.device, non_blocking=True)
+            for name in self._present():
+                setattr(self, name, getattr(self, name).to(self.device, non_blocking=True))
 
     def nbytes(self) -> int:
-        return 0 if self.state_s is None else self.state_s.nbytes + self.state_z.nbytes
+        return sum(getattr(self, name).nbytes for name in self._present())
 
 
 class StaticKVLayer(DynamicLayer):
@@ -304,9 +326,10 @@ class PowerCache(Cache):
         return total
 
     def power_state_bytes_per_row(self) -> int:
-        """fp32 bytes of one sequence's power states: fixed by the config, independent of context."""
+        """fp32 bytes of one sequence's power states and tails: fixed by the config, independent of context."""
         c = self.config
-        per_layer = c.num_key_value_heads * expanded_dim(c.head_dim, c.degree) * (c.head_dim + 1) * 4
+        tail = reference.DECODE_TAIL * (2 * c.head_dim + 1) * 4 + 4  # keys, values, gates and the length
+        per_layer = c.num_key_value_heads * (expanded_dim(c.head_dim, c.degree) * (c.head_dim + 1) * 4 + tail)
         return per_layer * sum(isinstance(layer, PowerStateLayer) for layer in self.layers)
 
 

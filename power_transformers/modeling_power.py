@@ -196,8 +196,9 @@ class PowerAttention(PowerAttentionBase):
         else:
             if not layer.is_initialized:
                 layer.lazy_initialization(k)  # a zero state is an empty context
-            if q.shape[1] == 1:
-                attn = power_attention_decode_(q, k, v, log_g, layer.state, **options)
+            if q.shape[1] == 1:  # through the tail: the state is read, written once every DECODE_TAIL tokens
+                attn = power_attention_decode_(q, k, v, log_g, layer.decode_state, **options)
+                layer.tail_pending = True
                 layer.advance(1)
             else:
                 attn, state = power_attention(

@@ -1,4 +1,4 @@
-"""The experiment kernels of benchmarks/ (explore_state_products.py, explore_tail_decode.py) under
+"""The experiment kernels of benchmarks/explore_state_products.py under
 Triton's interpreter: each variant against a PyTorch computation, so that the figures they give on
 the GPU are of correct kernels. Tiny shapes, fp32."""
 
@@ -13,7 +13,6 @@ pytest.importorskip("triton")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import explore_state_products as esp  # noqa: E402
-import explore_tail_decode as etd  # noqa: E402
 
 D, T, C, H = 32, 64, 32, 2
 N, NB = T // C, D // esp.BLOCK
@@ -68,11 +67,3 @@ def test_query_gradient_variants(data, variant):
     out = torch.zeros(H, T, D)
     esp._dq_kernel[(N, H)](x, y, state, out, T, N, CHUNK=C, HEAD_DIM=D, D=state.shape[2], VARIANT=variant, NB=NB)
     assert rel(out, xr.grad) < 1e-5
-
-
-@pytest.mark.parametrize("hq, hk, d, tail, steps, defer", [(2, 2, 16, 4, 11, True), (4, 2, 16, 8, 19, False),
-                                                         (2, 2, 16, 8, 19, False)])
-def test_tail_decode_matches_todays_decode(hq, hk, d, tail, steps, defer):
-    """Over more than two folds: every output, and the state right after a fold."""
-    y_err, s_err = etd.check(2, hq, hk, d, tail, steps, "cpu", defer=defer)
-    assert y_err < 1e-5 and s_err < 1e-5

@@ -72,6 +72,22 @@ def test_decoding_token_by_token_equals_full_forward(layer_types, prefill):
 
 
 @pytest.mark.parametrize("layer_types", [None, HYBRID])
+def test_a_block_of_tokens_after_decoding_continues_the_sequence(layer_types):
+    """Prefill, one token at a time (the tail folds every 4 tokens in the tests, and 2 stay in
+    it), a block of 8 (which folds the pending tail first), then one at a time again."""
+    model = tiny_model(layer_types=layer_types)
+    ids = torch.randint(3, 97, (2, 27))
+    cache = PowerCache(model.config)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        logits = [model(ids[:, :5], **{CACHE_NAME: cache}, use_cache=True).logits]
+        logits += [model(ids[:, t : t + 1], **{CACHE_NAME: cache}, use_cache=True).logits for t in range(5, 11)]
+        logits.append(model(ids[:, 11:19], **{CACHE_NAME: cache}, use_cache=True).logits)
+        logits += [model(ids[:, t : t + 1], **{CACHE_NAME: cache}, use_cache=True).logits for t in range(19, 27)]
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layer_types", [None, HYBRID])
 def test_left_padded_rows_match_their_unpadded_selves(layer_types):
     model = tiny_model(layer_types=layer_types)
     lengths = [13, 7, 10]
@@ -151,11 +167,16 @@ def test_reorder_cache_moves_states():
     cache = PowerCache(model.config)
     with torch.no_grad():
         model(ids, **{CACHE_NAME: cache}, use_cache=True)
-    before = cache.layers[0].state_s.clone()
-    pointer = cache.layers[0].state_s.data_ptr()
+        model(ids[:, :2], **{CACHE_NAME: cache}, use_cache=True)  # a few tokens
+        for t in range(2, 5):
+            model(ids[:, t : t + 1], **{CACHE_NAME: cache}, use_cache=True)  # three left in the tail
+    before = [x.clone() for x in cache.layers[0].decode_state]
+    pointers = [x.data_ptr() for x in cache.layers[0].decode_state]
     cache.reorder_cache(torch.tensor([2, 0, 0]))
-    assert cache.layers[0].state_s.data_ptr() == pointer
-    assert torch.equal(cache.layers[0].state_s[0], before[2]) and torch.equal(cache.layers[0].state_s[2], before[0])
+    after = cache.layers[0].decode_state
+    assert [x.data_ptr() for x in after] == pointers
+    for x, old in zip(after, before):  # the state and every part of the tail
+        assert torch.equal(x[0], old[2]) and torch.equal(x[1], old[0]) and torch.equal(x[2], old[0])
 
 
 def test_pipeline_text_generation(tmp_path):

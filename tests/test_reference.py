@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from power_transformers.kernels import (
+    empty_decode_state,
     empty_state,
+    fold_tail_,
     expanded_dim,
     power_attention,
     power_attention_chunked,
@@ -84,6 +86,35 @@ def test_decode_updates_state_in_place():
     pointers = [x.data_ptr() for x in state]
     ys = [power_attention_decode_(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], log_g[:, i : i + 1], state) for i in range(12)]
     assert [x.data_ptr() for x in state] == pointers
+    torch.testing.assert_close(torch.cat(ys, 1), power_attention_quadratic(q, k, v, log_g), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("degree, hq, gating", [(2, 4, True), (4, 2, True), (2, 2, False)])
+def test_tail_decode_equals_decode_across_folds(degree, hq, gating):
+    """One token at a time through a DecodeState (tail of 4): the outputs of folding every token
+    (Form 2) over five folds; a flush leaves (S, z) equal to Form 2's state and the tails empty."""
+    q, k, v, log_g = make_inputs(t=22, hq=hq, gating=gating)
+    state, tailed = empty_state(2, 2, 8, degree, dtype=torch.float64), empty_decode_state(2, 2, 8, degree, dtype=torch.float64)
+    pointers = [x.data_ptr() for x in tailed]
+    for i in range(22):
+        sl = slice(i, i + 1)
+        y = power_attention_decode_(q[:, sl], k[:, sl], v[:, sl], None if log_g is None else log_g[:, sl], state, degree=degree)
+        y_tail = power_attention_decode_(q[:, sl], k[:, sl], v[:, sl], None if log_g is None else log_g[:, sl], tailed,
+                                         degree=degree)
+        assert_rel(y_tail, y, 1e-10)
+    assert tailed.tail_len.eq(22 - 20).all()  # 20 tokens in five folds, two in the tail
+    fold_tail_(tailed, degree=degree)
+    assert tailed.tail_len.eq(0).all() and [x.data_ptr() for x in tailed] == pointers
+    assert_rel(tailed.s, state[0], 1e-12)
+    assert_rel(tailed.z, state[1], 1e-12)
+
+
+def test_several_tokens_through_a_decode_state_fold_its_tail_first():
+    q, k, v, log_g = make_inputs(t=9)
+    tailed = empty_decode_state(2, 2, 8, 2, dtype=torch.float64)
+    ys = [power_attention_decode_(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], log_g[:, i : i + 1], tailed) for i in range(6)]
+    ys.append(power_attention_decode_(q[:, 6:], k[:, 6:], v[:, 6:], log_g[:, 6:], tailed))
+    assert tailed.tail_len.eq(0).all()
     torch.testing.assert_close(torch.cat(ys, 1), power_attention_quadratic(q, k, v, log_g), rtol=1e-9, atol=1e-9)
 
 

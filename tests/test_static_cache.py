@@ -30,16 +30,24 @@ def test_static_and_dynamic_greedy_give_identical_tokens(layer_types, padded):
     assert torch.equal(static, dynamic)
 
 
+def storage(layer):
+    """The addresses of a layer's buffers: state and tail (power) or keys and values (softmax)."""
+    if hasattr(layer, "decode_state"):
+        return [x.data_ptr() for x in layer.decode_state]
+    return [layer.keys.data_ptr(), layer.values.data_ptr()]
+
+
 def test_static_buffers_keep_their_storage_across_steps():
+    """20 decode steps cross several folds of the tail (4 tokens in the tests) into the state."""
     model = tiny_model(layer_types=HYBRID)
     cache = PowerCache(model.config, max_cache_len=40)
     ids = torch.randint(3, 97, (2, 30))
     with torch.no_grad():
         model(ids[:, :10], **{CACHE_NAME: cache}, use_cache=True)
-        pointers = [(l.state_s.data_ptr(), l.state_z.data_ptr()) if hasattr(l, "state_s") else (l.keys.data_ptr(), l.values.data_ptr()) for l in cache.layers]
+        pointers = [storage(layer) for layer in cache.layers]
         position = cache.position.data_ptr()
         stepped = [model(ids[:, t : t + 1], **{CACHE_NAME: cache}, use_cache=True).logits for t in range(10, 30)]
-        after = [(l.state_s.data_ptr(), l.state_z.data_ptr()) if hasattr(l, "state_s") else (l.keys.data_ptr(), l.values.data_ptr()) for l in cache.layers]
+        after = [storage(layer) for layer in cache.layers]
         assert after == pointers and cache.position.data_ptr() == position
         assert cache.get_seq_length() == 30
         full = model(ids, use_cache=False).logits[:, 10:]

@@ -216,6 +216,69 @@ def test_decode_one_query_row_sums_its_terms_once(split, monkeypatch):
     assert rel(state[0], state_ref[0]) < 1e-5 and rel(state[1], state_ref[1]) < 1e-5
 
 
+@pytest.mark.parametrize("hq, hk, d, tail, gated", [(2, 2, 32, 8, True), (8, 2, 16, 4, False), (16, 1, 64, 16, True)])
+def test_tail_decode_matches_reference_across_folds(hq, hk, d, tail, gated):
+    """One token at a time through a DecodeState: the kernels (fold, then a step that reads the
+    state and attends over the tail) against the reference's tail decoding in fp64, over several
+    folds. (16, 1, 64, 16): 16 query rows, so the tail is attended 8 tokens at a time. Then a
+    flush (fold_tail_) and the state against the reference's."""
+    from power_transformers.kernels.reference import empty_decode_state
+
+    steps = 2 * tail + 3
+    q, k, v, log_g = make_inputs(2, steps, hq, hk, d, gated=gated, seed=13)
+    s, z = random_state(2, hk, d)
+    state = empty_decode_state(2, hk, d, 2, tail=tail)
+    ref = empty_decode_state(2, hk, d, 2, dtype=torch.float64, tail=tail)
+    state.s.copy_(s), state.z.copy_(z), ref.s.copy_(s), ref.z.copy_(z)
+    pointers = [x.data_ptr() for x in state]
+    for t in range(steps):
+        sl = slice(t, t + 1)
+        g = log_g[:, sl] if gated else None
+        y = dispatch.power_attention_decode_(q[:, sl], k[:, sl], v[:, sl], g, state, backend="triton")
+        y_ref = dispatch.power_attention_decode_(q[:, sl].double(), k[:, sl].double(), v[:, sl].double(),
+                                                 None if g is None else g.double(), ref, backend="reference")
+        assert rel(y, y_ref) < 1e-5
+    assert torch.equal(state.tail_len, ref.tail_len) and [x.data_ptr() for x in state] == pointers
+    dispatch.fold_tail_(state, backend="triton")
+    dispatch.fold_tail_(ref, backend="reference")
+    assert state.tail_len.eq(0).all()
+    assert rel(state.s, ref.s) < 1e-5 and rel(state.z, ref.z) < 1e-5
+
+
+def test_a_model_decodes_through_the_kernels_as_through_the_reference():
+    """The tiny model (head size 16, GQA) with attention_backend="triton": prefill, decode across
+    folds of the tail (4 tokens in the tests), a block of tokens, more decoding; the logits
+    equal a cache-free forward through the reference."""
+    from helpers import tiny_model
+
+    from power_transformers import PowerCache
+    from power_transformers.compat import CACHE_NAME
+
+    model = tiny_model(attention_backend="triton")
+    ids = torch.randint(3, 97, (2, 20))
+    cache = PowerCache(model.config)
+    with torch.no_grad():
+        logits = [model(ids[:, :3], **{CACHE_NAME: cache}, use_cache=True).logits]
+        logits += [model(ids[:, t : t + 1], **{CACHE_NAME: cache}, use_cache=True).logits for t in range(3, 9)]
+        logits.append(model(ids[:, 9:12], **{CACHE_NAME: cache}, use_cache=True).logits)
+        logits += [model(ids[:, t : t + 1], **{CACHE_NAME: cache}, use_cache=True).logits for t in range(12, 20)]
+        model.config.attention_backend = "reference"
+        full = model(ids, use_cache=False).logits
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_tail_decode_rejects_a_wrong_tail():
+    from power_transformers.kernels.reference import empty_decode_state
+
+    q = torch.randn(1, 1, 1, 16)
+    good = empty_decode_state(1, 1, 16, 2)
+    for bad, needle in ((good._replace(tail_k=good.tail_k[:, :, :3].contiguous()), "power of two"),
+                        (good._replace(tail_len=good.tail_len.long()), "tail_len has dtype"),
+                        (good._replace(tail_g=good.tail_g[:, :, :2].contiguous()), "tail_g has shape")):
+        with pytest.raises(ValueError, match=needle):
+            dispatch.power_attention_decode_(q, q, q, None, bad, backend="triton")
+
+
 # ----------------------------------------------------------------------------------
 # Bad input, dispatch
 # ----------------------------------------------------------------------------------
@@ -324,6 +387,14 @@ def test_opcheck_custom_ops():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(torch.ops.power_transformers.decode_.default,
                           (q[:, :1], k[:, :1], v[:, :1], log_g[:, :1], s.clone(), z.clone(), 0.25, 1e-6),
+                          test_utils=("test_schema", "test_faketensor"))
+    from power_transformers.kernels.reference import empty_decode_state
+
+    tailed = empty_decode_state(1, 1, 16, 2, tail=4)._replace(s=s.clone(), z=z.clone())
+    torch.library.opcheck(torch.ops.power_transformers.tail_decode_.default,
+                          (q[:, :1], k[:, :1], v[:, :1], log_g[:, :1], *tailed, 0.25, 1e-6),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.power_transformers.fold_tail_.default, tuple(tailed),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -1,8 +1,11 @@
 """Power attention kernels: the PyTorch reference of every form, the Triton kernels, one dispatch."""
 
-from .dispatch import BACKENDS, power_attention, power_attention_decode_
+from .dispatch import BACKENDS, fold_tail_, power_attention, power_attention_decode_
 from .reference import (
+    DECODE_TAIL,
+    DecodeState,
     check_degree,
+    empty_decode_state,
     empty_state,
     expanded_dim,
     power_attention_chunked,
@@ -13,8 +16,12 @@ from .reference import (
 
 __all__ = [
     "BACKENDS",
+    "DECODE_TAIL",
+    "DecodeState",
     "check_degree",
+    "empty_decode_state",
     "empty_state",
+    "fold_tail_",
     "expanded_dim",
     "power_attention",
     "power_attention_chunked",

@@ -1,4 +1,4 @@
-"""The two entry points the model calls; they pick an implementation by device and backend.
+"""The entry points the model calls; they pick an implementation by device and backend.
 
 `backend`:
     "auto"       the Triton kernels on CUDA tensors they support, the PyTorch reference elsewhere
@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from . import reference
-from .reference import State
+from .reference import DecodeState, State
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -57,13 +57,13 @@ def _use_triton(backend: str, q: torch.Tensor, degree: int, k=None, v=None, log_
     if backend == "triton":
         if module is None:
             raise RuntimeError("backend='triton' was asked for but the Triton kernels are not available (pip install triton)")
-        module.check_supported(q, degree, k, v, log_g, state)  # raises with the reason
+        module.check_supported(q, degree, k, v, log_g, None if state is None else state[:2])  # raises with the reason
         return True
     if module is None:
         _warn_once("Triton is not installed (pip install triton)")
         return False
     try:
-        module.check_supported(q, degree, k, v, log_g, state)
+        module.check_supported(q, degree, k, v, log_g, None if state is None else state[:2])
     except ValueError as err:
         _warn_once(str(err))
         return False
@@ -106,7 +106,7 @@ def power_attention_decode_(
     k: torch.Tensor,
     v: torch.Tensor,
     log_g: torch.Tensor | None,
-    state: State,
+    state: State | DecodeState,
     *,
     degree: int = 2,
     scale: float | None = None,
@@ -115,9 +115,30 @@ def power_attention_decode_(
 ) -> torch.Tensor:
     """A few new tokens against the recurrent state, which is updated in place.
 
-    q [B, t, Hq, d], k/v [B, t, Hk, d], log_g [B, t, Hk] or None, state (S, z) fp32.
-    Returns y [B, t, Hq, d]. The state keeps its shape and storage (static caches rely on it).
+    q [B, t, Hq, d], k/v [B, t, Hk, d], log_g [B, t, Hk] or None; state (S, z) fp32, or a
+    DecodeState (S, z and a tail of tokens not yet folded in: what the model's cache carries),
+    with which one token at a time is read against (S, z) without writing it (see reference.
+    DECODE_TAIL). Returns y [B, t, Hq, d]. The state keeps its shapes and storage (static caches
+    rely on it).
     """
     if _use_triton(backend, q, degree, k, v, log_g, state):
         return _triton_module().power_attention_decode_(q, k, v, log_g, state, degree=degree, scale=scale, eps=eps)
+    if isinstance(state, DecodeState):
+        if q.shape[1] == 1:
+            return reference.power_attention_tail_decode_(q, k, v, log_g, state, degree=degree, scale=scale, eps=eps)
+        reference.fold_tail_(state, degree=degree)
+        state = state[:2]
     return reference.power_attention_decode_(q, k, v, log_g, state, degree=degree, scale=scale, eps=eps)
+
+
+def fold_tail_(state: DecodeState, *, degree: int = 2, backend: str = "auto") -> None:
+    """Fold every not yet folded tail token of `state` into (S, z), in place (tails become empty):
+    before (S, z) is read as the state of every token so far."""
+    s = state.s
+    kernels = degree == 2 and s.dtype == torch.float32 and _resolve_backend(backend) != "reference" and (
+        s.is_cuda or _resolve_backend(backend) == "triton")
+    module = _triton_module() if kernels else None
+    if module is not None:
+        module.fold_tail(state)
+    else:
+        reference.fold_tail_(state, degree=degree)

@@ -21,10 +21,36 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import NamedTuple
 
 import torch
 
 State = tuple[torch.Tensor, torch.Tensor]
+
+#: Tokens a decode state keeps beside (S, z) before folding them in (DESIGN.md: "any not yet
+#: folded tail of the current chunk"). A one-token step then reads (S, z) without writing it
+#: and attends over the tail; once the tail is full, it is folded into (S, z) before the next
+#: token. On the H100 at batch 8 (benchmarks/RESULTS.md) this took a step from 2.5x to 1.76x the
+#: time of reading the state once, against a step that writes the state every token.
+DECODE_TAIL = 64
+
+
+class DecodeState(NamedTuple):
+    """What one-token decoding carries per layer (all updated in place, shapes fixed):
+
+    s, z      S [B, Hk, D, d], z [B, Hk, D]: every token up to the tail (fp32; fp64 for fp64)
+    tail_k    [B, Hk, TAIL, d] keys of the tokens since the last fold (same dtype as s)
+    tail_v    [B, Hk, TAIL, d] their values
+    tail_g    [B, Hk, TAIL]    running log-gate since the last fold, at each tail token
+    tail_len  [B, Hk] int32    tokens in the tail; TAIL means full: the next step folds it first
+    """
+
+    s: torch.Tensor
+    z: torch.Tensor
+    tail_k: torch.Tensor
+    tail_v: torch.Tensor
+    tail_g: torch.Tensor
+    tail_len: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------
@@ -115,6 +141,17 @@ def empty_state(batch: int, num_kv_heads: int, head_dim: int, degree: int, devic
         torch.zeros(batch, num_kv_heads, dim, head_dim, dtype=dtype, device=device),
         torch.zeros(batch, num_kv_heads, dim, dtype=dtype, device=device),
     )
+
+
+def empty_decode_state(batch: int, num_kv_heads: int, head_dim: int, degree: int, device=None, dtype=torch.float32,
+                       tail: int | None = None) -> DecodeState:
+    """A zero state with an empty tail of `tail` tokens (default DECODE_TAIL; a power of two for the kernels)."""
+    tail = DECODE_TAIL if tail is None else tail
+    s, z = empty_state(batch, num_kv_heads, head_dim, degree, device=device, dtype=dtype)
+    return DecodeState(s, z, torch.zeros(batch, num_kv_heads, tail, head_dim, dtype=dtype, device=device),
+                       torch.zeros(batch, num_kv_heads, tail, head_dim, dtype=dtype, device=device),
+                       torch.zeros(batch, num_kv_heads, tail, dtype=dtype, device=device),
+                       torch.zeros(batch, num_kv_heads, dtype=torch.int32, device=device))
 
 
 # ----------------------------------------------------------------------------------
@@ -246,6 +283,83 @@ def power_attention_recurrent(
         state = (initial_state[0].clone(), initial_state[1].clone())
     y = power_attention_decode_(q, k, v, log_g, state, degree=degree, scale=scale, eps=eps)
     return y, state
+
+
+def _at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, Hk, TAIL] at a tail position per (row, head), index [B, Hk] -> [B, Hk]."""
+    return x.gather(-1, index.long()[..., None])[..., 0]
+
+
+def fold_tail_(state: DecodeState, *, degree: int = 2, full_only: bool = False) -> None:
+    """Fold the tail's tokens into (S, z), in place: S = e^{G} S + sum_j e^{G - G_j} phi(k_j) v_j^T
+    (z likewise; G the running log-gate at the tail's last token).
+
+    full_only: only full tails, and the length stays TAIL (the step that follows reads a full
+    tail as folded: what a decode step does first). Otherwise every non-empty tail, and the
+    lengths become 0 (before a multi-token forward, or to read the state out).
+    """
+    s, z, tail_k, tail_v, tail_g, tail_len = state
+    cap = tail_k.shape[2]
+    fold = tail_len >= (cap if full_only else 1)  # [B, Hk]
+    valid = torch.arange(cap, device=tail_len.device) < tail_len[..., None]  # [B, Hk, TAIL]
+    g_last = _at(tail_g, (tail_len - 1).clamp(min=0))
+    decay = torch.where(valid, torch.exp(g_last[..., None] - tail_g), 0.0)  # (unused positions may hold stale gates)
+    phi_k = symmetric_power_embedding(tail_k, degree) * decay[..., None]  # [B, Hk, TAIL, D]
+    carry = torch.exp(g_last)
+    s.copy_(torch.where(fold[..., None, None], carry[..., None, None] * s + phi_k.transpose(-1, -2) @ tail_v, s))
+    z.copy_(torch.where(fold[..., None], carry[..., None] * z + phi_k.sum(2), z))
+    if not full_only:
+        tail_len.zero_()
+
+
+def power_attention_tail_decode_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_g: torch.Tensor | None,
+    state: DecodeState,
+    *,
+    degree: int = 2,
+    scale: float | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """One token against (S, z) and the tail, which takes the token; y [B, 1, Hq, d]. The same
+    numbers as power_attention_decode_ up to rounding (Form 2 with its sum split at the last fold):
+
+        y = [e^{G_m} phi(s q)^T S + sum_{j<=m} (s q.k_j)^p e^{G_m - G_j} v_j] / (same with z, 1 + eps)
+
+    over the m tokens of the tail and the new one at position m. A full tail is folded in first.
+    """
+    check_degree(degree)
+    _check_shapes(q, k, v, log_g)
+    if q.shape[1] != 1:
+        raise ValueError(f"a tail decode step takes one token, got {q.shape[1]}")
+    b, _, hq, d = q.shape
+    hk = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    fold_tail_(state, degree=degree, full_only=True)
+    s, z, tail_k, tail_v, tail_g, tail_len = state
+    cdt = s.dtype
+    m = torch.where(tail_len == tail_k.shape[2], 0, tail_len)  # a full tail was just folded
+    g_m = torch.where(m > 0, _at(tail_g, (m - 1).clamp(min=0)), 0.0)
+    if log_g is not None:
+        g_m = g_m + log_g[:, 0].to(cdt)
+    at_m = m.long()[..., None, None]
+    tail_k.scatter_(2, at_m.expand(-1, -1, 1, d), k[:, 0, :, None].to(cdt))
+    tail_v.scatter_(2, at_m.expand(-1, -1, 1, d), v[:, 0, :, None].to(cdt))
+    tail_g.scatter_(2, at_m[..., 0], g_m[..., None])
+    qs = _grouped(q, hk)[:, 0].to(cdt) * scale  # [B, Hk, G, d]
+    phi_q = symmetric_power_embedding(qs, degree)
+    carry = torch.exp(g_m)
+    num = carry[..., None, None] * torch.einsum("bhgD,bhDd->bhgd", phi_q, s)
+    den = carry[..., None] * torch.einsum("bhgD,bhD->bhg", phi_q, z)
+    valid = torch.arange(tail_k.shape[2], device=m.device) <= m[..., None]
+    decay = torch.where(valid, torch.exp(g_m[..., None] - tail_g), 0.0)  # [B, Hk, TAIL]
+    a = torch.einsum("bhgd,bhtd->bhgt", qs, tail_k) ** degree * decay[:, :, None, :]
+    num = num + torch.einsum("bhgt,bhtd->bhgd", a, tail_v)
+    den = den + a.sum(-1)
+    tail_len.copy_(m + 1)
+    return (num / (den + eps)[..., None]).reshape(b, 1, hq, d).to(v.dtype)
 
 
 # ----------------------------------------------------------------------------------

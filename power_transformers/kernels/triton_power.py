@@ -36,11 +36,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import State, expanded_dim
+from .reference import DecodeState, State, expanded_dim
 from .triton_common import SUPPORTED_DEGREES, SUPPORTED_HEAD_DIMS, interpreting
 from .triton_attention import attention_backward, attention_forward
 from .triton_chunk import chunk_backward, chunk_forward
-from .triton_decode import decode_
+from .triton_decode import decode_, fold_tail_, tail_decode_
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -243,6 +243,35 @@ def _(q, k, v, log_g, state_s, state_z, scale, eps):
     return q.new_empty(q.shape, dtype=v.dtype)
 
 
+@torch.library.custom_op("power_transformers::tail_decode_",
+                         mutates_args=("state_s", "state_z", "tail_k", "tail_v", "tail_g", "tail_len"))
+def _tail_decode_op(
+    q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], state_s: Tensor, state_z: Tensor, tail_k: Tensor,
+    tail_v: Tensor, tail_g: Tensor, tail_len: Tensor, scale: float, eps: float,
+) -> Tensor:
+    """y [B, 1, Hq, d]; the DecodeState's tensors updated in place."""
+    with _on_device_of(q):
+        return tail_decode_(q, k, v, log_g, DecodeState(state_s, state_z, tail_k, tail_v, tail_g, tail_len), scale, eps)
+
+
+@_tail_decode_op.register_fake
+def _(q, k, v, log_g, state_s, state_z, tail_k, tail_v, tail_g, tail_len, scale, eps):
+    return q.new_empty(q.shape, dtype=v.dtype)
+
+
+@torch.library.custom_op("power_transformers::fold_tail_",
+                         mutates_args=("state_s", "state_z", "tail_len"))
+def _fold_tail_op(state_s: Tensor, state_z: Tensor, tail_k: Tensor, tail_v: Tensor, tail_g: Tensor,
+                  tail_len: Tensor) -> None:
+    with _on_device_of(state_s):
+        fold_tail_(DecodeState(state_s, state_z, tail_k, tail_v, tail_g, tail_len))
+
+
+@_fold_tail_op.register_fake
+def _(state_s, state_z, tail_k, tail_v, tail_g, tail_len):
+    return None
+
+
 # ----------------------------------------------------------------------------------
 # Public entry points (what dispatch.py calls)
 # ----------------------------------------------------------------------------------
@@ -293,13 +322,44 @@ def power_attention(
     return y, ((s_final, z_final) if output_final_state else None)
 
 
+def _check_decode_state(state: DecodeState) -> None:
+    s, z, tail_k, tail_v, tail_g, tail_len = state
+    b, hk, _, d = s.shape
+    cap = tail_k.shape[2] if tail_k.dim() == 4 else 0
+    if cap < 2 or cap & (cap - 1):
+        raise ValueError(f"the decode state's tail must hold a power of two >= 2 of tokens, got shape {tuple(tail_k.shape)}")
+    for name, x, want in (("tail_k", tail_k, (b, hk, cap, d)), ("tail_v", tail_v, (b, hk, cap, d)),
+                          ("tail_g", tail_g, (b, hk, cap)), ("tail_len", tail_len, (b, hk))):
+        if tuple(x.shape) != want:
+            raise ValueError(f"the decode state's {name} has shape {tuple(x.shape)}, expected {want}")
+        if x.dtype != (torch.int32 if name == "tail_len" else torch.float32):
+            raise ValueError(f"the decode state's {name} has dtype {x.dtype}")
+    if not all(x.is_contiguous() for x in state):
+        raise ValueError("the decode state's tensors must be contiguous: they are updated in place")
+
+
+def fold_tail(state: DecodeState) -> None:
+    """Fold every non-empty tail of `state` into (S, z), in place; the tails become empty."""
+    _check_decode_state(state)
+    _fold_tail_op(*state)
+
+
 def power_attention_decode_(
-    q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], state: State, *, degree: int = 2,
+    q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], state: State | DecodeState, *, degree: int = 2,
     scale: Optional[float] = None, eps: float = 1e-6,
 ) -> Tensor:
-    """A few new tokens against `state` = (S, z), updated in place; y [B, t, Hq, d]."""
-    check_supported(q, degree, k, v, log_g, state)
-    s, z = state
+    """New tokens against `state`, updated in place; y [B, t, Hq, d]. With a DecodeState one token
+    at a time goes through its tail (tail_decode_); several tokens fold the tail first and go
+    through (S, z) as with a plain state (S, z)."""
+    check_supported(q, degree, k, v, log_g, state[:2])
+    if isinstance(state, DecodeState):
+        _check_decode_state(state)
+        if q.shape[1] == 1:
+            return _tail_decode_op(q.contiguous(), k.contiguous(), v.contiguous(),
+                                   None if log_g is None else log_g.contiguous(), *state,
+                                   _scale(scale, q.shape[-1]), float(eps))
+        fold_tail(state)
+    s, z = state[:2]
     if not (s.is_contiguous() and z.is_contiguous()):
         raise ValueError("the decode state (S, z) must be contiguous: it is updated in place")
     return _decode_op(q.contiguous(), k.contiguous(), v.contiguous(), None if log_g is None else log_g.contiguous(),
