@@ -215,15 +215,18 @@ def decode_(q, k, v, log_g, s_state, z_state, scale: float, eps: float) -> torch
 
 
 @triton.jit
-def _fold_kernel(S, Z, TK, TV, TG, TLEN, fold_at, HEAD_DIM: tl.constexpr, D: tl.constexpr, CT: tl.constexpr,
+def _fold_kernel(S, Z, TK, TV, TG, TLEN, COUNT, fold_at, HEAD_DIM: tl.constexpr, D: tl.constexpr, CT: tl.constexpr,
                  SPLIT: tl.constexpr):
     """The tail's n tokens into the state where n >= fold_at (else the program reads one number
     and ends): S = e^{G} S + sum_j e^{G - G_j} phi(k_j) v_j^T, z likewise (G the running
     log-gate of the tail's last token). Grid (B Hk, SPLIT), row-blocks interleaved. The length
     is left as it is (a step reads a full one as folded; a flush zeroes it after this kernel).
     One outer product per token in fp32 registers: as one tl.dot of [d, CT] x [CT, d] the fold
-    ran slower on the H100 (6.7 ms exact fp32, 0.32 ms tf32x3, 0.30 ms this way; 69 MB state)."""
+    ran slower on the H100 (6.7 ms exact fp32, 0.32 ms tf32x3, 0.30 ms this way; 69 MB state).
+    COUNT [B Hk], the step's arrival counters, is zeroed here (saves the step a memset launch)."""
     bh = tl.program_id(0)
+    if tl.program_id(1) == 0:
+        tl.store(COUNT + bh, 0)
     n = tl.load(TLEN + bh)
     if n >= fold_at:
         offs_d = tl.arange(0, HEAD_DIM)
@@ -328,12 +331,16 @@ def _tail_step_kernel(
         tl.store(COUNT + bh, 0)
 
 
-def _fold(state, fold_at: int) -> None:
+def _fold(state, fold_at: int) -> torch.Tensor:
+    """_fold_kernel over `state`; returns the zeroed arrival counters [B Hk] int32 for a step."""
     s, z, tail_k = state.s, state.z, state.tail_k
     bsz, hk, dim, d = s.shape
     split = min(8, d)
-    _fold_kernel[(bsz * hk, split)](s, z, tail_k, state.tail_v, state.tail_g, state.tail_len, fold_at, HEAD_DIM=d,
-                                    D=dim, CT=tail_k.shape[2], SPLIT=split, **({} if interpreting() else {"num_warps": 4}))
+    count = torch.empty(bsz * hk, dtype=torch.int32, device=s.device)
+    _fold_kernel[(bsz * hk, split)](s, z, tail_k, state.tail_v, state.tail_g, state.tail_len, count, fold_at,
+                                    HEAD_DIM=d, D=dim, CT=tail_k.shape[2], SPLIT=split,
+                                    **({} if interpreting() else {"num_warps": 4}))
+    return count
 
 
 def fold_tail_(state) -> None:
@@ -351,15 +358,14 @@ def tail_decode_(q, k, v, log_g, state, scale: float, eps: float) -> torch.Tenso
     group = hq // hk
     cap = state.tail_k.shape[2]
     rows = _rows(1, group)
-    # Half the programs of the per-token kernel read the state (reading only, each can take more
-    # of it); the tail's program is one more. At batch 8 x 16 heads on the H100 that is 4 + 1:
-    # 0.0407 ms per step, against 0.0422 for 8 + 1 and 0.0430 for 16 + 1.
-    split = max(1, _split(bsz * hk, d) // 2)
-    _fold(state, cap)
+    # A quarter of the per-token kernel's programs read the state (reading only, each can take
+    # more of it); the tail's program is one more. At batch 8 x 16 heads on the H100 that is
+    # 2 + 1, 0.0442 ms per step graphed, against 0.0544 / 0.0468 / 0.0493 for 1 / 4 / 8 + 1.
+    split = max(1, _split(bsz * hk, d) // 4)
+    count = _fold(state, cap)
     y = torch.empty(bsz, 1, hq, d, dtype=v.dtype, device=q.device)
     part_num = torch.empty(bsz * hk * (split + 1) * rows, d, dtype=torch.float32, device=q.device)
     part_den = torch.empty(bsz * hk * (split + 1) * rows, dtype=torch.float32, device=q.device)
-    count = torch.zeros(bsz * hk, dtype=torch.int32, device=q.device)
     # the tail program's [rows, TB, d] product within ~8k numbers
     tb = min(cap, max(2, triton.next_power_of_2(8192 // (rows * d))))
     _tail_step_kernel[(bsz * hk, split + 1)](
