@@ -49,6 +49,22 @@ def bench(fn, grad_to_none=None, rep=200):
     return triton.testing.do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, return_mode="median")
 
 
+def graphed_ms(fn, steps, rep=100):
+    """ms per call of `steps` calls captured in one CUDA graph (what a static cache and
+    reduce-overhead give the model), after `steps` calls to warm up."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(steps):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(steps):
+            fn()
+    return bench(graph.replay, rep=rep) / steps
+
+
 def ceilings():
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -177,25 +193,11 @@ def decode_rows(copy_tbs, retention_ok, retention_budget):
     state_bytes = s.numel() * 4 + z.numel() * 4
     floor = state_bytes / (copy_tbs * 1e12) * 1e3
 
-    def graphed(fn, steps):
-        """ms per call of `steps` calls captured in one CUDA graph (what a static cache and
-        reduce-overhead give the model)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(steps):
-                fn()
-        return bench(graph.replay, rep=100) / steps
-
     def per_token():
         return tp.power_attention_decode_(q, k, v, log_g, (s, z))
 
     rows.append(("ours, state updated in place every token", state_bytes, bench(per_token, rep=100), floor))
-    rows.append(("ours, state updated in place every token, CUDA graph", state_bytes, graphed(per_token, 1), floor))
+    rows.append(("ours, state updated in place every token, CUDA graph", state_bytes, graphed_ms(per_token, 1), floor))
     # The model's decode: a tail of DECODE_TAIL tokens, the state read every token and written
     # once every DECODE_TAIL (the fold): timed over whole cycles, so the fold's cost is spread.
     tailed = empty_decode_state(b, HEADS, D_HEAD, 2, device="cuda")
@@ -207,7 +209,7 @@ def decode_rows(copy_tbs, retention_ok, retention_budget):
     tail_name = f"ours, tail of {DECODE_TAIL} (what the model's cache runs): state read every token, written every {DECODE_TAIL}"
     rows.append((tail_name, state_bytes, bench(with_tail, rep=100), floor))
     rows.append((tail_name + ", CUDA graph of " + str(DECODE_TAIL) + " steps, per step", state_bytes,
-                 graphed(with_tail, DECODE_TAIL), floor))
+                 graphed_ms(with_tail, DECODE_TAIL), floor))
 
     if retention_ok:
         try:

@@ -301,6 +301,12 @@ def fold_tail_(state: DecodeState, *, degree: int = 2, full_only: bool = False) 
     s, z, tail_k, tail_v, tail_g, tail_len = state
     cap = tail_k.shape[2]
     fold = tail_len >= (cap if full_only else 1)  # [B, Hk]
+    if not torch.compiler.is_compiling() and not bool(fold.any()):
+        # nothing to fold (63 steps in 64): skip the embedding of the whole tail (a compiled
+        # step cannot branch on data, and computes the masked fold instead)
+        if not full_only:
+            tail_len.zero_()
+        return
     valid = torch.arange(cap, device=tail_len.device) < tail_len[..., None]  # [B, Hk, TAIL]
     g_last = _at(tail_g, (tail_len - 1).clamp(min=0))
     decay = torch.where(valid, torch.exp(g_last[..., None] - tail_g), 0.0)  # (unused positions may hold stale gates)

@@ -1,0 +1,56 @@
+"""Tuning (GPU): how many programs per (batch row, kv head) should read the state in a tail
+decode step (triton_decode.tail_decode_; one more program takes the tail).
+
+    python benchmarks/tune_tail_decode.py [--batch 8] [--heads 16]
+
+Times DECODE_TAIL graphed steps (a whole fold cycle) per setting, as bench_attention.py does,
+against the floor (the fp32 state read once at the copy bandwidth measured here). tail_decode_
+takes a quarter of the per-token kernel's programs (_split(...) // 4) from what this printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_attention import ceilings, graphed_ms  # noqa: E402
+
+from power_transformers.kernels import triton_decode  # noqa: E402
+from power_transformers.kernels import triton_power as tp  # noqa: E402
+from power_transformers.kernels.reference import DECODE_TAIL, empty_decode_state, expanded_dim  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=16)
+    args = parser.parse_args()
+    b, heads, d = args.batch, args.heads, 64
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(b, 1, heads, d, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    log_g = F.logsigmoid(torch.randn(b, 1, heads, device="cuda", generator=g) + 3.0)
+    _, copy_tbs = ceilings()
+    floor = b * heads * expanded_dim(d, 2) * (d + 1) * 4 / (copy_tbs * 1e12) * 1e3
+    print(torch.cuda.get_device_name(), f"batch {b}, {heads} heads, d = {d}, tail {DECODE_TAIL}; floor {floor:.4f} ms")
+    split = triton_decode._split
+    for per_token in (4, 8, 16, 32):  # what _split would return; tail_decode_ takes a quarter
+        triton_decode._split = lambda programs, head_dim: per_token
+        state = empty_decode_state(b, heads, d, 2, device="cuda")
+        state.s.normal_(0, 0.01), state.z.uniform_()
+
+        def step():
+            return tp.power_attention_decode_(q, k, v, log_g, state)
+
+        ms = graphed_ms(step, DECODE_TAIL, rep=300)
+        print(f"{max(1, per_token // 4)} + 1 programs: {ms:.4f} ms per step, {ms / floor:.2f}x the floor", flush=True)
+    triton_decode._split = split
+
+
+if __name__ == "__main__":
+    main()
