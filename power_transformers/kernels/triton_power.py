@@ -3,7 +3,9 @@
     power_attention(q, k, v, log_g, *, degree, scale, eps, chunk_size, initial_state,
                     output_final_state) -> (y, state | None)       autograd: q, k, v, log_g, state
     power_attention_decode_(q, k, v, log_g, state, *, degree, scale, eps) -> y
-                    updates state = (S, z) in place (same storage: static caches, CUDA graphs)
+                    updates state = (S, z) in place (same storage: static caches, CUDA graphs);
+                    with a reference.DecodeState, one token reads (S, z) and goes into the tail
+    fold_tail(state)   folds a DecodeState's pending tail into (S, z), in place
 
 Shapes as in reference.py: q [B, T, Hq, d], k/v [B, T, Hk, d], log_g [B, T, Hk] or None,
 S [B, Hk, D, d] fp32, z [B, Hk, D] fp32, D = d (d + 1) / 2, in the reference's symmetric order
