@@ -36,11 +36,13 @@ class PowerStateLayer(DynamicLayer):
     is_croppable = False
     is_compileable = False
 
-    def __init__(self, num_key_value_heads: int | None = None, head_dim: int | None = None, degree: int = 2, static: bool = False, **kwargs):
+    def __init__(self, num_key_value_heads: int | None = None, head_dim: int | None = None, degree: int = 2, static: bool = False,
+                 backend: str = "auto", **kwargs):
         super().__init__()
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
         self.degree = degree
+        self.backend = backend  # the model's attention_backend: a pending tail is folded where its steps ran
         self.static = static
         self.is_compileable = static
         for name in self._tensors:
@@ -77,7 +79,7 @@ class PowerStateLayer(DynamicLayer):
     def state(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, z) with every token seen folded in (a pending tail is folded first)."""
         if self.tail_pending:
-            fold_tail_(self.decode_state, degree=self.degree)
+            fold_tail_(self.decode_state, degree=self.degree, backend=self.backend)
             self.tail_pending = False
         return self.state_s, self.state_z
 
@@ -234,7 +236,8 @@ class PowerCache(Cache):
         layers = []
         for kind in text_config.layer_types:
             if kind == POWER_LAYER:
-                layers.append(PowerStateLayer(text_config.num_key_value_heads, text_config.head_dim, text_config.degree, static=self.static))
+                layers.append(PowerStateLayer(text_config.num_key_value_heads, text_config.head_dim, text_config.degree,
+                                              static=self.static, backend=text_config.attention_backend))
             else:
                 layers.append(StaticKVLayer(max_cache_len, self) if self.static else DynamicLayer())
         super().__init__(layers=layers)

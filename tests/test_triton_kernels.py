@@ -277,6 +277,9 @@ def test_tail_decode_rejects_a_wrong_tail():
                         (good._replace(tail_g=good.tail_g[:, :, :2].contiguous()), "tail_g has shape")):
         with pytest.raises(ValueError, match=needle):
             dispatch.power_attention_decode_(q, q, q, None, bad, backend="triton")
+    # the fold alone (what reading a cache's state runs) takes the kernels only where the step does
+    with pytest.raises(ValueError, match="head size 48"):
+        dispatch.fold_tail_(empty_decode_state(1, 1, 48, 2), backend="triton")
 
 
 # ----------------------------------------------------------------------------------

@@ -134,11 +134,9 @@ def power_attention_decode_(
 def fold_tail_(state: DecodeState, *, degree: int = 2, backend: str = "auto") -> None:
     """Fold every not yet folded tail token of `state` into (S, z), in place (tails become empty):
     before (S, z) is read as the state of every token so far."""
-    s = state.s
-    kernels = degree == 2 and s.dtype == torch.float32 and _resolve_backend(backend) != "reference" and (
-        s.is_cuda or _resolve_backend(backend) == "triton")
-    module = _triton_module() if kernels else None
-    if module is not None:
-        module.fold_tail(state)
+    # The tail's keys [B, Hk, TAIL, d] stand for the inputs: the decode step's head size, device
+    # and (state) dtype, so the fold takes the kernels exactly where the step does.
+    if _use_triton(backend, state.tail_k, degree):
+        _triton_module().fold_tail(state)
     else:
         reference.fold_tail_(state, degree=degree)
