@@ -15,7 +15,7 @@ activations do not decide what fits), decode tokens/s and peak memory, in these 
 
 Also (--parts):
     floor    the power model's compiled decode step at batch 64 against its memory floor: weights +
-             every layer's state read and written once, at the copy bandwidth measured in this run
+             every layer's state (and decode tail) read once, at the copy bandwidth measured in this run
     fit      the largest batch each model fits at 64k context (prefill + decode steps). The Llama
              is prefilled with the whole context. The power model's memory does not depend on the
              context (its state has one size; the table's rows show it), so its search prefills

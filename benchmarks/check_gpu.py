@@ -121,7 +121,7 @@ def main() -> int:
         check_training("fp32 d64 T1000 B1 H2/2 gated C64 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=64,
                        ref_dtype=torch.float64)
         check_decode("decode bf16 d64 B4 H8/4, 1000 + 64 tokens", 4, 1000, 64, 8, 4, 64)
-        check_decode("decode bf16 d64 B8 H16/16, 1000 + 64 tokens (one query row: DEFER_SUMS)", 8, 1000, 64, 16, 16, 64)
+        check_decode("decode bf16 d64 B8 H16/16, 1000 + 64 tokens (one query row: one sum per program)", 8, 1000, 64, 16, 16, 64)
         check_decode(f"tail decode bf16 d64 B8 H16/16, 1000 + 150 tokens (tail {DECODE_TAIL})", 8, 1000, 150, 16, 16, 64,
                      tail=True)
         failed = [r for r in RESULTS if not (r[2] == r[2] and r[2] < r[3])]
@@ -143,8 +143,8 @@ def main() -> int:
     check_training("bf16 d64 T16384 B1 H4/2 gated, attention form", 1, 16384, 4, 2, 64, form="attention")
     check_training("bf16 d64 T65536 B1 H2/1 gated C128 (fwd)", 1, 65536, 2, 1, 64, grads=False)
     check_decode("decode bf16 d64 B4 H8/4, 1000 + 64 tokens", 4, 1000, 64, 8, 4, 64)
-    check_decode("decode bf16 d64 B8 H16/16, 1000 + 64 tokens (one query row: DEFER_SUMS)", 8, 1000, 64, 16, 16, 64)
-    check_decode("decode fp32 d128 B2 H4/4, 300 + 16 tokens (one query row: DEFER_SUMS)", 2, 300, 16, 4, 4, 128,
+    check_decode("decode bf16 d64 B8 H16/16, 1000 + 64 tokens (one query row: one sum per program)", 8, 1000, 64, 16, 16, 64)
+    check_decode("decode fp32 d128 B2 H4/4, 300 + 16 tokens (one query row: one sum per program)", 2, 300, 16, 4, 4, 128,
                  dtype=torch.float32)
     check_decode(f"tail decode bf16 d64 B8 H16/16, 1000 + 150 tokens (tail {DECODE_TAIL})", 8, 1000, 150, 16, 16, 64,
                  tail=True)

@@ -199,7 +199,7 @@ def test_decode_matches_reference_decode_ungated_with_padding_row(split, monkeyp
 
 @pytest.mark.parametrize("split", [1, 4])
 def test_decode_one_query_row_sums_its_terms_once(split, monkeypatch):
-    """One token and one query head per kv head (the DEFER_SUMS path): token by token, gated,
+    """One token and one query head per kv head (DEFER: query_row_block's one sum per program): token by token, gated,
     outputs and state against the reference."""
     from power_transformers.kernels import triton_decode
 

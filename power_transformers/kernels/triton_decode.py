@@ -36,6 +36,26 @@ from .triton_common import interpreting, pair_weights, phi_rows, row_block_rows
 
 
 @triton.jit
+def decode_program(Q, t, HQ, HK, scale, HEAD_DIM: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr):
+    """This program's (batch row, kv head) bh = b Hk + h of grid axis 0, and its query rows: the t
+    tokens' G query heads of the group, row r = token * G + g (ROWS >= t G, the rest masked).
+    Returns bh, b, h, offs_d, offs_r, r_tok [ROWS] (each row's token), r_ok [ROWS], row_off
+    [ROWS] (the rows' offsets, the same in q and y), q_rows (Q + row_off) and q [ROWS, d] fp32,
+    scaled."""
+    bh = tl.program_id(0)
+    b = bh // HK
+    h = bh % HK
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_r = tl.arange(0, ROWS)
+    r_tok = offs_r // G
+    r_ok = r_tok < t
+    row_off = ((b * t + r_tok) * HQ + h * G + offs_r % G).to(tl.int64) * HEAD_DIM
+    q_rows = Q + row_off
+    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32) * scale
+    return bh, b, h, offs_d, offs_r, r_tok, r_ok, row_off, q_rows, q
+
+
+@triton.jit
 def load_row_block(s_base, z_base, i, offs_d, HEAD_DIM: tl.constexpr):
     """Row-block i of one head's state (S [D, d], z [D] fp32): the pointers to its rows in S and z,
     the rows' mask (pairs (i, j >= i)), and the rows s_i [d, d], z_i [d] (0 where masked)."""
@@ -62,18 +82,30 @@ def row_block_query(phiq, s_i, z_i):
 
 
 @triton.jit
-def row_block_terms(phiq, s_i, z_i, acc_s, acc_z):
-    """For one query row (phiq [1, d]): row-block i's terms of phi(q)^T S and phi(q)^T z added to
-    acc_s [d, d] and acc_z [d] unsummed; sum_terms sums them once, after the last row-block, where
-    row_block_query would sum across the tile's rows (over the warps) for every block."""
-    p = tl.sum(phiq, axis=0)  # the one row, [d]
-    return acc_s + p[:, None] * s_i, acc_z + p * z_i
+def query_row_block(phiq, s_i, z_i, num, den, acc_s, acc_z, DEFER: tl.constexpr):
+    """Add row-block i's part of phi(q)^T S and phi(q)^T z (phiq [ROWS, d] from query_phi_rows):
+    summed into num [ROWS, d], den [ROWS] now (row_block_query), or, with DEFER (one query row),
+    unsummed into acc_s [d, d], acc_z [d], which finish_query sums over the rows once after the
+    last row-block. The sum runs across the tile's rows, over the warps: once per program instead
+    of once per row-block took the per-token decode from 0.077 to 0.058 ms (H100, batch 8)."""
+    if DEFER:
+        p = tl.sum(phiq, axis=0)  # the one row, [d]
+        acc_s += p[:, None] * s_i
+        acc_z += p * z_i
+    else:
+        num_i, den_i = row_block_query(phiq, s_i, z_i)
+        num += num_i
+        den += den_i
+    return num, den, acc_s, acc_z
 
 
 @triton.jit
-def sum_terms(acc_s, acc_z):
-    """num [1, d] and den [1] from the terms that row_block_terms gathered."""
-    return tl.sum(acc_s[None, :, :], axis=1), tl.sum(acc_z[None, :], axis=1)
+def finish_query(num, den, acc_s, acc_z, DEFER: tl.constexpr):
+    """num [ROWS, d], den [ROWS] once every row-block went through query_row_block."""
+    if DEFER:
+        num = tl.sum(acc_s[None, :, :], axis=1)
+        den = tl.sum(acc_z[None, :], axis=1)
+    return num, den
 
 
 @triton.jit
@@ -108,23 +140,14 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
     HAS_GATE: tl.constexpr, DEFER: tl.constexpr,
 ):
-    bh = tl.program_id(0)
     sp = tl.program_id(1)
-    b = bh // HK
-    h = bh % HK
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_r = tl.arange(0, ROWS)
-    r_tok = offs_r // G
-    r_ok = r_tok < t
-    row_off = ((b * t + r_tok) * HQ + h * G + offs_r % G).to(tl.int64) * HEAD_DIM  # [ROWS], same in q and y
-    q_rows = Q + row_off
-    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32) * scale
+    bh, b, h, offs_d, offs_r, r_tok, r_ok, row_off, q_rows, q = decode_program(Q, t, HQ, HK, scale, HEAD_DIM, G, ROWS)
 
     s_base = S + bh.to(tl.int64) * D * HEAD_DIM
     z_base = Z + bh.to(tl.int64) * D
     num = tl.zeros((ROWS, HEAD_DIM), dtype=tl.float32)
     den = tl.zeros((ROWS,), dtype=tl.float32)
-    acc_s = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)  # DEFER's terms (row_block_terms)
+    acc_s = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)  # DEFER's terms (query_row_block)
     acc_z = tl.zeros((HEAD_DIM,), dtype=tl.float32)
     # row-blocks sp, sp + SPLIT, ...: interleaved, since the early ones hold more pairs
     for m in range(HEAD_DIM // SPLIT):
@@ -144,16 +167,11 @@ def _decode_kernel(
             phik = k * ki * w
             s_i += phik[:, None] * v[None, :]
             z_i += phik
-            if DEFER:  # one token, one query row
-                acc_s, acc_z = row_block_terms(phiq_all, s_i, z_i, acc_s, acc_z)
-            else:
-                num_i, den_i = row_block_query(tl.where((r_tok == tok)[:, None], phiq_all, 0.0), s_i, z_i)
-                num += num_i
-                den += den_i
+            phiq = tl.where((r_tok == tok)[:, None], phiq_all, 0.0)  # this token's query rows
+            num, den, acc_s, acc_z = query_row_block(phiq, s_i, z_i, num, den, acc_s, acc_z, DEFER)
         tl.store(s_ptr, s_i, mask=row_ok[:, None])
         tl.store(z_ptr, z_i, mask=row_ok)
-    if DEFER:
-        num, den = sum_terms(acc_s, acc_z)
+    num, den = finish_query(num, den, acc_s, acc_z, DEFER)
 
     y_ptr = Y + row_off[:, None] + offs_d[None, :]
     if SPLIT == 1:
@@ -166,10 +184,6 @@ def _decode_kernel(
 
 def _rows(tokens: int, group: int) -> int:
     return triton.next_power_of_2(max(1, tokens * group))
-
-
-#: sum a single query row's terms once per program (row_block_terms) rather than once per row-block
-DEFER_SUMS = True
 
 
 def _split(programs: int, head_dim: int) -> int:
@@ -201,7 +215,7 @@ def decode_(q, k, v, log_g, s_state, z_state, scale: float, eps: float) -> torch
         _decode_kernel[(bsz * hk, split)](
             qs, ks, vs, gs, s_state, z_state, ys, part_num, part_den, count, n, hq, hk, scale, eps,
             HEAD_DIM=d, D=expanded_dim(d, 2), G=group, ROWS=rows, SPLIT=split, HAS_GATE=log_g is not None,
-            DEFER=DEFER_SUMS and rows == 1, **opts,
+            DEFER=rows == 1, **opts,
         )
         if ys is not y:
             y[:, sl] = ys
@@ -222,7 +236,8 @@ def _fold_kernel(S, Z, TK, TV, TG, TLEN, COUNT, fold_at, HEAD_DIM: tl.constexpr,
     log-gate of the tail's last token). Grid (B Hk, SPLIT), row-blocks interleaved. The length
     is left as it is (a step reads a full one as folded; a flush zeroes it after this kernel).
     One outer product per token in fp32 registers: as one tl.dot of [d, CT] x [CT, d] the fold
-    ran slower on the H100 (6.7 ms exact fp32, 0.32 ms tf32x3, 0.30 ms this way; 69 MB state).
+    ran slower on the H100 (6.7 ms exact fp32, 0.32 ms tf32x3, 0.30 ms this way; 69 MB state;
+    benchmarks/explore_tail_decode.py at commit b9045cb).
     COUNT [B Hk], the step's arrival counters, is zeroed here (saves the step a memset launch)."""
     bh = tl.program_id(0)
     if tl.program_id(1) == 0:
@@ -262,16 +277,8 @@ def _tail_step_kernel(
     token to the tail; the last to arrive adds up the shares, writes y and advances the length.
     (Folding inside this kernel, by each state program for its own row-blocks, made every step
     slower on the H100: 0.073 against 0.060 ms amortised at batch 8.)"""
-    bh = tl.program_id(0)
     sp = tl.program_id(1)
-    b = bh // HK
-    h = bh % HK
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_r = tl.arange(0, ROWS)
-    r_ok = offs_r < G
-    row_off = (b * HQ + h * G + offs_r).to(tl.int64) * HEAD_DIM  # [ROWS], the same in q and y
-    q_rows = Q + row_off
-    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32) * scale
+    bh, _b, _h, offs_d, offs_r, _tok, r_ok, row_off, q_rows, q = decode_program(Q, 1, HQ, HK, scale, HEAD_DIM, G, ROWS)
 
     # m tokens since the last fold (a full tail was folded just before); the new token goes at m
     m = tl.load(TLEN + bh)
@@ -285,20 +292,14 @@ def _tail_step_kernel(
     if sp < SPLIT:  # e^{G_m} phi(s q)^T S over this program's row-blocks
         s_base = S + bh.to(tl.int64) * D * HEAD_DIM
         z_base = Z + bh.to(tl.int64) * D
-        acc_s = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)  # DEFER's terms
+        acc_s = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)  # DEFER's terms (query_row_block)
         acc_z = tl.zeros((HEAD_DIM,), dtype=tl.float32)
         for mm in range(HEAD_DIM // SPLIT):
             i = sp + mm * SPLIT
             _s, _z, _ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
             phiq = query_phi_rows(q, q_rows, i, r_ok, scale, offs_d)
-            if DEFER:
-                acc_s, acc_z = row_block_terms(phiq, s_i, z_i, acc_s, acc_z)
-            else:
-                num_i, den_i = row_block_query(phiq, s_i, z_i)
-                num += num_i
-                den += den_i
-        if DEFER:
-            num, den = sum_terms(acc_s, acc_z)
+            num, den, acc_s, acc_z = query_row_block(phiq, s_i, z_i, num, den, acc_s, acc_z, DEFER)
+        num, den = finish_query(num, den, acc_s, acc_z, DEFER)
         num *= tl.exp(g_m)
         den *= tl.exp(g_m)
     else:  # sum_{j<=m} (s q.k_j)^2 e^{G_m - G_j} v_j over the tail and the new token
@@ -328,7 +329,6 @@ def _tail_step_kernel(
         num, den = add_up_shares(PART_NUM, PART_DEN, offs_r, offs_d, ROWS, SPLIT + 1, HEAD_DIM)
         tl.store(Y + row_off[:, None] + offs_d[None, :], num / (den + eps)[:, None], mask=r_ok[:, None])
         tl.store(TLEN + bh, m + 1)
-        tl.store(COUNT + bh, 0)
 
 
 def _fold(state, fold_at: int) -> torch.Tensor:
@@ -372,6 +372,6 @@ def tail_decode_(q, k, v, log_g, state, scale: float, eps: float) -> torch.Tenso
         q, k, v, log_g if log_g is not None else k, state.s, state.z, state.tail_k, state.tail_v, state.tail_g,
         state.tail_len, part_num, part_den, count, y, hq, hk, scale, eps,
         HEAD_DIM=d, D=expanded_dim(d, 2), G=group, ROWS=rows, SPLIT=split, CT=cap, TB=tb,
-        HAS_GATE=log_g is not None, DEFER=DEFER_SUMS and rows == 1,
+        HAS_GATE=log_g is not None, DEFER=rows == 1,
         **({} if interpreting() else {"num_warps": 4 if d <= 64 else 8}))
     return y
