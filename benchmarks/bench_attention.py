@@ -117,7 +117,7 @@ def profile_parts(t, chunk):
 
     q, k, v, log_g = train_inputs(t, requires_grad=False)
     scale = D_HEAD**-0.5
-    y, den, _, _ = tc.chunk_forward(q, k, v, log_g, None, None, scale, 1e-6, chunk)
+    y, den, _, _, _ = tc.chunk_forward(q, k, v, log_g, None, None, scale, 1e-6, chunk)
     gy = torch.randn_like(y)
     parts = {
         "forward (states + chunk)": lambda: tc.chunk_forward(q, k, v, log_g, None, None, scale, 1e-6, chunk),

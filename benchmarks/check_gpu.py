@@ -117,6 +117,7 @@ def main() -> int:
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     check_training("bf16 d64 T4096 B2 H8/4 gated C128", 2, 4096, 8, 4, 64)
     check_training("bf16 d64 T4096 B2 H8/4 gated, attention form", 2, 4096, 8, 4, 64, form="attention")
+    check_training("bf16 d64 T5000 B2 H8/4 gated C512 (4 blocks a chunk)", 2, 5000, 8, 4, 64, chunk=512)
     if "--quick" in sys.argv:  # one case of each kind: after a kernel change, on little device time
         check_training("fp32 d64 T1000 B1 H2/2 gated C64 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=64,
                        ref_dtype=torch.float64)
@@ -137,11 +138,16 @@ def main() -> int:
     check_training("fp32 d64 T1000 B1 H2/2 gated C64 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=64,
                    ref_dtype=torch.float64)
     check_training("bf16 d64 T16384 B1 H4/2 gated C128", 1, 16384, 4, 2, 64)
+    check_training("bf16 d128 T3000 B1 H4/4 gated C256 (4 blocks of 64)", 1, 3000, 4, 4, 128, chunk=256)
+    check_training("fp32 d64 T1000 B1 H2/2 gated C256 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=256,
+                   ref_dtype=torch.float64)
+    check_training("bf16 d32 T4096 B1 H4/1 ungated C1024", 1, 4096, 4, 1, 32, gated=False, chunk=1024)
     check_training("bf16 d128 T2048 B1 H4/4 gated, attention form", 1, 2048, 4, 4, 128, form="attention")
     check_training("fp32 d64 T1000 B1 H2/2 gated, attention form vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32,
                    ref_dtype=torch.float64, form="attention")
     check_training("bf16 d64 T16384 B1 H4/2 gated, attention form", 1, 16384, 4, 2, 64, form="attention")
     check_training("bf16 d64 T65536 B1 H2/1 gated C128 (fwd)", 1, 65536, 2, 1, 64, grads=False)
+    check_training("bf16 d64 T65536 B1 H2/1 gated C512 (fwd)", 1, 65536, 2, 1, 64, grads=False, chunk=512)
     check_decode("decode bf16 d64 B4 H8/4, 1000 + 64 tokens", 4, 1000, 64, 8, 4, 64)
     check_decode("decode bf16 d64 B8 H16/16, 1000 + 64 tokens (one query row: one sum per program)", 8, 1000, 64, 16, 16, 64)
     check_decode("decode fp32 d128 B2 H4/4, 300 + 16 tokens (one query row: one sum per program)", 2, 300, 16, 4, 4, 128,

@@ -2,7 +2,8 @@
 
     python benchmarks/profile_kernels.py [T] [C,...] [LAUNCH ...]
 
-C the chunk. 16 heads, d = 64, bf16, gating, 64k tokens. Each LAUNCH is a set of launch options
+C the chunk. The backward reads the forward's chunk states where power_attention would keep them
+(triton_power.KEEP_STATES_MAX_D_PER_CHUNK, POWER_TRITON_KEEP_STATES), else recomputes them. 16 heads, d = 64, bf16, gating, 64k tokens. Each LAUNCH is a set of launch options
 for triton_chunk.LAUNCH, `kernel=warps:stages` joined by commas (`share=4:2,fwd=8:3`), or
 `default`; every chunk runs with every set. Prints one line per configuration and the fastest
 last.
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from power_transformers.kernels import triton_chunk as tc
+from power_transformers.kernels import triton_power as tp
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
 CHUNKS = [int(c) for c in (sys.argv[2] if len(sys.argv) > 2 else "128,64").split(",")]
@@ -28,14 +30,15 @@ def run(chunk, reps=3):
     q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
     lg = F.logsigmoid(torch.randn(B, T, H, device="cuda", generator=g) + 3)
     s = D**-0.5
-    y, den, _, _ = tc.chunk_forward(q, k, v, lg, None, None, s, 1e-6, chunk)
+    keep = tp._keep_states(D, chunk, None)
+    y, den, _, _, kept = tc.chunk_forward(q, k, v, lg, None, None, s, 1e-6, chunk, keep)
     gy = torch.randn_like(y)
-    tc.chunk_backward(q, k, v, lg, None, None, y, den, gy, None, None, s, 1e-6, chunk)
+    tc.chunk_backward(q, k, v, lg, None, None, y, den, gy, None, None, s, 1e-6, chunk, kept)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            y, den, _, _ = tc.chunk_forward(q, k, v, lg, None, None, s, 1e-6, chunk)
-            tc.chunk_backward(q, k, v, lg, None, None, y, den, gy, None, None, s, 1e-6, chunk)
+            y, den, _, _, kept = tc.chunk_forward(q, k, v, lg, None, None, s, 1e-6, chunk, keep)
+            tc.chunk_backward(q, k, v, lg, None, None, y, den, gy, None, None, s, 1e-6, chunk, kept)
         torch.cuda.synchronize()
     times = {}
     for e in prof.key_averages():
@@ -58,7 +61,8 @@ def registers():
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), f"T={T} B={B} H={H} d={D}; ms per forward+backward "
-          "(the state kernels run three times: the forward, the backward's recomputation, dL/dR)", flush=True)
+          "(the state kernels run twice where the states are kept: the forward and dL/dR; three times where "
+          "the backward recomputes them)", flush=True)
     best = None
     for chunk in CHUNKS:
         for launch in LAUNCHES:
@@ -71,7 +75,8 @@ if __name__ == "__main__":
                 continue
             total = sum(times.values())  # our kernels and the torch ops around them
             parts = " ".join(f"{k.strip('_').replace('_kernel', '')}={times.get(k, 0):.2f}" for k in KERNELS)
-            print(f"C={chunk} {launch}: total {total:.2f} | {parts}", flush=True)
+            kept = "kept" if tp._keep_states(D, chunk, None) else "recomputed"
+            print(f"C={chunk} ({kept}) {launch}: total {total:.2f} | {parts}", flush=True)
             try:
                 print("  registers/spills:", registers(), flush=True)
             except Exception as err:  # noqa: BLE001

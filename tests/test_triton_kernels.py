@@ -72,7 +72,8 @@ def leaf64(*xs):
         (1, 20, 2, 1, 128, True, 16, False),  # the largest head size (full [128, 128] state tiles)
     ],
 )
-def test_forward_and_gradients(b, t, hq, hk, d, gated, chunk, with_state):
+def test_forward_and_gradients(monkeypatch, b, t, hq, hk, d, gated, chunk, with_state):
+    monkeypatch.setattr(tc, "BWD_KV_QUERY_ROWS", 16)  # chunk 32: the key-side backward takes its queries in two pieces
     q, k, v, log_g = make_inputs(b, t, hq, hk, d, gated=gated, seed=t)
     s0, z0 = random_state(b, hk, d, seed=t + 1) if with_state else (None, None)
     ins, ins64 = leaf(q, k, v, log_g, s0, z0), leaf64(q, k, v, log_g, s0, z0)
@@ -96,6 +97,76 @@ def test_forward_and_gradients(b, t, hq, hk, d, gated, chunk, with_state):
             continue
         assert x.grad is not None, name
         assert rel(x.grad, x64.grad) < 1e-4, (name, rel(x.grad, x64.grad))
+
+
+@pytest.mark.parametrize(
+    "t,hq,hk,gated,chunk,with_state",
+    [
+        (70, 2, 1, True, 64, True),  # 4 blocks a chunk, GQA, ragged: the last chunk has blocks past T
+        (40, 1, 1, False, 32, False),  # 2 blocks a chunk, no gates
+    ],
+)
+def test_chunks_of_several_blocks(monkeypatch, t, hq, hk, gated, chunk, with_state):
+    """A chunk longer than the block (states every `chunk` tokens, programs of 16): outputs, final
+    state and every gradient against the reference, as for one block a chunk."""
+    monkeypatch.setattr(tc, "MAX_BLOCK", 16)
+    assert tc.kernel_tiles(chunk, 16) == (chunk, 16)
+    q, k, v, log_g = make_inputs(1, t, hq, hk, 16, gated=gated, seed=t)
+    s0, z0 = random_state(1, hk, 16, seed=t + 1) if with_state else (None, None)
+    ins, ins64 = leaf(q, k, v, log_g, s0, z0), leaf64(q, k, v, log_g, s0, z0)
+    init = tuple(ins[4:]) if with_state else None
+    init64 = tuple(ins64[4:]) if with_state else None
+    y, state = tp.power_attention(*ins[:4], chunk_size=chunk, initial_state=init, output_final_state=True)
+    y_ref, state_ref = reference.power_attention_chunked(
+        *ins64[:4], chunk_size=16, initial_state=init64, output_final_state=True)
+    assert rel(y, y_ref) < 1e-5
+    assert rel(state[0], state_ref[0]) < 1e-5 and rel(state[1], state_ref[1]) < 1e-5
+    gen = torch.Generator().manual_seed(7)
+    gy, gs, gz = (torch.randn(x.shape, generator=gen) for x in (y, state[0], state[1]))
+    ((y * gy).sum() + (state[0] * gs).sum() + (state[1] * gz).sum()).backward()
+    ((y_ref * gy.double()).sum() + (state_ref[0] * gs.double()).sum() + (state_ref[1] * gz.double()).sum()).backward()
+    for name, x, x64 in zip(["q", "k", "v", "log_g", "S0", "z0"], ins, ins64):
+        if x is not None:
+            assert rel(x.grad, x64.grad) < 1e-4, (name, rel(x.grad, x64.grad))
+
+
+def test_forward_keeps_its_states_for_the_backward(monkeypatch):
+    """With keep_states the backward reads the forward's chunk states instead of a second state
+    pass: the same gradients, one pass fewer; nothing is kept without a gradient to take. By
+    default small states are kept (d = 64, C = 128) and large ones recomputed (d = 128, C = 64)."""
+    passes = []
+    real = tc._states_forward
+    monkeypatch.setattr(tc, "_states_forward", lambda *a: passes.append(1) or real(*a))
+    q, k, v, log_g = make_inputs(1, 40, 2, 1, 16, seed=4)
+    grads, counts = {}, {}
+    for keep in (False, True):
+        passes.clear()
+        ins = leaf(q, k, v, log_g)
+        y, _ = tp.power_attention(*ins, chunk_size=32, keep_states=keep)
+        (y**2).sum().backward()
+        grads[keep], counts[keep] = [x.grad for x in ins], len(passes)
+    assert counts == {False: 2, True: 1}
+    for recomputed, kept in zip(grads[False], grads[True]):
+        assert torch.equal(recomputed, kept)
+    captured = []
+    real_op = tp._chunk_forward_op
+    monkeypatch.setattr(tp, "_chunk_forward_op", lambda *a: captured.append(a[-1]) or real_op(*a))
+    with torch.no_grad():
+        tp.power_attention(*leaf(q, k, v, log_g), chunk_size=32, keep_states=True)
+    tp.power_attention(q, k, v, log_g, chunk_size=32, keep_states=True)  # no input asks for a gradient
+    assert captured == [False, False]
+    assert tp._keep_states(64, 128, None) and not tp._keep_states(128, 64, None)
+    assert tp._keep_states(128, 64, True) and not tp._keep_states(64, 128, False)
+    monkeypatch.setenv("POWER_TRITON_KEEP_STATES", "0")
+    assert not tp._keep_states(64, 128, None)
+
+
+def test_kernel_tiles():
+    assert tc.kernel_tiles(1, 64) == (16, 16)
+    assert tc.kernel_tiles(100, 64) == (128, 128)
+    assert tc.kernel_tiles(512, 64) == (512, 128)
+    assert tc.kernel_tiles(512, 128) == (512, 64)
+    assert tc.kernel_tiles(5000, 32) == (tc.MAX_CHUNK, 128)
 
 
 @pytest.mark.parametrize("chunk", [16, 32, 64])
@@ -384,8 +455,9 @@ def test_opcheck_custom_ops():
     q, k, v, log_g = make_inputs(1, 16, 1, 1, 16, seed=8)
     s, z = random_state(1, 1, 16)
     args = leaf(q, k, v, log_g, s, z)
-    torch.library.opcheck(torch.ops.power_transformers.chunk_forward.default, (*args, 0.25, 1e-6, 16),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    for keep_states in (False, True):
+        torch.library.opcheck(torch.ops.power_transformers.chunk_forward.default, (*args, 0.25, 1e-6, 16, keep_states),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(torch.ops.power_transformers.attention_forward.default, (*args[:4], 0.25, 1e-6),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(torch.ops.power_transformers.decode_.default,

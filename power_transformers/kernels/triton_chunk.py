@@ -11,8 +11,10 @@ Shapes (all inputs contiguous):
     y              [B, T, Hq, d]    output, dtype of v
     den            [B, T, Hq]       fp32 denominator sum_j A_ij (+ the state's), kept for backward
 
-Each chunk of C tokens, per head, with b_t the chunk-local running sum of the log-gates
-and beta the chunk total:
+States are stored every C tokens (the chunk); a program of the chunk-local kernels holds M
+tokens (the block, M = C up to 128, kernel_tiles) and attends to the other blocks of its chunk
+block by block. Each chunk of C tokens, per head, with b_t the chunk-local running sum of the
+log-gates and beta the chunk total:
 
     A_tj   = (s q_t . k_j)^2 exp(b_t - b_j)                (j <= t, same chunk)
     num_t  = sum_j A_tj v_j + e^{b_t} phi(s q_t)^T S_n
@@ -25,12 +27,20 @@ Kernels (phi(q), phi(k) built row-block by row-block on chip, never stored; see 
                         all chunks in parallel.
     _state_scan_kernel  grid (D / 64, B Hk): chains the shares into the chunk-start states, in
                         place (memory-bound).
-    _chunk_fwd_kernel   grid (N, B Hq): chunk-local attention + state query (full tiles of the
-                        unweighted state, see below) + normalisation, y written once.
+    _chunk_fwd_kernel   grid (N C / M, B Hq): chunk-local attention + state query (full tiles of
+                        the unweighted state, see below) + normalisation, y written once.
     (backward)          the same two over queries and dO, scanned in reverse: dL/dR_n; the
                         reverse scan also takes <dR_n, R_n>, the gradient of each chunk's decay.
-    _chunk_bwd_q_kernel grid (N, B Hq): dq and the query part of the gate gradient.
-    _chunk_bwd_kv_kernel grid (N, B Hk): dk, dv and the key part of the gate gradient.
+    _chunk_bwd_q_kernel grid (N C / M, B Hq): dq and the query part of the gate gradient.
+    _chunk_bwd_kv_kernel grid (N C / M, B Hk): dk, dv and the key part of the gate gradient.
+
+The backward reads the forward's chunk states when the forward kept them (keep_states), else
+recomputes them with a third state pass.
+
+Longer chunks (C = 256 ... 1024, several blocks) store fewer states, but on the H100 they did not
+pay (64k tokens, d = 64, states kept, benchmarks/RESULTS.md run G): the share kernel then reads its
+chunk a block at a time for every row-block, 4.1 ms a pass against 2.2 at C = 128 (as one
+[256, d] tile: 3.6, spilling), and the chunk-local work grows; C = 128 stays the default.
 
 Backward (y = num / (den + eps)): with do_t = dy_t / (den_t + eps) and delta_t = -do_t . y_t,
 num and den are an unnormalised power attention over values [v, 1] with output gradient
@@ -49,6 +59,7 @@ import triton.language as tl
 
 from .triton_common import (
     chunk_gates,
+    load_gates,
     dot_dtype,
     interpreting,
     load_rows,
@@ -81,7 +92,7 @@ def _dot_f32(a, b):
 def _chunk_share_kernel(
     X, Y, W, ZW, OUT, ZOUT,
     T, T_PAD, NUM_CHUNKS, HX, HK, SLOT,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, G: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr,
     HAS_ZW: tl.constexpr, OP: tl.constexpr,
 ):
     """Chunk n's own share of an unweighted state, every chunk at once (no recurrence here):
@@ -91,44 +102,53 @@ def _chunk_share_kernel(
 
     into slot n + SLOT of OUT [B, Hk, N+1, D, d] / ZOUT [B, Hk, N+1, D]; _state_scan_kernel then
     chains the chunks. Per row-block one product x^T @ ((w x_i) y) with the same operand x^T for
-    every i, so no phi is built; Z is one product per chunk.
+    every i, so no phi is built; Z is one product per chunk. The chunk's tokens are read BLOCK at
+    a time (a source: one query head of the group and one block of the chunk).
     """
     n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HK
     h = bh % HK
-    offs_c = tl.arange(0, CHUNK)
+    offs_c = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
     t0 = n * CHUNK
-    t_ok = t0 + offs_c < T
     stride_t = HX * HEAD_DIM
-    w = tl.load(W + bh.to(tl.int64) * T_PAD + t0 + offs_c)
+    SUB: tl.constexpr = CHUNK // BLOCK
+    w_base = W + bh.to(tl.int64) * T_PAD + t0
     slot = bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + SLOT
     out_base = OUT + slot * D * HEAD_DIM
     head0 = (b * T * HX + h * G).to(tl.int64)  # head h G + g of x and y
 
     zmat = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
-    for g in range(G):
-        x = load_rows(X + (head0 + g) * HEAD_DIM, t0, T, stride_t, offs_c, offs_d)
-        wz = w
+    for src in range(G * SUB):
+        g = src // SUB
+        tb = t0 + (src % SUB) * BLOCK
+        x = load_rows(X + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)
+        wz = tl.load(w_base + (src % SUB) * BLOCK + offs_c)
         if HAS_ZW:
-            wz = w * tl.load(ZW + head0 + g + (t0 + offs_c) * HX, mask=t_ok, other=0.0)
+            wz = wz * tl.load(ZW + head0 + g + (tb + offs_c) * HX, mask=tb + offs_c < T, other=0.0)
         zmat += _dot_f32(tl.trans(x), x * wz[:, None])
     lo = offs_d[:, None]
     tl.store(ZOUT + slot * D + lo * HEAD_DIM - (lo * (lo - 1)) // 2 + offs_d[None, :] - lo, zmat,
              mask=offs_d[None, :] >= lo)
 
-    if G == 1:  # the operands every row-block shares, read once
+    if G * SUB == 1:  # the operands every row-block shares, read once
         xt = tl.trans(load_tile(X + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d).to(OP))  # [d, C]
-        y = load_rows(Y + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d)
+        y = load_tile(Y + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d)
+        w = tl.load(w_base + offs_c)
     for i in range(HEAD_DIM):
         acc = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
-        for g in range(G):
-            if G > 1:
-                xt = tl.trans(load_tile(X + (head0 + g) * HEAD_DIM, t0, T, stride_t, offs_c, offs_d).to(OP))
-                y = load_rows(Y + (head0 + g) * HEAD_DIM, t0, T, stride_t, offs_c, offs_d)
-            xi = tl.load(X + (head0 + g) * HEAD_DIM + (t0 + offs_c) * stride_t + i, mask=t_ok, other=0.0).to(tl.float32)
-            acc += tl.dot(xt, ((w * xi)[:, None] * y).to(OP))
+        for src in range(G * SUB):
+            g = src // SUB
+            tb = t0 + (src % SUB) * BLOCK
+            if G * SUB > 1:  # (from cache: the Z pass above read them)
+                xt = tl.trans(load_tile(X + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d).to(OP))
+                y = load_tile(Y + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)
+                w = tl.load(w_base + (src % SUB) * BLOCK + offs_c)
+            xi = tl.load(X + (head0 + g) * HEAD_DIM + (tb + offs_c) * stride_t + i, mask=tb + offs_c < T,
+                         other=0.0).to(tl.float32)
+            # (y stays in its stored dtype until here: half the registers for 16-bit inputs)
+            acc += tl.dot(xt, ((w * xi)[:, None] * y.to(tl.float32)).to(OP))
         rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
         tl.store(out_base + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
 
@@ -211,11 +231,26 @@ def _state_scan_kernel(
 
 
 @triton.jit
-def _intra_scores(q, k, bcum, offs_c, OP: tl.constexpr):
-    """Chunk-local scores: x = (s q) k^T [C, C], decay exp(b_t - b_j) (0 above the diagonal), A = x^2 decay."""
+def _block_gates(g_ptr, c0, t0, T, stride_t, offs_c, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                 HAS_GATE: tl.constexpr):
+    """Running sums b [BLOCK] of the log-gates of tokens t0 + offs_c from the start c0 of their
+    chunk (b_t = sum_{u = c0}^{t} g_u), and the chunk's total (a scalar)."""
+    b, total = chunk_gates(g_ptr, t0, T, stride_t, offs_c, HAS_GATE)
+    if CHUNK > BLOCK:  # the gates of the chunk's earlier blocks, and of its later ones for the total
+        offs = tl.arange(0, CHUNK)
+        g = load_gates(g_ptr, c0, T, stride_t, offs, HAS_GATE)
+        b += tl.sum(tl.where(c0 + offs < t0, g, 0.0), axis=0)
+        total = tl.sum(g, axis=0)
+    return b, total
+
+
+@triton.jit
+def _intra_scores(q, k, bq, bk, tq, tk, OP: tl.constexpr):
+    """Scores of query rows at tokens tq [M] against keys at tokens tk [N] of the same chunk:
+    x = (s q) k^T [M, N], decay exp(b_t - b_j) (0 where the key comes after the query),
+    A = x^2 decay; b_t, b_j both from the chunk start."""
     x = tl.dot(q.to(OP), tl.trans(k.to(OP)))
-    causal = offs_c[:, None] >= offs_c[None, :]
-    decay = tl.exp(tl.where(causal, bcum[:, None] - bcum[None, :], float("-inf")))
+    decay = tl.exp(tl.where(tq[:, None] >= tk[None, :], bq[:, None] - bk[None, :], float("-inf")))
     return x, decay, x * x * decay
 
 
@@ -238,42 +273,48 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, offs_c, offs
 
 
 @triton.jit
-def _query_chunk(Q, K, V, LG, STATES, ZSTATES, T, NUM_CHUNKS, HQ, HK, scale,
-                 HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, HAS_GATE: tl.constexpr):
-    """What a program over chunk n of one query head (grid (N, B Hq)) starts from: n, its batch
-    row b and query head hq, the offsets offs_c, offs_d and first token t0, the query head's base
-    pointer, the chunk's s q ([C, d] fp32), the base pointers of its kv head's k and v, the gates'
-    chunk-local running sums b [C], and the pointers to the kv head's state R_n and Z_n.
+def _query_block(Q, K, V, LG, STATES, ZSTATES, T, NUM_CHUNKS, HQ, HK, scale,
+                 HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                 HAS_GATE: tl.constexpr):
+    """What a program over block m of one query head (grid (N CHUNK / BLOCK, B Hq)) starts from:
+    the block's place s in its chunk and the chunk's first token c0, its batch row b and query
+    head hq, the offsets offs_c, offs_d and first token t0, the query head's base pointer, the
+    block's s q ([M, d] fp32), the base pointers of its kv head's k, v and log-gates, the gates'
+    running sums b [M] from the chunk start, and the pointers to the kv head's state R_n and Z_n
+    at the chunk start.
 
     k and v are left in memory: the kernels run the state part first and load them after it, so
-    that fewer [C, d] tiles are live at once (register spills cost more than the loads)."""
-    n = tl.program_id(0)
+    that fewer [M, d] tiles are live at once (register spills cost more than the loads)."""
+    m = tl.program_id(0)
+    n = m // (CHUNK // BLOCK)
     bhq = tl.program_id(1)
     b = bhq // HQ
     hq = bhq % HQ
     h = hq // (HQ // HK)
     bh = b * HK + h
-    offs_c = tl.arange(0, CHUNK)
+    offs_c = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
-    t0 = n * CHUNK
+    t0 = m * BLOCK
+    c0 = n * CHUNK
     q_base = Q + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM
     kv_base = (b * T * HK + h).to(tl.int64) * HEAD_DIM
     q = load_rows(q_base, t0, T, HQ * HEAD_DIM, offs_c, offs_d) * scale
-    bcum, _ = chunk_gates(LG + b.to(tl.int64) * T * HK + h, t0, T, HK, offs_c, HAS_GATE)
+    lg_base = LG + b.to(tl.int64) * T * HK + h
+    bcum, _ = _block_gates(lg_base, c0, t0, T, HK, offs_c, CHUNK, BLOCK, HAS_GATE)
     slot = bh.to(tl.int64) * (NUM_CHUNKS + 1) + n
-    return (n, b, hq, offs_c, offs_d, t0, q_base, q, K + kv_base, V + kv_base, bcum,
-            STATES + slot * D * HEAD_DIM, ZSTATES + slot * D)
+    return (m % (CHUNK // BLOCK), c0, b, hq, offs_c, offs_d, t0, q_base, q, K + kv_base, V + kv_base, lg_base,
+            bcum, STATES + slot * D * HEAD_DIM, ZSTATES + slot * D)
 
 
 @triton.jit
 def _chunk_fwd_kernel(
     Q, K, V, LG, STATES, ZSTATES, Y, DEN,
     T, NUM_CHUNKS, HQ, HK, scale, eps,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
-    n, b, hq, offs_c, offs_d, t0, q_base, q, k_base, v_base, bcum, st_base, z_base = _query_chunk(
-        Q, K, V, LG, STATES, ZSTATES, T, NUM_CHUNKS, HQ, HK, scale, HEAD_DIM, D, CHUNK, HAS_GATE)
+    s, c0, b, hq, offs_c, offs_d, t0, q_base, q, k_base, v_base, lg_base, bcum, st_base, z_base = _query_block(
+        Q, K, V, LG, STATES, ZSTATES, T, NUM_CHUNKS, HQ, HK, scale, HEAD_DIM, D, CHUNK, BLOCK, HAS_GATE)
 
     # The state carried from earlier chunks (unweighted R_n, Z_n): sum_i q_i (q @ R_i) and q^T Z q,
     # decayed from the chunk start to each query (e^{b_t} <= 1).
@@ -282,12 +323,15 @@ def _chunk_fwd_kernel(
                                             offs_d, HEAD_DIM, False, OP)
     den = qdec * tl.sum(_dot_f32(q, load_sym_matrix(z_base, HEAD_DIM)) * q, axis=1)
 
-    # Chunk-local attention.
-    k = load_rows(k_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
-    x_unused, decay_unused, a = _intra_scores(q, k, bcum, offs_c, OP)
-    v = load_tile(v_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
-    num += tl.dot(a.to(OP), v.to(OP))
-    den += tl.sum(a, axis=1)
+    # Chunk-local attention: the chunk's blocks up to this one.
+    for sp in range(s + 1):
+        j0 = c0 + sp * BLOCK
+        k = load_tile(k_base, j0, T, HK * HEAD_DIM, offs_c, offs_d)
+        bk, _ = _block_gates(lg_base, c0, j0, T, HK, offs_c, CHUNK, BLOCK, HAS_GATE)
+        x_unused, decay_unused, a = _intra_scores(q, k, bcum, bk, t0 + offs_c, j0 + offs_c, OP)
+        v = load_tile(v_base, j0, T, HK * HEAD_DIM, offs_c, offs_d)
+        num += tl.dot(a.to(OP), v.to(OP))
+        den += tl.sum(a, axis=1)
     y = num / (den + eps)[:, None]
 
     t = t0 + offs_c
@@ -306,12 +350,12 @@ def _chunk_fwd_kernel(
 def _chunk_bwd_q_kernel(
     Q, K, V, LG, STATES, ZSTATES, DO, DELTA, DQ, DBQ,
     T, T_PAD, NUM_CHUNKS, HQ, HK, scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
     HAS_GATE: tl.constexpr, OP: tl.constexpr,
 ):
-    """dq of chunk n for one query head, and dL/db_t from the query side (DBQ [B, T_PAD, Hq])."""
-    n, b, hq, offs_c, offs_d, t0, q_base, q, k_base, v_base, bcum, st_base, z_base = _query_chunk(
-        Q, K, V, LG, STATES, ZSTATES, T, NUM_CHUNKS, HQ, HK, scale, HEAD_DIM, D, CHUNK, HAS_GATE)
+    """dq of block m for one query head, and dL/db_t from the query side (DBQ [B, T_PAD, Hq])."""
+    s, c0, b, hq, offs_c, offs_d, t0, q_base, q, k_base, v_base, lg_base, bcum, st_base, z_base = _query_block(
+        Q, K, V, LG, STATES, ZSTATES, T, NUM_CHUNKS, HQ, HK, scale, HEAD_DIM, D, CHUNK, BLOCK, HAS_GATE)
     do = load_tile(DO + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, t0, T, HQ * HEAD_DIM, offs_c, offs_d).to(OP)
     delta = tl.load(DELTA + (b * T * HQ + hq).to(tl.int64) + (t0 + offs_c) * HQ, mask=t0 + offs_c < T, other=0.0)
 
@@ -324,14 +368,17 @@ def _chunk_bwd_q_kernel(
     dqs = (2.0 * qdec)[:, None] * u  # the gradient with respect to s q
     db = qdec * tl.sum(q * u, axis=1)
 
-    # Chunk-local attention.
-    k = load_rows(k_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
-    x, decay, a = _intra_scores(q, k, bcum, offs_c, OP)
-    v = load_tile(v_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
-    da = tl.dot(do, tl.trans(v.to(OP))) + delta[:, None]
-    db += tl.sum(da * a, axis=1)
-    dx = 2.0 * da * x * decay
-    dqs += tl.dot(dx.to(OP), k.to(OP))
+    # Chunk-local attention: the chunk's blocks up to this one.
+    for sp in range(s + 1):
+        j0 = c0 + sp * BLOCK
+        k = load_tile(k_base, j0, T, HK * HEAD_DIM, offs_c, offs_d)
+        bk, _ = _block_gates(lg_base, c0, j0, T, HK, offs_c, CHUNK, BLOCK, HAS_GATE)
+        x, decay, a = _intra_scores(q, k, bcum, bk, t0 + offs_c, j0 + offs_c, OP)
+        v = load_tile(v_base, j0, T, HK * HEAD_DIM, offs_c, offs_d)
+        da = tl.dot(do, tl.trans(v.to(OP))) + delta[:, None]
+        db += tl.sum(da * a, axis=1)
+        dx = 2.0 * da * x * decay
+        dqs += tl.dot(dx.to(OP), k.to(OP))
 
     t = t0 + offs_c
     tl.store(DQ + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM + t[:, None] * (HQ * HEAD_DIM) + offs_d[None, :],
@@ -343,22 +390,27 @@ def _chunk_bwd_q_kernel(
 def _chunk_bwd_kv_kernel(
     Q, K, V, LG, DSTATES, DZSTATES, DBETA, DO, DELTA, DK, DV, DBK,
     T, T_PAD, NUM_CHUNKS, HQ, HK, scale,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-    HAS_GATE: tl.constexpr, OP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GATE: tl.constexpr, OP: tl.constexpr, QROWS: tl.constexpr,
 ):
-    """dk, dv of chunk n for one kv head (its whole query group) and dL/db_j from the key side
+    """dk, dv of block m for one kv head (its whole query group) and dL/db_j from the key side
     (DBK [B, T_PAD, Hk]; the chunk total's gradient, DBETA [B Hk, N + 1] at slot n + 1 from the
     reverse scan, added at the chunk's last position)."""
-    n = tl.program_id(0)
+    m = tl.program_id(0)
+    SUB: tl.constexpr = CHUNK // BLOCK
+    n = m // SUB
+    s = m % SUB
     bh = tl.program_id(1)
     b = bh // HK
     h = bh % HK
     G = HQ // HK
-    offs_c = tl.arange(0, CHUNK)
+    offs_c = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
-    t0 = n * CHUNK
+    t0 = m * BLOCK
+    c0 = n * CHUNK
     kv_base = (b * T * HK + h).to(tl.int64) * HEAD_DIM
-    bcum, total = chunk_gates(LG + b.to(tl.int64) * T * HK + h, t0, T, HK, offs_c, HAS_GATE)
+    lg_base = LG + b.to(tl.int64) * T * HK + h
+    bcum, total = _block_gates(lg_base, c0, t0, T, HK, offs_c, CHUNK, BLOCK, HAS_GATE)
 
     # The keys' share of the state after the chunk, R_{n+1} = e^beta R_n + sum_j c_j k_j k_j v_j^T
     # (Z likewise without v), unweighted and symmetric: dv_j = c_j sum_i k_i (k_j @ dR_i),
@@ -369,8 +421,8 @@ def _chunk_bwd_kv_kernel(
     dst_base = DSTATES + slot * D * HEAD_DIM
     kop = load_tile(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d).to(OP)
     vop = load_tile(V + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d).to(OP)
-    dv = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
-    v2 = tl.zeros((CHUNK, HEAD_DIM), dtype=tl.float32)
+    dv = tl.zeros((BLOCK, HEAD_DIM), dtype=tl.float32)
+    v2 = tl.zeros((BLOCK, HEAD_DIM), dtype=tl.float32)
     for i in range(HEAD_DIM):
         dr_i = tl.load(dst_base + full_tile_rows(i, offs_d, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :]).to(OP)
         ki = tl.load(K + kv_base + (t0 + offs_c) * (HK * HEAD_DIM) + i, mask=t0 + offs_c < T, other=0.0).to(tl.float32)
@@ -381,21 +433,28 @@ def _chunk_bwd_kv_kernel(
     dk = (2.0 * c)[:, None] * v2
     db = -c * tl.sum(k * v2, axis=1)  # (the loop below reads k in the operand dtype only: fewer live registers)
     # every term of R_{n+1} carries e^beta (b_j held fixed): dL/dbeta = <dR_{n+1}, R_{n+1}>
-    db += tl.where(offs_c == CHUNK - 1, tl.load(DBETA + slot), 0.0)
+    db += tl.where((offs_c == BLOCK - 1) & (s == SUB - 1), tl.load(DBETA + slot), 0.0)
 
-    # Chunk-local attention, over every query head of the group.
-    for g in range(G):
-        hq = h * G + g
-        q = (load_rows(Q + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, t0, T, HQ * HEAD_DIM, offs_c, offs_d)
-             * scale).to(OP)
-        do = load_tile(DO + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, t0, T, HQ * HEAD_DIM, offs_c, offs_d).to(OP)
-        delta = tl.load(DELTA + (b * T * HQ + hq).to(tl.int64) + (t0 + offs_c) * HQ, mask=t0 + offs_c < T, other=0.0)
-        x, decay, a = _intra_scores(q, kop, bcum, offs_c, OP)
-        da = tl.dot(do, tl.trans(vop)) + delta[:, None]
-        dv += tl.dot(tl.trans(a.to(OP)), do)
-        db -= tl.sum(da * a, axis=0)
-        dx = 2.0 * da * x * decay
-        dk += tl.dot(tl.trans(dx.to(OP)), q)
+    # Chunk-local attention: the chunk's queries from this block on, QROWS at a time (smaller score
+    # tiles: fewer live registers), every query head of the group.
+    offs_q = tl.arange(0, QROWS)
+    for qb in range(s * (BLOCK // QROWS), SUB * (BLOCK // QROWS)):
+        tq0 = c0 + qb * QROWS
+        bq, _ = _block_gates(lg_base, c0, tq0, T, HK, offs_q, CHUNK, QROWS, HAS_GATE)
+        for g in range(G):
+            hq = h * G + g
+            q = (load_rows(Q + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, tq0, T, HQ * HEAD_DIM, offs_q, offs_d)
+                 * scale).to(OP)
+            do = load_tile(DO + (b * T * HQ + hq).to(tl.int64) * HEAD_DIM, tq0, T, HQ * HEAD_DIM, offs_q,
+                           offs_d).to(OP)
+            delta = tl.load(DELTA + (b * T * HQ + hq).to(tl.int64) + (tq0 + offs_q) * HQ, mask=tq0 + offs_q < T,
+                            other=0.0)
+            x, decay, a = _intra_scores(q, kop, bq, bcum, tq0 + offs_q, t0 + offs_c, OP)
+            da = tl.dot(do, tl.trans(vop)) + delta[:, None]
+            dv += tl.dot(tl.trans(a.to(OP)), do)
+            db -= tl.sum(da * a, axis=0)
+            dx = 2.0 * da * x * decay
+            dk += tl.dot(tl.trans(dx.to(OP)), q)
 
     t = t0 + offs_c
     t_ok = (t < T)[:, None]
@@ -410,11 +469,20 @@ def _chunk_bwd_kv_kernel(
 # ----------------------------------------------------------------------------------
 
 
-def kernel_chunk_size(chunk_size: int, head_dim: int) -> int:
-    """The chunk the kernels use: `chunk_size` rounded up to a power of two in [16, 128]
-    (64 at d = 128, to fit the on-chip tiles). Chunking changes only rounding, not the result."""
-    c = 1 << max(4, math.ceil(math.log2(max(1, chunk_size))))
-    return min(c, 64 if head_dim > 64 else 128)
+#: the longest chunk: its gates are one [CHUNK] vector in a program
+MAX_CHUNK = 1024
+#: the largest block of tokens a program holds as one tile (64 at d = 128, to fit on chip)
+MAX_BLOCK = 128
+
+
+def kernel_tiles(chunk_size: int, head_dim: int) -> tuple[int, int]:
+    """(chunk, block) the kernels use: the chunk, between two stored states, is `chunk_size`
+    rounded up to a power of two in [16, MAX_CHUNK]; the block, the tokens one program holds as
+    a tile, is the chunk up to MAX_BLOCK (half that at d = 128). A chunk of several blocks
+    stores fewer states (less memory traffic: the states are most of it) for a little more
+    chunk-local attention. Chunking changes only rounding, not the result."""
+    chunk = min(1 << max(4, math.ceil(math.log2(max(1, chunk_size)))), MAX_CHUNK)
+    return chunk, min(chunk, MAX_BLOCK // 2 if head_dim > 64 else MAX_BLOCK)
 
 
 def _gate_weights(log_g, bsz: int, t: int, hk: int, n_chunks: int, chunk: int, to_end: bool, scale: float, device):
@@ -438,6 +506,11 @@ def _gate_weights(log_g, bsz: int, t: int, hk: int, n_chunks: int, chunk: int, t
 #: stages everywhere. The share kernel's stores go faster with 4 warps; the query-style kernels
 #: want a deeper pipeline for their state tiles.
 TUNED: dict[str, tuple[int, int]] = {"share": (4, 3), "fwd": (8, 4), "bwd_q": (8, 4), "bwd_kv": (8, 4)}
+#: The key-side backward walks the chunk's queries this many rows at a time (at least 16): its
+#: [rows, block] score tiles then fit beside the state part's accumulators. H100, 64k tokens,
+#: blocks of 128, d = 64: 128 rows 4.57 ms (164 spilled registers), 64 rows 5.09 (210), 32 rows
+#: 4.08 (none), 16 rows 4.50. (Walking the query-side backward's keys in pieces gained nothing.)
+BWD_KV_QUERY_ROWS = 32
 #: overrides of any kernel's launch options (benchmarks/profile_kernels.py sets them to compare)
 LAUNCH: dict[str, tuple[int, int]] = {}
 
@@ -458,15 +531,15 @@ def parse_launch(spec: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _launch_opts(kernel: str, chunk: int, width: int, op) -> dict:
+def _launch_opts(kernel: str, block: int, width: int, op) -> dict:
     """Launch options of `kernel` ("share", "fwd", "bwd_q", "bwd_kv") for operands of type `op`:
-    LAUNCH's entry, else TUNED's at the measured shape (C = 128, d = 64, 16-bit operands: fp32
-    tiles at four stages overflow shared memory), else 8 warps for tiles of 128 x 64 and up, 4
-    below, two pipeline stages."""
+    LAUNCH's entry, else TUNED's at the measured shape (blocks of 128 tokens, d = 64, 16-bit
+    operands: fp32 tiles at four stages overflow shared memory), else 8 warps for tiles of 128 x 64
+    and up, 4 below, two pipeline stages."""
     if interpreting():
         return {}
-    default = (8 if chunk * width >= 128 * 64 else 4, 2)
-    if (chunk, width) == (128, 64) and op != tl.float32:
+    default = (8 if block * width >= 128 * 64 else 4, 2)
+    if (block, width) == (128, 64) and op != tl.float32:
         default = TUNED.get(kernel, default)
     warps, stages = LAUNCH.get(kernel, default)
     return {"num_warps": warps, "num_stages": stages}
@@ -479,7 +552,7 @@ def _pair_weights(head_dim: int, device) -> torch.Tensor:
 
 
 def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_final, z_final, *, reverse: bool,
-                chunk: int, op, inner_with=None):
+                chunk: int, block: int, op, inner_with=None):
     """Fill states / z_states [B, Hk, N+1, ...] with the recurrence over chunks: every chunk's own
     share at once (_chunk_share_kernel, the matrix products), then a scan that chains them
     (_state_scan_kernel, memory-bound); forward, s_final / z_final get the last state.
@@ -496,8 +569,8 @@ def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_f
         _chunk_share_kernel[(n_chunks, bsz * hk)](
             x, y, weights, zw if zw is not None else dummy, states, z_states,
             t, n_chunks * chunk, n_chunks, hx, hk, 0 if reverse else 1,
-            HEAD_DIM=d, D=dim, CHUNK=chunk, G=hx // hk, HAS_ZW=zw is not None, OP=op,
-            **_launch_opts("share", chunk, d, op))
+            HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK=block, G=hx // hk, HAS_ZW=zw is not None, OP=op,
+            **_launch_opts("share", block, d, op))
     block_r = 64 if d <= 64 else 32
     n_blocks = triton.cdiv(dim, block_r)
     inner = mult = None
@@ -514,7 +587,7 @@ def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_f
     return inner.sum(-1) if inner is not None else None
 
 
-def _states_forward(k, v, log_g, s0, z0, chunk, op):
+def _states_forward(k, v, log_g, s0, z0, chunk, block, op):
     """The chunk recurrence: unweighted states R [B, Hk, N+1, D, d] (dtype of the products) and
     Z [B, Hk, N+1, D] fp32, the state before chunk n (n = N: the final one), from the weighted
     initial state (S0, z0) or zero; and the final state, weighted (S [B, Hk, D, d], z [B, Hk, D]),
@@ -530,47 +603,52 @@ def _states_forward(k, v, log_g, s0, z0, chunk, op):
     s_final = torch.empty(bsz, hk, dim, d, dtype=torch.float32, device=k.device)
     z_final = torch.empty(bsz, hk, dim, dtype=torch.float32, device=k.device)
     weights, decays = _gate_weights(log_g, bsz, t, hk, n_chunks, chunk, True, 1.0, k.device)
-    _state_pass(k, v, None, weights, decays, s0, z0, states, z_states, s_final, z_final, reverse=False, chunk=chunk, op=op)
+    _state_pass(k, v, None, weights, decays, s0, z0, states, z_states, s_final, z_final, reverse=False, chunk=chunk,
+                block=block, op=op)
     return states, z_states, s_final * w[:, None], z_final * w
 
 
-def chunk_forward(q, k, v, log_g, s0, z0, scale: float, eps: float, chunk_size: int):
-    """Forward: (y [B, T, Hq, d], den [B, T, Hq] fp32, S_final [B, Hk, D, d], z_final [B, Hk, D])."""
+def chunk_forward(q, k, v, log_g, s0, z0, scale: float, eps: float, chunk_size: int, keep_states: bool = False):
+    """Forward: (y [B, T, Hq, d], den [B, T, Hq] fp32, S_final [B, Hk, D, d], z_final [B, Hk, D], kept):
+    kept = the chunk states (R, Z) for chunk_backward if keep_states, else None."""
     bsz, t, hq, d = q.shape
     hk = k.shape[2]
-    chunk = kernel_chunk_size(chunk_size, d)
+    chunk, block = kernel_tiles(chunk_size, d)
     op = dot_dtype(q.dtype)
     dim = expanded_dim(d, 2)
-    states, z_states, s_final, z_final = _states_forward(k, v, log_g, s0, z0, chunk, op)
+    states, z_states, s_final, z_final = _states_forward(k, v, log_g, s0, z0, chunk, block, op)
     n_chunks = states.shape[2] - 1
     y = torch.empty(bsz, t, hq, d, dtype=v.dtype, device=q.device)
     den = torch.empty(bsz, t, hq, dtype=torch.float32, device=q.device)
     if n_chunks:
-        _chunk_fwd_kernel[(n_chunks, bsz * hq)](
+        _chunk_fwd_kernel[(n_chunks * (chunk // block), bsz * hq)](
             q, k, v, log_g if log_g is not None else k, states, z_states, y, den,
             t, n_chunks, hq, hk, scale, eps,
-            HEAD_DIM=d, D=dim, CHUNK=chunk, HAS_GATE=log_g is not None, OP=op,
-            **_launch_opts("fwd", chunk, d, op),
+            HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK=block, HAS_GATE=log_g is not None, OP=op,
+            **_launch_opts("fwd", block, d, op),
         )
-    return y, den, s_final, z_final
+    return y, den, s_final, z_final, ((states, z_states) if keep_states else None)
 
 
-def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale: float, eps: float, chunk_size: int):
+def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale: float, eps: float, chunk_size: int,
+                   kept=None):
     """Backward: (dq, dk, dv, dlog_g [B, T, Hk] fp32 or None, dS0 [B, Hk, D, d], dz0 [B, Hk, D]).
+
+    kept: the forward's chunk states (chunk_forward with keep_states), else they are recomputed.
 
     dS0 passes through the chunk-state dtype (bf16 for bf16 inputs). Inside, dR_n = dL/dR_n for
     the unweighted states taken as full symmetric [d, d, d] tensors: a weighted S = w R (each
     off-diagonal pair stands for two equal entries) gives dR_N = dS_final / w and dS0 = w dR_0."""
     bsz, t, hq, d = q.shape
     hk = k.shape[2]
-    chunk = kernel_chunk_size(chunk_size, d)
+    chunk, block = kernel_tiles(chunk_size, d)
     op = dot_dtype(q.dtype)
     dim = expanded_dim(d, 2)
     n_chunks = triton.cdiv(t, chunk)
     t_pad = n_chunks * chunk
 
-    # Recompute the chunk-start states rather than keep them from the forward (memory).
-    states, z_states, _, _ = _states_forward(k, v, log_g, s0, z0, chunk, op)
+    # The chunk-start states: kept from the forward, or recomputed (a state pass, to save memory).
+    states, z_states = kept if kept is not None else _states_forward(k, v, log_g, s0, z0, chunk, block, op)[:2]
     do = dy.float() / (den + eps)[..., None]
     delta = -(do * y.float()).sum(-1)
     # the products read dO in their operand dtype anyway: store it so (half the bytes for bf16)
@@ -584,20 +662,22 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
     # dR_n = sum_t s^2 e^{b_t} q_t q_t^T-products do_t^T (chunk n's queries, every head of the group) + e^{beta_n} dR_{n+1}
     weights, decays = _gate_weights(log_g, bsz, t, hk, n_chunks, chunk, False, scale * scale, q.device)
     dbeta = _state_pass(q, do, delta, weights, decays, ds_final, dz_final, dstates, dz_states, None, None,
-                        reverse=True, chunk=chunk, op=op, inner_with=(states, z_states))
+                        reverse=True, chunk=chunk, block=block, op=op, inner_with=(states, z_states))
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbq = torch.empty(bsz, t_pad, hq, dtype=torch.float32, device=q.device)
     dbk = torch.empty(bsz, t_pad, hk, dtype=torch.float32, device=q.device)
     if n_chunks:
-        common = dict(HEAD_DIM=d, D=dim, CHUNK=chunk, HAS_GATE=log_g is not None, OP=op)
-        _chunk_bwd_q_kernel[(n_chunks, bsz * hq)](
+        common = dict(HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK=block, HAS_GATE=log_g is not None, OP=op)
+        blocks = n_chunks * (chunk // block)  # every block of every chunk: the gate gradients cover T_PAD
+        _chunk_bwd_q_kernel[(blocks, bsz * hq)](
             q, k, v, lg, states, z_states, do, delta, dq, dbq, t, t_pad, n_chunks, hq, hk, scale, **common,
-            **_launch_opts("bwd_q", chunk, d, op))
-        _chunk_bwd_kv_kernel[(n_chunks, bsz * hk)](
+            **_launch_opts("bwd_q", block, d, op))
+        _chunk_bwd_kv_kernel[(blocks, bsz * hk)](
             q, k, v, lg, dstates, dz_states, dbeta, do, delta, dk, dv, dbk,
-            t, t_pad, n_chunks, hq, hk, scale, **common, **_launch_opts("bwd_kv", chunk, d, op))
+            t, t_pad, n_chunks, hq, hk, scale, **common, QROWS=max(16, min(block, BWD_KV_QUERY_ROWS)),
+            **_launch_opts("bwd_kv", block, d, op))
     dlog_g = None
     if log_g is not None:
         db = dbk + dbq.view(bsz, t_pad, hk, hq // hk).sum(-1)

@@ -39,9 +39,9 @@ import torch
 from torch import Tensor
 
 from .reference import DecodeState, State, expanded_dim
-from .triton_common import SUPPORTED_DEGREES, SUPPORTED_HEAD_DIMS, interpreting
 from .triton_attention import attention_backward, attention_forward
-from .triton_chunk import chunk_backward, chunk_forward
+from .triton_chunk import chunk_backward, chunk_forward, kernel_tiles
+from .triton_common import SUPPORTED_DEGREES, SUPPORTED_HEAD_DIMS, dot_dtype, interpreting, operand_torch_dtype
 from .triton_decode import decode_, fold_tail_, tail_decode_
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -116,32 +116,45 @@ def _on_device_of(x: Tensor):
 @torch.library.custom_op("power_transformers::chunk_forward", mutates_args=())
 def _chunk_forward_op(
     q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], initial_s: Optional[Tensor], initial_z: Optional[Tensor],
-    scale: float, eps: float, chunk_size: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y [B,T,Hq,d], den [B,T,Hq] fp32, S_final [B,Hk,D,d] fp32, z_final [B,Hk,D] fp32)."""
+    scale: float, eps: float, chunk_size: int, keep_states: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y [B,T,Hq,d], den [B,T,Hq] fp32, S_final [B,Hk,D,d] fp32, z_final [B,Hk,D] fp32, and the chunk
+    states R [B,Hk,N+1,D,d], Z [B,Hk,N+1,D] fp32 for the backward if keep_states, else empty)."""
     with _on_device_of(q):
-        return chunk_forward(q, k, v, log_g, initial_s, initial_z, scale, eps, chunk_size)
+        y, den, s_final, z_final, kept = chunk_forward(
+            q, k, v, log_g, initial_s, initial_z, scale, eps, chunk_size, keep_states)
+    if kept is None:
+        kept = (q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32))
+    return y, den, s_final, z_final, *kept
 
 
 @_chunk_forward_op.register_fake
-def _(q, k, v, log_g, initial_s, initial_z, scale, eps, chunk_size):
+def _(q, k, v, log_g, initial_s, initial_z, scale, eps, chunk_size, keep_states):
     b, t, hq, d = q.shape
     hk, dim = k.shape[2], expanded_dim(d, 2)
     f32 = dict(dtype=torch.float32, device=q.device)
+    if keep_states:
+        slots = -(-t // kernel_tiles(chunk_size, d)[0]) + 1
+        kept = (q.new_empty(b, hk, slots, dim, d, dtype=operand_torch_dtype(dot_dtype(q.dtype))),
+                q.new_empty(b, hk, slots, dim, **f32))
+    else:
+        kept = (q.new_empty(0, **f32), q.new_empty(0, **f32))
     return (q.new_empty(b, t, hq, d, dtype=v.dtype), q.new_empty(b, t, hq, **f32),
-            q.new_empty(b, hk, dim, d, **f32), q.new_empty(b, hk, dim, **f32))
+            q.new_empty(b, hk, dim, d, **f32), q.new_empty(b, hk, dim, **f32), *kept)
 
 
 @torch.library.custom_op("power_transformers::chunk_backward", mutates_args=())
 def _chunk_backward_op(
     q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor], initial_s: Optional[Tensor], initial_z: Optional[Tensor],
     y: Tensor, den: Tensor, dy: Tensor, ds_final: Optional[Tensor], dz_final: Optional[Tensor],
-    scale: float, eps: float, chunk_size: int,
+    states: Optional[Tensor], z_states: Optional[Tensor], scale: float, eps: float, chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dlog_g [B,T,Hk] fp32 (empty without gates), dS0, dz0 (empty without an initial state))."""
+    """(dq, dk, dv, dlog_g [B,T,Hk] fp32 (empty without gates), dS0, dz0 (empty without an initial state));
+    states / z_states: the forward's kept chunk states, or None to recompute them."""
     with _on_device_of(q):
         dq, dk, dv, dlog_g, ds0, dz0 = chunk_backward(
-            q, k, v, log_g, initial_s, initial_z, y, den, dy, ds_final, dz_final, scale, eps, chunk_size)
+            q, k, v, log_g, initial_s, initial_z, y, den, dy, ds_final, dz_final, scale, eps, chunk_size,
+            None if states is None else (states, z_states))
     if dlog_g is None:
         dlog_g = q.new_empty(0, dtype=torch.float32)
     else:
@@ -154,7 +167,7 @@ def _chunk_backward_op(
 
 
 @_chunk_backward_op.register_fake
-def _(q, k, v, log_g, initial_s, initial_z, y, den, dy, ds_final, dz_final, scale, eps, chunk_size):
+def _(q, k, v, log_g, initial_s, initial_z, y, den, dy, ds_final, dz_final, states, z_states, scale, eps, chunk_size):
     empty = q.new_empty(0, dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(log_g) if log_g is not None else empty,
@@ -163,22 +176,24 @@ def _(q, k, v, log_g, initial_s, initial_z, y, den, dy, ds_final, dz_final, scal
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, log_g, initial_s, initial_z, scale, eps, chunk_size = inputs
-    y, den, _, _ = output
-    ctx.save_for_backward(q, k, v, log_g, initial_s, initial_z, y, den)
+    q, k, v, log_g, initial_s, initial_z, scale, eps, chunk_size, keep_states = inputs
+    y, den, _, _, states, z_states = output
+    if not keep_states:
+        states = z_states = None
+    ctx.save_for_backward(q, k, v, log_g, initial_s, initial_z, y, den, states, z_states)
     ctx.args = (scale, eps, chunk_size)
 
 
-def _backward(ctx, dy, dden, ds_final, dz_final):
-    q, k, v, log_g, initial_s, initial_z, y, den = ctx.saved_tensors
+def _backward(ctx, dy, dden, ds_final, dz_final, dstates_unused, dz_states_unused):
+    q, k, v, log_g, initial_s, initial_z, y, den, states, z_states = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(y)
     dq, dk, dv, dlog_g, ds0, dz0 = _chunk_backward_op(
         q, k, v, log_g, initial_s, initial_z, y, den, dy.contiguous(),
         None if ds_final is None else ds_final.contiguous(), None if dz_final is None else dz_final.contiguous(),
-        *ctx.args)
+        states, z_states, *ctx.args)
     return (dq, dk, dv, dlog_g if log_g is not None else None,
-            ds0 if initial_s is not None else None, dz0 if initial_z is not None else None, None, None, None)
+            ds0 if initial_s is not None else None, dz0 if initial_z is not None else None, None, None, None, None)
 
 
 _chunk_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -292,6 +307,24 @@ def _scale(scale: Optional[float], head_dim: int) -> float:
 ATTENTION_FORM_MAX_T = 8192
 
 
+#: A forward that will be differentiated keeps its chunk states for the backward, instead of a
+#: second state pass there, when D <= KEEP_STATES_MAX_D_PER_CHUNK x C. The kept states take D d / C
+#: elements per token and kv head (in the operand dtype): at d = 64, C = 128 (D / C = 16) four
+#: times the head's q, k, v and y together, about the activations of a transformer layer; at
+#: d = 128, C = 64 (D / C = 129) thirty times, so that one recomputes. keep_states=True / False
+#: or POWER_TRITON_KEEP_STATES=1 / 0 decides instead.
+KEEP_STATES_MAX_D_PER_CHUNK = 32
+
+
+def _keep_states(head_dim: int, chunk_size: int, keep_states: Optional[bool]) -> bool:
+    if keep_states is not None:
+        return keep_states
+    forced = os.environ.get("POWER_TRITON_KEEP_STATES")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return expanded_dim(head_dim, 2) <= KEEP_STATES_MAX_D_PER_CHUNK * kernel_tiles(chunk_size, head_dim)[0]
+
+
 def _attention_form_max_t(head_dim: int) -> int:
     at_64 = int(os.environ.get("POWER_TRITON_ATTENTION_MAX_T", ATTENTION_FORM_MAX_T))
     return at_64 * head_dim * head_dim // 4096
@@ -300,13 +333,15 @@ def _attention_form_max_t(head_dim: int) -> int:
 def power_attention(
     q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor] = None, *, degree: int = 2, scale: Optional[float] = None,
     eps: float = 1e-6, chunk_size: int = 64, initial_state: Optional[State] = None, output_final_state: bool = False,
+    keep_states: Optional[bool] = None,
 ) -> tuple[Tensor, Optional[State]]:
     """Power attention over a sequence with the Triton kernels: y [B, T, Hq, d] and the final state if asked.
 
     Differentiable with respect to q, k, v, log_g and the initial state. Short sequences without
     a state in or out run in the attention form (see ATTENTION_FORM_MAX_T), the rest chunked:
-    `chunk_size` is rounded to a power of two in [16, 128] (64 at d = 128). Either choice
-    changes only rounding.
+    `chunk_size` is rounded to a power of two in [16, 1024] (triton_chunk.kernel_tiles). Either
+    choice changes only rounding. keep_states: whether a differentiated forward keeps its chunk
+    states for the backward (faster, more memory); None: by KEEP_STATES_MAX_D_PER_CHUNK.
     """
     check_supported(q, degree, k, v, log_g, initial_state)
     if chunk_size < 1:
@@ -318,9 +353,11 @@ def power_attention(
     s0 = z0 = None
     if initial_state is not None:
         s0, z0 = initial_state[0].contiguous(), initial_state[1].contiguous()
-    y, _, s_final, z_final = _chunk_forward_op(
+    keep = (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, log_g, s0, z0))
+            and _keep_states(q.shape[-1], chunk_size, keep_states))
+    y, _, s_final, z_final, _, _ = _chunk_forward_op(
         q.contiguous(), k.contiguous(), v.contiguous(), None if log_g is None else log_g.contiguous(),
-        s0, z0, _scale(scale, q.shape[-1]), float(eps), int(chunk_size))
+        s0, z0, _scale(scale, q.shape[-1]), float(eps), int(chunk_size), keep)
     return y, ((s_final, z_final) if output_final_state else None)
 
 
