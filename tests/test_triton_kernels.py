@@ -130,6 +130,33 @@ def test_chunks_of_several_blocks(monkeypatch, t, hq, hk, gated, chunk, with_sta
             assert rel(x.grad, x64.grad) < 1e-4, (name, rel(x.grad, x64.grad))
 
 
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_chained_state_pass(monkeypatch, chunk):
+    """The state passes as one chained kernel (CHAINED_STATE_PASS: the chunks' products at once,
+    their chaining a wavefront through a ring; off by default until it is timed on a GPU): outputs,
+    final state and every gradient against the reference, one block a chunk (chunk 16) and two."""
+    monkeypatch.setattr(tc, "CHAINED_STATE_PASS", True)
+    monkeypatch.setattr(tc, "MAX_BLOCK", 16)
+    used = []
+    real = tc._chunk_chain_kernel
+    monkeypatch.setattr(tc, "_chunk_chain_kernel", type("Spy", (), {"__getitem__": lambda self, g: used.append(g) or real[g]})())
+    q, k, v, log_g = make_inputs(1, 45, 2, 1, 16, seed=chunk)
+    s0, z0 = random_state(1, 1, 16, seed=3)
+    ins, ins64 = leaf(q, k, v, log_g, s0, z0), leaf64(q, k, v, log_g, s0, z0)
+    y, state = tp.power_attention(*ins[:4], chunk_size=chunk, initial_state=tuple(ins[4:]), output_final_state=True)
+    y_ref, state_ref = reference.power_attention_chunked(*ins64[:4], chunk_size=16, initial_state=tuple(ins64[4:]),
+                                                         output_final_state=True)
+    assert rel(y, y_ref) < 1e-5
+    assert rel(state[0], state_ref[0]) < 1e-5 and rel(state[1], state_ref[1]) < 1e-5
+    gen = torch.Generator().manual_seed(7)
+    gy, gs, gz = (torch.randn(x.shape, generator=gen) for x in (y, state[0], state[1]))
+    ((y * gy).sum() + (state[0] * gs).sum() + (state[1] * gz).sum()).backward()
+    ((y_ref * gy.double()).sum() + (state_ref[0] * gs.double()).sum() + (state_ref[1] * gz.double()).sum()).backward()
+    for name, x, x64 in zip(["q", "k", "v", "log_g", "S0", "z0"], ins, ins64):
+        assert rel(x.grad, x64.grad) < 1e-4, (name, rel(x.grad, x64.grad))
+    assert len(used) == 2  # the forward's pass and the backward's (the states were kept)
+
+
 def test_forward_keeps_its_states_for_the_backward(monkeypatch):
     """With keep_states the backward reads the forward's chunk states instead of a second state
     pass: the same gradients, one pass fewer; nothing is kept without a gradient to take. By
@@ -425,6 +452,20 @@ def test_short_sequences_take_the_attention_form(monkeypatch):
     monkeypatch.setattr(tp, "ATTENTION_FORM_MAX_T", 16)  # at d = 16 that is T <= 1
     tp.power_attention(q, k, v, log_g, chunk_size=16)
     assert calls[-1] == "chunked"
+
+
+def test_chunk_kernels_compile_for_hopper():
+    """The chunk kernels compile for sm_90 at the shapes the GPU runs (tests/compile_sm90.py, in a
+    subprocess without the interpreter): the interpreter runs code that the compiler may reject."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    script = os.path.join(os.path.dirname(__file__), "compile_sm90.py")
+    done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("ok ") == 15, done.stdout
 
 
 def test_launch_options_take_the_tuned_set_only_where_it_was_measured(monkeypatch):

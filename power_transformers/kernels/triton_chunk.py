@@ -33,6 +33,8 @@ Kernels (phi(q), phi(k) built row-block by row-block on chip, never stored; see 
                         reverse scan also takes <dR_n, R_n>, the gradient of each chunk's decay.
     _chunk_bwd_q_kernel grid (N C / M, B Hq): dq and the query part of the gate gradient.
     _chunk_bwd_kv_kernel grid (N C / M, B Hk): dk, dv and the key part of the gate gradient.
+    _chunk_chain_kernel grid (B Hk, N): share and scan in one pass, the chaining a wavefront
+                        across chunks (CHAINED_STATE_PASS; off: not yet timed on a GPU).
 
 The backward reads the forward's chunk states when the forward kept them (keep_states), else
 recomputes them with a third state pass.
@@ -52,6 +54,7 @@ reverse running sum inside each chunk.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -89,6 +92,80 @@ def _dot_f32(a, b):
 
 
 @triton.jit
+def _share_program(X, W, T, T_PAD, NUM_CHUNKS, HX, HK, n, bh,
+                   HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr):
+    """Where chunk n's share for kv head bh reads from: offs_c [BLOCK], offs_d [d], its first token
+    t0, the token stride, the base of the group's first head of x / y (head0, elements / d), and
+    the base of its per-token weights."""
+    b = bh // HK
+    h = bh % HK
+    offs_c = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    t0 = n * CHUNK
+    head0 = (b * T * HX + h * G).to(tl.int64)  # head h G + g of x and y
+    return offs_c, offs_d, t0, HX * HEAD_DIM, head0, W + bh.to(tl.int64) * T_PAD + t0
+
+
+@triton.jit
+def _share_z(X, ZW, w_base, head0, t0, T, HX, stride_t, offs_c, offs_d,
+             HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr, HAS_ZW: tl.constexpr):
+    """The chunk's Z share as a [d, d] matrix, sum_g sum_t w_t zw_t x_t x_t^T (fp32 products)."""
+    SUB: tl.constexpr = CHUNK // BLOCK
+    zmat = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
+    for src in range(G * SUB):
+        g = src // SUB
+        tb = t0 + (src % SUB) * BLOCK
+        x = load_rows(X + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)
+        wz = tl.load(w_base + (src % SUB) * BLOCK + offs_c)
+        if HAS_ZW:
+            wz = wz * tl.load(ZW + head0 + g + (tb + offs_c) * HX, mask=tb + offs_c < T, other=0.0)
+        zmat += _dot_f32(tl.trans(x), x * wz[:, None])
+    return zmat
+
+
+@triton.jit
+def _z_rows(offs_d, HEAD_DIM: tl.constexpr):
+    """[d, d] offsets into a stored z [D] of the upper triangle (a <= b) of its symmetric matrix, and that mask."""
+    lo = offs_d[:, None]
+    return lo * HEAD_DIM - (lo * (lo - 1)) // 2 + offs_d[None, :] - lo, offs_d[None, :] >= lo
+
+
+@triton.jit
+def _share_operands(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, HEAD_DIM: tl.constexpr,
+                    OP: tl.constexpr):
+    """x^T [d, C] in the operand dtype, y [C, d] as stored and the weights [C] of a one-source chunk
+    (one head, one block): read once for every row-block."""
+    xt = tl.trans(load_tile(X + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d).to(OP))
+    y = load_tile(Y + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d)
+    return xt, y, tl.load(w_base + offs_c)
+
+
+@triton.jit
+def _share_row_block(X, Y, w_base, head0, t0, T, stride_t, i, xt, y, w, offs_c, offs_d,
+                     HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr,
+                     OP: tl.constexpr):
+    """Row-block i of the chunk's share as a full [d, d] tile (rows j < i are not stored):
+    sum over the sources (query head g, block of the chunk) of x^T @ ((w x_i) y). A one-source
+    chunk passes its operands (_share_operands); otherwise they are read here, from cache."""
+    SUB: tl.constexpr = CHUNK // BLOCK
+    acc = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
+    for src in range(G * SUB):
+        g = src // SUB
+        tb = t0 + (src % SUB) * BLOCK
+        if G * SUB > 1:
+            xt_s = tl.trans(load_tile(X + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d).to(OP))
+            y_s = load_tile(Y + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)
+            w_s = tl.load(w_base + (src % SUB) * BLOCK + offs_c)
+        else:
+            xt_s, y_s, w_s = xt, y, w
+        xi = tl.load(X + (head0 + g) * HEAD_DIM + (tb + offs_c) * stride_t + i, mask=tb + offs_c < T,
+                     other=0.0).to(tl.float32)
+        # (y stays in its stored dtype until here: half the registers for 16-bit inputs)
+        acc += tl.dot(xt_s, ((w_s * xi)[:, None] * y_s.to(tl.float32)).to(OP))
+    return acc
+
+
+@triton.jit
 def _chunk_share_kernel(
     X, Y, W, ZW, OUT, ZOUT,
     T, T_PAD, NUM_CHUNKS, HX, HK, SLOT,
@@ -107,50 +184,138 @@ def _chunk_share_kernel(
     """
     n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HK
-    h = bh % HK
-    offs_c = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    t0 = n * CHUNK
-    stride_t = HX * HEAD_DIM
-    SUB: tl.constexpr = CHUNK // BLOCK
-    w_base = W + bh.to(tl.int64) * T_PAD + t0
+    offs_c, offs_d, t0, stride_t, head0, w_base = _share_program(
+        X, W, T, T_PAD, NUM_CHUNKS, HX, HK, n, bh, HEAD_DIM, CHUNK, BLOCK, G)
     slot = bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + SLOT
-    out_base = OUT + slot * D * HEAD_DIM
-    head0 = (b * T * HX + h * G).to(tl.int64)  # head h G + g of x and y
+    zmat = _share_z(X, ZW, w_base, head0, t0, T, HX, stride_t, offs_c, offs_d, HEAD_DIM, CHUNK, BLOCK, G, HAS_ZW)
+    z_off, z_ok = _z_rows(offs_d, HEAD_DIM)
+    tl.store(ZOUT + slot * D + z_off, zmat, mask=z_ok)
 
-    zmat = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
-    for src in range(G * SUB):
-        g = src // SUB
-        tb = t0 + (src % SUB) * BLOCK
-        x = load_rows(X + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)
-        wz = tl.load(w_base + (src % SUB) * BLOCK + offs_c)
-        if HAS_ZW:
-            wz = wz * tl.load(ZW + head0 + g + (tb + offs_c) * HX, mask=tb + offs_c < T, other=0.0)
-        zmat += _dot_f32(tl.trans(x), x * wz[:, None])
-    lo = offs_d[:, None]
-    tl.store(ZOUT + slot * D + lo * HEAD_DIM - (lo * (lo - 1)) // 2 + offs_d[None, :] - lo, zmat,
-             mask=offs_d[None, :] >= lo)
-
-    if G * SUB == 1:  # the operands every row-block shares, read once
-        xt = tl.trans(load_tile(X + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d).to(OP))  # [d, C]
-        y = load_tile(Y + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d)
-        w = tl.load(w_base + offs_c)
+    if G * (CHUNK // BLOCK) == 1:
+        xt, y, w = _share_operands(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, HEAD_DIM, OP)
+    else:
+        xt, y, w = None, None, None  # (_share_row_block reads each source itself)
     for i in range(HEAD_DIM):
-        acc = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
-        for src in range(G * SUB):
-            g = src // SUB
-            tb = t0 + (src % SUB) * BLOCK
-            if G * SUB > 1:  # (from cache: the Z pass above read them)
-                xt = tl.trans(load_tile(X + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d).to(OP))
-                y = load_tile(Y + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)
-                w = tl.load(w_base + (src % SUB) * BLOCK + offs_c)
-            xi = tl.load(X + (head0 + g) * HEAD_DIM + (tb + offs_c) * stride_t + i, mask=tb + offs_c < T,
-                         other=0.0).to(tl.float32)
-            # (y stays in its stored dtype until here: half the registers for 16-bit inputs)
-            acc += tl.dot(xt, ((w * xi)[:, None] * y.to(tl.float32)).to(OP))
+        acc = _share_row_block(X, Y, w_base, head0, t0, T, stride_t, i, xt, y, w, offs_c, offs_d,
+                               HEAD_DIM, CHUNK, BLOCK, G, OP)
         rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
-        tl.store(out_base + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+        tl.store(OUT + slot * D * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _wait_for(flag):
+    """Spin until another program has set *flag (release / acquire at GPU scope), then let every
+    thread of this program past."""
+    while tl.atomic_add(flag, 0, sem="acquire", scope="gpu") == 0:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _signal(flag):
+    """Publish this program's stores (every thread's) to the program waiting on *flag."""
+    tl.debug_barrier()
+    tl.atomic_xchg(flag, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _chunk_chain_kernel(
+    X, Y, W, ZW, DECAY, STATES, ZSTATES, RING, ZRING, FLAGS, S0, Z0, SF, ZF, FSTATES, FZ, MULT, DBETA,
+    T, T_PAD, NUM_CHUNKS, HX, HK,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr,
+    HAS_ZW: tl.constexpr, OP: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DOT: tl.constexpr,
+):
+    """The share of _chunk_share_kernel and the chaining of _state_scan_kernel in one pass, grid
+    (B Hk, N): every chunk's products run at once, and each row-block is chained as soon as the
+    previous chunk's is, a wavefront (forward: R_{n+1} = decay_n R_n + share_n into slot n + 1;
+    reverse, chunks in falling order: R_n = decay_n R_{n+1} + share_n into slot n).
+
+    The chain runs in fp32 through RING [B Hk, 2, D, d] / ZRING [B Hk, 2, D]: the program at
+    position y of the order writes slot y % 2 and reads its predecessor's from (y + 1) % 2 once
+    FLAGS [B Hk, N, d + 1] (zeroed) says that row-block is there. Two slots suffice: a program
+    reads its predecessor's row-block before it writes its own and raises its flag, so the one
+    that overwrites a ring row-block comes after the program that read it, along the flags.
+    Programs wait only on programs earlier in launch order (kv heads vary fastest), which the GPU
+    has started before them. The first program also stores the initial state (S0 or zero) in its
+    slot; forward, the last one writes SF / ZF in fp32. HAS_DOT (reverse): each slot's
+    <state, FSTATES> + <z, FZ> over the full symmetric tensors (MULT [D]) into DBETA [B Hk, N + 1].
+    """
+    bh = tl.program_id(0)
+    pos = tl.program_id(1)
+    n = NUM_CHUNKS - 1 - pos if REVERSE else pos
+    out_slot = n if REVERSE else n + 1
+    in_slot = n + 1 if REVERSE else n  # the state this chunk's decays: its predecessor's, or the initial one
+    offs_c, offs_d, t0, stride_t, head0, w_base = _share_program(
+        X, W, T, T_PAD, NUM_CHUNKS, HX, HK, n, bh, HEAD_DIM, CHUNK, BLOCK, G)
+    bh64 = bh.to(tl.int64)
+    decay = tl.load(DECAY + bh64 * NUM_CHUNKS + n)
+    has_prev = pos > 0
+    ring_in = (bh64 * 2 + (pos + 1) % 2)
+    ring_out = (bh64 * 2 + pos % 2)
+    flags_in = FLAGS + (bh64 * NUM_CHUNKS + pos - 1) * (HEAD_DIM + 1)
+    flags_out = FLAGS + (bh64 * NUM_CHUNKS + pos) * (HEAD_DIM + 1)
+    out_base = (bh64 * (NUM_CHUNKS + 1) + out_slot) * D
+    in_base = (bh64 * (NUM_CHUNKS + 1) + in_slot) * D
+    # (as [1, d] masks: the interpreter takes no scalar in a mask)
+    first_m = ((offs_d * 0 + pos) == 0)[None, :]
+    prev_m = ((offs_d * 0 + pos) > 0)[None, :]
+    last_m = ((offs_d * 0 + pos) == NUM_CHUNKS - 1)[None, :]
+    dot = 0.0
+    dot_in = 0.0
+
+    # z, as row-block "d" of the flags
+    zmat = _share_z(X, ZW, w_base, head0, t0, T, HX, stride_t, offs_c, offs_d, HEAD_DIM, CHUNK, BLOCK, G, HAS_ZW)
+    z_off, z_ok = _z_rows(offs_d, HEAD_DIM)
+    if has_prev:
+        _wait_for(flags_in + HEAD_DIM)
+    zin = tl.load(ZRING + ring_in * D + z_off, mask=z_ok & prev_m, other=0.0, cache_modifier=".cg")
+    if HAS_INIT:
+        zin += tl.load(Z0 + bh64 * D + z_off, mask=z_ok & first_m, other=0.0)
+    znew = decay * zin + zmat
+    tl.store(ZRING + ring_out * D + z_off, znew, mask=z_ok)
+    _signal(flags_out + HEAD_DIM)
+    tl.store(ZSTATES + out_base + z_off, znew, mask=z_ok)
+    tl.store(ZSTATES + in_base + z_off, zin, mask=z_ok & first_m)
+    if not REVERSE:
+        tl.store(ZF + bh64 * D + z_off, znew, mask=z_ok & last_m)
+    if HAS_DOT:
+        zmult = tl.load(MULT + z_off, mask=z_ok, other=0.0)
+        dot += tl.sum(tl.sum(zmult * znew * tl.load(FZ + out_base + z_off, mask=z_ok, other=0.0), axis=1), axis=0)
+        dot_in += tl.sum(tl.sum(zmult * zin * tl.load(FZ + in_base + z_off, mask=z_ok, other=0.0), axis=1), axis=0)
+
+    if G * (CHUNK // BLOCK) == 1:
+        xt, y, w = _share_operands(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, HEAD_DIM, OP)
+    else:
+        xt, y, w = None, None, None  # (_share_row_block reads each source itself)
+    for i in range(HEAD_DIM):
+        acc = _share_row_block(X, Y, w_base, head0, t0, T, stride_t, i, xt, y, w, offs_c, offs_d,
+                               HEAD_DIM, CHUNK, BLOCK, G, OP)
+        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
+        r_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
+        if has_prev:
+            _wait_for(flags_in + i)
+        rin = tl.load(RING + ring_in * D * HEAD_DIM + r_off, mask=row_ok[:, None] & prev_m, other=0.0,
+                      cache_modifier=".cg")
+        if HAS_INIT:
+            rin += tl.load(S0 + bh64 * D * HEAD_DIM + r_off, mask=row_ok[:, None] & first_m, other=0.0)
+        rnew = decay * rin + acc
+        tl.store(RING + ring_out * D * HEAD_DIM + r_off, rnew, mask=row_ok[:, None])
+        _signal(flags_out + i)
+        tl.store(STATES + out_base * HEAD_DIM + r_off, rnew, mask=row_ok[:, None])
+        tl.store(STATES + in_base * HEAD_DIM + r_off, rin, mask=row_ok[:, None] & first_m)
+        if not REVERSE:
+            tl.store(SF + bh64 * D * HEAD_DIM + r_off, rnew, mask=row_ok[:, None] & last_m)
+        if HAS_DOT:
+            mult = tl.load(MULT + rows, mask=row_ok, other=0.0)
+            f_out = tl.load(FSTATES + out_base * HEAD_DIM + r_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            dot += tl.sum(mult * tl.sum(rnew * f_out, axis=1), axis=0)
+            if pos == 0:
+                f_in = tl.load(FSTATES + in_base * HEAD_DIM + r_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
+                dot_in += tl.sum(mult * tl.sum(rin * f_in, axis=1), axis=0)
+    if HAS_DOT:
+        tl.store(DBETA + bh64 * (NUM_CHUNKS + 1) + out_slot, dot)
+        if pos == 0:
+            tl.store(DBETA + bh64 * (NUM_CHUNKS + 1) + in_slot, dot_in)
 
 
 @triton.jit
@@ -511,6 +676,11 @@ TUNED: dict[str, tuple[int, int]] = {"share": (4, 3), "fwd": (8, 4), "bwd_q": (8
 #: blocks of 128, d = 64: 128 rows 4.57 ms (164 spilled registers), 64 rows 5.09 (210), 32 rows
 #: 4.08 (none), 16 rows 4.50. (Walking the query-side backward's keys in pieces gained nothing.)
 BWD_KV_QUERY_ROWS = 32
+#: The state passes as one chained kernel (_chunk_chain_kernel) instead of share + scan: the shares
+#: are no longer written, read back and written again, which could save most of a scan pass (2.1 ms
+#: on the H100 at 64k tokens; an estimate, not a measurement). Tested under the interpreter and
+#: compiled for sm_90, not yet run on a GPU, so off; POWER_CHAINED_STATE_PASS=1 turns it on.
+CHAINED_STATE_PASS = os.environ.get("POWER_CHAINED_STATE_PASS", "0") == "1"
 #: overrides of any kernel's launch options (benchmarks/profile_kernels.py sets them to compare)
 LAUNCH: dict[str, tuple[int, int]] = {}
 
@@ -524,9 +694,9 @@ def parse_launch(spec: str) -> dict[str, tuple[int, int]]:
     for item in spec.split(","):
         kernel, _, opts = item.partition("=")
         warps, _, stages = opts.partition(":")
-        if kernel not in ("share", "scan", "fwd", "bwd_q", "bwd_kv") or not warps.isdigit() or not stages.isdigit():
+        if kernel not in ("share", "chain", "scan", "fwd", "bwd_q", "bwd_kv") or not warps.isdigit() or not stages.isdigit():
             raise ValueError(f"launch option {item!r}: expected kernel=warps:stages with kernel one of "
-                             "share, scan, fwd, bwd_q, bwd_kv")
+                             "share, chain, scan, fwd, bwd_q, bwd_kv")
         out[kernel] = (int(warps), int(stages))
     return out
 
@@ -553,18 +723,37 @@ def _pair_weights(head_dim: int, device) -> torch.Tensor:
 
 def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_final, z_final, *, reverse: bool,
                 chunk: int, block: int, op, inner_with=None):
-    """Fill states / z_states [B, Hk, N+1, ...] with the recurrence over chunks: every chunk's own
-    share at once (_chunk_share_kernel, the matrix products), then a scan that chains them
-    (_state_scan_kernel, memory-bound); forward, s_final / z_final get the last state.
-    inner_with = (R, Z) of the forward: also return every slot's <state, R> + <z, Z> over the full
-    symmetric tensors ([B Hk, N + 1] fp32; the decay gradients of the backward).
+    """Fill states / z_states [B, Hk, N+1, ...] with the recurrence over chunks; forward, s_final /
+    z_final get the last state. inner_with = (R, Z) of the forward: also return every slot's
+    <state, R> + <z, Z> over the full symmetric tensors ([B Hk, N + 1] fp32; the decay gradients
+    of the backward).
 
-    (One serial pass per row-block group that did both, the obvious design, ran at 7.5 ms per pass
-    on the H100 at 64k tokens against 3.4 + 1.6 ms for these two.)"""
+    CHAINED_STATE_PASS: one kernel, _chunk_chain_kernel (the chunks' products in parallel, their
+    chaining a wavefront through an fp32 ring). Else every chunk's own share at once
+    (_chunk_share_kernel, the matrix products), then a scan that chains them (_state_scan_kernel,
+    memory-bound). (One serial pass per row-block group that did both, the obvious design, ran at
+    7.5 ms per pass on the H100 at 64k tokens against 3.4 + 1.6 ms for these two.)"""
     bsz, t, hx, d = x.shape
     hk, slots, dim = states.shape[1], states.shape[2], states.shape[3]
     n_chunks = slots - 1
     dummy = z_states  # for the pointers a variant does not read
+    mult = _pair_weights(d, x.device) ** 2 if inner_with is not None else dummy
+    init = (init_s if init_s is not None else dummy, init_z if init_z is not None else dummy)
+    final = (s_final if s_final is not None else dummy, z_final if z_final is not None else dummy)
+    forward_states = inner_with if inner_with is not None else (dummy, dummy)
+    if n_chunks and CHAINED_STATE_PASS:
+        inner = torch.empty(bsz * hk, slots, dtype=torch.float32, device=x.device) if inner_with is not None else None
+        ring = torch.empty(bsz * hk, 2, dim, d, dtype=torch.float32, device=x.device)
+        zring = torch.empty(bsz * hk, 2, dim, dtype=torch.float32, device=x.device)
+        flags = torch.zeros(bsz * hk, n_chunks, d + 1, dtype=torch.int32, device=x.device)
+        _chunk_chain_kernel[(bsz * hk, n_chunks)](
+            x, y, weights, zw if zw is not None else dummy, decays, states, z_states, ring, zring, flags,
+            *init, *final, *forward_states, mult, inner if inner is not None else dummy,
+            t, n_chunks * chunk, n_chunks, hx, hk,
+            HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK=block, G=hx // hk, HAS_ZW=zw is not None, OP=op,
+            REVERSE=reverse, HAS_INIT=init_s is not None, HAS_DOT=inner_with is not None,
+            **_launch_opts("chain", block, d, op))
+        return inner
     if n_chunks:
         _chunk_share_kernel[(n_chunks, bsz * hk)](
             x, y, weights, zw if zw is not None else dummy, states, z_states,
@@ -573,15 +762,11 @@ def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_f
             **_launch_opts("share", block, d, op))
     block_r = 64 if d <= 64 else 32
     n_blocks = triton.cdiv(dim, block_r)
-    inner = mult = None
+    inner = None
     if inner_with is not None:
         inner = torch.empty(bsz * hk, slots, n_blocks, dtype=torch.float32, device=x.device)
-        mult = _pair_weights(d, x.device) ** 2
     _state_scan_kernel[(n_blocks, bsz * hk)](
-        states, z_states, decays, init_s if init_s is not None else dummy, init_z if init_z is not None else dummy,
-        s_final if s_final is not None else dummy, z_final if z_final is not None else dummy,
-        *(inner_with if inner_with is not None else (dummy, dummy)), mult if mult is not None else dummy,
-        inner if inner is not None else dummy,
+        states, z_states, decays, *init, *final, *forward_states, mult, inner if inner is not None else dummy,
         n_chunks, HEAD_DIM=d, D=dim, BLOCK_R=block_r, REVERSE=reverse, HAS_INIT=init_s is not None,
         HAS_DOT=inner_with is not None, **({} if interpreting() else {"num_warps": LAUNCH.get("scan", (4, 1))[0]}))
     return inner.sum(-1) if inner is not None else None
