@@ -63,6 +63,34 @@ def leaf64(*xs):
 # ----------------------------------------------------------------------------------
 
 
+def check_against_reference(q, k, v, log_g, s0, z0, chunk, ref_chunk=None, tol=1e-5, grad_tol=1e-4):
+    """power_attention (Triton, `chunk`) against the reference chunked form in fp64 (`ref_chunk`,
+    default the same): the output, the final state, and the gradients of q, k, v, log_g and the
+    initial state (where given) under a random loss through the output and the final state (as
+    truncated backprop through time would take it)."""
+    with_state = s0 is not None
+    ins, ins64 = leaf(q, k, v, log_g, s0, z0), leaf64(q, k, v, log_g, s0, z0)
+    init = tuple(ins[4:]) if with_state else None
+    init64 = tuple(ins64[4:]) if with_state else None
+    y, state = tp.power_attention(*ins[:4], chunk_size=chunk, initial_state=init, output_final_state=True)
+    y_ref, state_ref = reference.power_attention_chunked(
+        *ins64[:4], chunk_size=ref_chunk or chunk, initial_state=init64, output_final_state=True)
+    assert y.dtype == v.dtype and y.shape == q.shape
+    assert rel(y, y_ref) < tol
+    assert rel(state[0], state_ref[0]) < tol and rel(state[1], state_ref[1]) < tol
+    gen = torch.Generator().manual_seed(7)
+    gy, gs, gz = (torch.randn(x.shape, generator=gen) for x in (y, state[0], state[1]))
+    ((y * gy).sum() + (state[0] * gs).sum() + (state[1] * gz).sum()).backward()
+    ((y_ref * gy.double()).sum() + (state_ref[0] * gs.double()).sum() + (state_ref[1] * gz.double()).sum()).backward()
+    for name, x, x64 in zip(["q", "k", "v", "log_g", "S0", "z0"], ins, ins64):
+        if x is None:
+            continue
+        assert x.grad is not None, name
+        assert rel(x.grad, x64.grad) < grad_tol, (name, rel(x.grad, x64.grad))
+
+
+
+
 @pytest.mark.parametrize(
     "b,t,hq,hk,d,gated,chunk,with_state",
     [
@@ -76,27 +104,7 @@ def test_forward_and_gradients(monkeypatch, b, t, hq, hk, d, gated, chunk, with_
     monkeypatch.setattr(tc, "BWD_KV_QUERY_ROWS", 16)  # chunk 32: the key-side backward takes its queries in two pieces
     q, k, v, log_g = make_inputs(b, t, hq, hk, d, gated=gated, seed=t)
     s0, z0 = random_state(b, hk, d, seed=t + 1) if with_state else (None, None)
-    ins, ins64 = leaf(q, k, v, log_g, s0, z0), leaf64(q, k, v, log_g, s0, z0)
-    init = tuple(ins[4:]) if with_state else None
-    init64 = tuple(ins64[4:]) if with_state else None
-
-    y, state = tp.power_attention(*ins[:4], chunk_size=chunk, initial_state=init, output_final_state=True)
-    y_ref, state_ref = reference.power_attention_chunked(
-        *ins64[:4], chunk_size=chunk, initial_state=init64, output_final_state=True)
-    assert y.dtype == v.dtype and y.shape == q.shape
-    assert rel(y, y_ref) < 1e-5
-    assert rel(state[0], state_ref[0]) < 1e-5 and rel(state[1], state_ref[1]) < 1e-5
-
-    # a loss through the output and the final state (as truncated backprop through time would)
-    gen = torch.Generator().manual_seed(7)
-    gy, gs, gz = (torch.randn(x.shape, generator=gen) for x in (y, state[0], state[1]))
-    ((y * gy).sum() + (state[0] * gs).sum() + (state[1] * gz).sum()).backward()
-    ((y_ref * gy.double()).sum() + (state_ref[0] * gs.double()).sum() + (state_ref[1] * gz.double()).sum()).backward()
-    for name, x, x64 in zip(["q", "k", "v", "log_g", "S0", "z0"], ins, ins64):
-        if x is None:
-            continue
-        assert x.grad is not None, name
-        assert rel(x.grad, x64.grad) < 1e-4, (name, rel(x.grad, x64.grad))
+    check_against_reference(q, k, v, log_g, s0, z0, chunk)
 
 
 @pytest.mark.parametrize(
@@ -113,21 +121,7 @@ def test_chunks_of_several_blocks(monkeypatch, t, hq, hk, gated, chunk, with_sta
     assert tc.kernel_tiles(chunk, 16) == (chunk, 16)
     q, k, v, log_g = make_inputs(1, t, hq, hk, 16, gated=gated, seed=t)
     s0, z0 = random_state(1, hk, 16, seed=t + 1) if with_state else (None, None)
-    ins, ins64 = leaf(q, k, v, log_g, s0, z0), leaf64(q, k, v, log_g, s0, z0)
-    init = tuple(ins[4:]) if with_state else None
-    init64 = tuple(ins64[4:]) if with_state else None
-    y, state = tp.power_attention(*ins[:4], chunk_size=chunk, initial_state=init, output_final_state=True)
-    y_ref, state_ref = reference.power_attention_chunked(
-        *ins64[:4], chunk_size=16, initial_state=init64, output_final_state=True)
-    assert rel(y, y_ref) < 1e-5
-    assert rel(state[0], state_ref[0]) < 1e-5 and rel(state[1], state_ref[1]) < 1e-5
-    gen = torch.Generator().manual_seed(7)
-    gy, gs, gz = (torch.randn(x.shape, generator=gen) for x in (y, state[0], state[1]))
-    ((y * gy).sum() + (state[0] * gs).sum() + (state[1] * gz).sum()).backward()
-    ((y_ref * gy.double()).sum() + (state_ref[0] * gs.double()).sum() + (state_ref[1] * gz.double()).sum()).backward()
-    for name, x, x64 in zip(["q", "k", "v", "log_g", "S0", "z0"], ins, ins64):
-        if x is not None:
-            assert rel(x.grad, x64.grad) < 1e-4, (name, rel(x.grad, x64.grad))
+    check_against_reference(q, k, v, log_g, s0, z0, chunk, ref_chunk=16)
 
 
 @pytest.mark.parametrize("chunk", [16, 32])
@@ -142,18 +136,7 @@ def test_chained_state_pass(monkeypatch, chunk):
     monkeypatch.setattr(tc, "_chunk_chain_kernel", type("Spy", (), {"__getitem__": lambda self, g: used.append(g) or real[g]})())
     q, k, v, log_g = make_inputs(1, 45, 2, 1, 16, seed=chunk)
     s0, z0 = random_state(1, 1, 16, seed=3)
-    ins, ins64 = leaf(q, k, v, log_g, s0, z0), leaf64(q, k, v, log_g, s0, z0)
-    y, state = tp.power_attention(*ins[:4], chunk_size=chunk, initial_state=tuple(ins[4:]), output_final_state=True)
-    y_ref, state_ref = reference.power_attention_chunked(*ins64[:4], chunk_size=16, initial_state=tuple(ins64[4:]),
-                                                         output_final_state=True)
-    assert rel(y, y_ref) < 1e-5
-    assert rel(state[0], state_ref[0]) < 1e-5 and rel(state[1], state_ref[1]) < 1e-5
-    gen = torch.Generator().manual_seed(7)
-    gy, gs, gz = (torch.randn(x.shape, generator=gen) for x in (y, state[0], state[1]))
-    ((y * gy).sum() + (state[0] * gs).sum() + (state[1] * gz).sum()).backward()
-    ((y_ref * gy.double()).sum() + (state_ref[0] * gs.double()).sum() + (state_ref[1] * gz.double()).sum()).backward()
-    for name, x, x64 in zip(["q", "k", "v", "log_g", "S0", "z0"], ins, ins64):
-        assert rel(x.grad, x64.grad) < 1e-4, (name, rel(x.grad, x64.grad))
+    check_against_reference(q, k, v, log_g, s0, z0, chunk, ref_chunk=16)
     assert len(used) == 2  # the forward's pass and the backward's (the states were kept)
 
 

@@ -132,12 +132,16 @@ def _z_rows(offs_d, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _share_operands(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, HEAD_DIM: tl.constexpr,
-                    OP: tl.constexpr):
+                    CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr, OP: tl.constexpr):
     """x^T [d, C] in the operand dtype, y [C, d] as stored and the weights [C] of a one-source chunk
-    (one head, one block): read once for every row-block."""
-    xt = tl.trans(load_tile(X + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d).to(OP))
-    y = load_tile(Y + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d)
-    return xt, y, tl.load(w_base + offs_c)
+    (one head, one block), read once for every row-block; None for a chunk of several sources
+    (_share_row_block then reads each itself)."""
+    if G * (CHUNK // BLOCK) == 1:
+        xt = tl.trans(load_tile(X + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d).to(OP))
+        y = load_tile(Y + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d)
+        return xt, y, tl.load(w_base + offs_c)
+    else:
+        return None, None, None
 
 
 @triton.jit
@@ -191,10 +195,7 @@ def _chunk_share_kernel(
     z_off, z_ok = _z_rows(offs_d, HEAD_DIM)
     tl.store(ZOUT + slot * D + z_off, zmat, mask=z_ok)
 
-    if G * (CHUNK // BLOCK) == 1:
-        xt, y, w = _share_operands(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, HEAD_DIM, OP)
-    else:
-        xt, y, w = None, None, None  # (_share_row_block reads each source itself)
+    xt, y, w = _share_operands(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, HEAD_DIM, CHUNK, BLOCK, G, OP)
     for i in range(HEAD_DIM):
         acc = _share_row_block(X, Y, w_base, head0, t0, T, stride_t, i, xt, y, w, offs_c, offs_d,
                                HEAD_DIM, CHUNK, BLOCK, G, OP)
@@ -283,10 +284,7 @@ def _chunk_chain_kernel(
         dot += tl.sum(tl.sum(zmult * znew * tl.load(FZ + out_base + z_off, mask=z_ok, other=0.0), axis=1), axis=0)
         dot_in += tl.sum(tl.sum(zmult * zin * tl.load(FZ + in_base + z_off, mask=z_ok, other=0.0), axis=1), axis=0)
 
-    if G * (CHUNK // BLOCK) == 1:
-        xt, y, w = _share_operands(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, HEAD_DIM, OP)
-    else:
-        xt, y, w = None, None, None  # (_share_row_block reads each source itself)
+    xt, y, w = _share_operands(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, HEAD_DIM, CHUNK, BLOCK, G, OP)
     for i in range(HEAD_DIM):
         acc = _share_row_block(X, Y, w_base, head0, t0, T, stride_t, i, xt, y, w, offs_c, offs_d,
                                HEAD_DIM, CHUNK, BLOCK, G, OP)
@@ -420,6 +418,17 @@ def _intra_scores(q, k, bq, bk, tq, tk, OP: tl.constexpr):
 
 
 @triton.jit
+def _key_block(q, bq, k_base, v_base, lg_base, c0, j0, t0, T, HK, offs_c, offs_d, HEAD_DIM: tl.constexpr,
+               CHUNK: tl.constexpr, BLOCK: tl.constexpr, HAS_GATE: tl.constexpr, OP: tl.constexpr):
+    """The key block at j0 of the chunk at c0, for the query block at t0 (q [M, d], gates bq): its
+    k and v as stored and its scores x, decay, A (_intra_scores)."""
+    k = load_tile(k_base, j0, T, HK * HEAD_DIM, offs_c, offs_d)
+    bk, _ = _block_gates(lg_base, c0, j0, T, HK, offs_c, CHUNK, BLOCK, HAS_GATE)
+    x, decay, a = _intra_scores(q, k, bq, bk, t0 + offs_c, j0 + offs_c, OP)
+    return k, load_tile(v_base, j0, T, HK * HEAD_DIM, offs_c, offs_d), x, decay, a
+
+
+@triton.jit
 def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, offs_c, offs_d,
                       HEAD_DIM: tl.constexpr, TRANS: tl.constexpr, OP: tl.constexpr):
     """sum_i x_i (a @ R_i) ([C, d] fp32; TRANS: a @ R_i^T) over the full tiles R_i of a stored
@@ -490,11 +499,8 @@ def _chunk_fwd_kernel(
 
     # Chunk-local attention: the chunk's blocks up to this one.
     for sp in range(s + 1):
-        j0 = c0 + sp * BLOCK
-        k = load_tile(k_base, j0, T, HK * HEAD_DIM, offs_c, offs_d)
-        bk, _ = _block_gates(lg_base, c0, j0, T, HK, offs_c, CHUNK, BLOCK, HAS_GATE)
-        x_unused, decay_unused, a = _intra_scores(q, k, bcum, bk, t0 + offs_c, j0 + offs_c, OP)
-        v = load_tile(v_base, j0, T, HK * HEAD_DIM, offs_c, offs_d)
+        k, v, x_unused, decay_unused, a = _key_block(q, bcum, k_base, v_base, lg_base, c0, c0 + sp * BLOCK, t0, T, HK,
+                                                     offs_c, offs_d, HEAD_DIM, CHUNK, BLOCK, HAS_GATE, OP)
         num += tl.dot(a.to(OP), v.to(OP))
         den += tl.sum(a, axis=1)
     y = num / (den + eps)[:, None]
@@ -535,11 +541,8 @@ def _chunk_bwd_q_kernel(
 
     # Chunk-local attention: the chunk's blocks up to this one.
     for sp in range(s + 1):
-        j0 = c0 + sp * BLOCK
-        k = load_tile(k_base, j0, T, HK * HEAD_DIM, offs_c, offs_d)
-        bk, _ = _block_gates(lg_base, c0, j0, T, HK, offs_c, CHUNK, BLOCK, HAS_GATE)
-        x, decay, a = _intra_scores(q, k, bcum, bk, t0 + offs_c, j0 + offs_c, OP)
-        v = load_tile(v_base, j0, T, HK * HEAD_DIM, offs_c, offs_d)
+        k, v, x, decay, a = _key_block(q, bcum, k_base, v_base, lg_base, c0, c0 + sp * BLOCK, t0, T, HK, offs_c, offs_d,
+                                       HEAD_DIM, CHUNK, BLOCK, HAS_GATE, OP)
         da = tl.dot(do, tl.trans(v.to(OP))) + delta[:, None]
         db += tl.sum(da * a, axis=1)
         dx = 2.0 * da * x * decay
