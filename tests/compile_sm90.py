@@ -1,4 +1,4 @@
-"""Compile the chunk kernels for an H100 (sm_90) without running them: Triton's front end, MLIR,
+"""Compile the Triton kernels for an H100 (sm_90) without running them: Triton's front end, MLIR,
 LLVM and ptxas (bundled with the triton wheel), on a machine without a GPU. This catches what the
 CPU interpreter cannot: code the interpreter runs but the compiler rejects. Run by
 tests/test_triton_kernels.py in a subprocess, without TRITON_INTERPRET (the interpreter replaces
@@ -9,20 +9,26 @@ the kernels). Prints one line per kernel variant; exit status 1 if any failed.
 
 import sys
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from power_transformers.kernels import triton_attention as ta
 from power_transformers.kernels import triton_chunk as tc
+from power_transformers.kernels import triton_decode as td
 
-INTS = {"T", "T_PAD", "NUM_CHUNKS", "HX", "HK", "HQ", "SLOT"}
+INTS = {"T", "t", "T_PAD", "NUM_CHUNKS", "HX", "HK", "HQ", "SLOT", "fold_at"}
 FLOATS = {"scale", "eps"}
 # tensors in the operand dtype (bf16 inputs): inputs, outputs and the stored chunk states
 BF16 = {"X", "Y", "Q", "K", "V", "OUT", "STATES", "FSTATES", "DSTATES", "DO", "DQ", "DK", "DV"}
+INT_POINTERS = {"FLAGS", "COUNT", "TLEN"}
 
 
-def compile_variant(name, fn, consts, launch):
+def compile_variant(name, fn, consts, launch, pointer_types=None):
+    """Compile one variant; every pointer is bf16 (BF16), int32 (INT_POINTERS) or fp32 unless
+    pointer_types says otherwise."""
     signature = {}
     for param in fn.params:
         arg = param.name
@@ -32,7 +38,9 @@ def compile_variant(name, fn, consts, launch):
             signature[arg] = "i32"
         elif arg in FLOATS:
             signature[arg] = "fp32"
-        elif arg == "FLAGS":
+        elif pointer_types and arg in pointer_types:
+            signature[arg] = pointer_types[arg]
+        elif arg in INT_POINTERS:
             signature[arg] = "*i32"
         else:
             signature[arg] = "*bf16" if arg in BF16 else "*fp32"
@@ -71,6 +79,32 @@ def main() -> int:
     ok &= compile_variant("scan reverse with <dR, R>", tc._state_scan_kernel,
                           dict(HEAD_DIM=d, D=dim, BLOCK_R=64, REVERSE=True, HAS_INIT=True, HAS_DOT=True),
                           {"num_warps": 4, "num_stages": 1})
+
+    # the attention form at the launcher's blocks (bf16 at d = 64 and 128, fp32 at d = 128)
+    for dd, dtype, name in ((64, tl.bfloat16, "bf16"), (128, tl.bfloat16, "bf16"), (128, tl.float32, "fp32")):
+        torch_dtype = torch.bfloat16 if dtype == tl.bfloat16 else torch.float32
+        types = {n: f"*{name}" for n in ("Q", "K", "V", "Y", "DQ", "DK", "DV")}
+        types.update(BSUM="*fp64", DO="*bf16" if name == "bf16" else "*fp32")
+        for kernel, fn in (("fwd", ta._attn_fwd_kernel), ("bwd_q", ta._attn_bwd_q_kernel),
+                           ("bwd_kv", ta._attn_bwd_kv_kernel)):
+            block_m, block_n, launch = ta._config(kernel, dd, torch_dtype)
+            ok &= compile_variant(f"attention form {kernel} d{dd} {name}", fn,
+                                  dict(HEAD_DIM=dd, BLOCK_M=block_m, BLOCK_N=block_n, HAS_GATE=True, OP=dtype), launch,
+                                  types)
+
+    # decode: per token (one query row; 8 rows of GQA), the fold and the tail step
+    for dd, group in ((64, 1), (128, 8)):
+        dim = dd * (dd + 1) // 2
+        rows, warps = td._rows(1, group), 4 if dd <= 64 else 8
+        types = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Y": "*bf16"}
+        ok &= compile_variant(f"decode d{dd} rows {rows}", td._decode_kernel,
+                              dict(HEAD_DIM=dd, D=dim, G=group, ROWS=rows, SPLIT=4, HAS_GATE=True, DEFER=rows == 1),
+                              {"num_warps": warps}, types)
+        ok &= compile_variant(f"tail step d{dd} rows {rows}", td._tail_step_kernel,
+                              dict(HEAD_DIM=dd, D=dim, G=group, ROWS=rows, SPLIT=2, CT=64,
+                                   TB=min(64, triton.next_power_of_2(8192 // (rows * dd))), HAS_GATE=True,
+                                   DEFER=rows == 1), {"num_warps": warps}, types)
+        ok &= compile_variant(f"fold d{dd}", td._fold_kernel, dict(HEAD_DIM=dd, D=dim, CT=64, SPLIT=2), {"num_warps": 4})
     return 0 if ok else 1
 
 
