@@ -41,6 +41,10 @@ class PowerConfig(PreTrainedConfig):
             (softmax, for hybrids). Default: every layer power.
         attention_backend (`str`, "auto"): "auto" (Triton on CUDA, PyTorch elsewhere), "reference"
             or "triton".
+        keep_chunk_states (`bool`, None): whether the Triton kernels keep each layer's chunk states
+            from the forward for the backward (faster training, more activation memory: D head_dim /
+            chunk numbers per token and key/value head) or recompute them. None: kept where they
+            are small (head size 64 at chunk 128 yes, head size 128 no). The reference ignores it.
 
     Fields that let converted GPT-2 style checkpoints be expressed faithfully:
 
@@ -96,6 +100,7 @@ class PowerConfig(PreTrainedConfig):
     qk_norm: bool = False
     layer_types: list[str] | None = None
     attention_backend: str = "auto"
+    keep_chunk_states: bool | None = None
     # conversion of other families
     norm_type: str = "rms_norm"
     mlp_type: str = "gated"
@@ -123,6 +128,8 @@ class PowerConfig(PreTrainedConfig):
             raise ValueError(f"degree must be a positive even integer (odd degrees make scores negative), got {self.degree!r}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.keep_chunk_states not in (None, True, False):
+            raise ValueError(f"keep_chunk_states must be None, True or False, got {self.keep_chunk_states!r}")
         if self.num_attention_heads < 1 or self.num_key_value_heads < 1:
             raise ValueError("num_attention_heads and num_key_value_heads must be >= 1")
         if self.num_attention_heads % self.num_key_value_heads:

@@ -192,7 +192,8 @@ class PowerAttention(PowerAttentionBase):
 
         layer = cache.layers[self.layer_idx] if cache is not None else None
         if layer is None:
-            attn, _ = power_attention(q, k, v, log_g, chunk_size=self.config.chunk_size, **options)
+            attn, _ = power_attention(q, k, v, log_g, chunk_size=self.config.chunk_size,
+                                      keep_states=self.config.keep_chunk_states, **options)
         else:
             if not layer.is_initialized:
                 layer.lazy_initialization(k)  # a zero state is an empty context
@@ -203,7 +204,7 @@ class PowerAttention(PowerAttentionBase):
             else:
                 attn, state = power_attention(
                     q, k, v, log_g, chunk_size=self.config.chunk_size, initial_state=layer.state,
-                    output_final_state=True, **options,
+                    output_final_state=True, keep_states=self.config.keep_chunk_states, **options,
                 )
                 layer.set_state(state, q.shape[1])
         return self.output(attn)

@@ -16,6 +16,7 @@ from transformers import AutoConfig
         (dict(chunk_size=0), "chunk_size"),
         (dict(norm_type="batch_norm"), "norm_type"),
         (dict(attention_backend="cuda"), "attention_backend"),
+        (dict(keep_chunk_states="yes"), "keep_chunk_states"),
     ],
 )
 def test_invalid_values_raise_at_construction(kwargs, field):

@@ -175,6 +175,7 @@ def test_kernel_tiles():
     assert tc.kernel_tiles(1, 64) == (16, 16)
     assert tc.kernel_tiles(100, 64) == (128, 128)
     assert tc.kernel_tiles(512, 64) == (512, 128)
+    assert tc.kernel_tiles(128, 128) == (64, 64)  # one block: at d = 128 a chunk of 128 runs as 64
     assert tc.kernel_tiles(512, 128) == (512, 64)
     assert tc.kernel_tiles(5000, 32) == (tc.MAX_CHUNK, 128)
 
@@ -346,6 +347,26 @@ def test_a_model_decodes_through_the_kernels_as_through_the_reference():
         model.config.attention_backend = "reference"
         full = model(ids, use_cache=False).logits
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_the_model_config_decides_whether_chunk_states_are_kept(monkeypatch):
+    """PowerConfig.keep_chunk_states reaches the kernels (None: their size rule, which keeps the
+    tiny model's); the model trains the same either way."""
+    from helpers import tiny_model
+
+    captured = []
+    real_op = tp._chunk_forward_op
+    monkeypatch.setattr(tp, "_chunk_forward_op", lambda *a: captured.append(a[-1]) or real_op(*a))
+    ids = torch.randint(3, 97, (2, 40))
+    grads = {}
+    for keep in (None, False):
+        model = tiny_model(attention_backend="triton", keep_chunk_states=keep, chunk_size=16)
+        captured.clear()
+        model(ids, labels=ids).loss.backward()
+        grads[keep] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        assert captured and all(flag == (keep is None) for flag in captured), (keep, captured)
+    for kept, recomputed in zip(grads[None], grads[False]):
+        torch.testing.assert_close(kept, recomputed, rtol=0, atol=0)
 
 
 def test_tail_decode_rejects_a_wrong_tail():

@@ -83,17 +83,20 @@ def power_attention(
     initial_state: State | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
+    keep_states: bool | None = None,
 ) -> tuple[torch.Tensor, State | None]:
     """Power attention over a sequence (training and prefill), chunked form.
 
     q [B, T, Hq, d], k/v [B, T, Hk, d], log_g [B, T, Hk] or None; initial_state (S [B, Hk, D, d],
     z [B, Hk, D]) fp32 or None. Returns y [B, T, Hq, d] (dtype of v) and the final state when
-    `output_final_state`.
+    `output_final_state`. keep_states: whether the Triton kernels keep their chunk states for the
+    backward (None: where they are small; triton_power.KEEP_STATES_MAX_D_PER_CHUNK); the
+    reference's autograd keeps what it needs anyway.
     """
     if _use_triton(backend, q, degree, k, v, log_g, initial_state):
         return _triton_module().power_attention(
             q, k, v, log_g, degree=degree, scale=scale, eps=eps, chunk_size=chunk_size,
-            initial_state=initial_state, output_final_state=output_final_state,
+            initial_state=initial_state, output_final_state=output_final_state, keep_states=keep_states,
         )
     return reference.power_attention_chunked(
         q, k, v, log_g, degree=degree, scale=scale, eps=eps, chunk_size=chunk_size,

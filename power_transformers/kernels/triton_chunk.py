@@ -646,11 +646,13 @@ MAX_BLOCK = 128
 def kernel_tiles(chunk_size: int, head_dim: int) -> tuple[int, int]:
     """(chunk, block) the kernels use: the chunk, between two stored states, is `chunk_size`
     rounded up to a power of two in [16, MAX_CHUNK]; the block, the tokens one program holds as
-    a tile, is the chunk up to MAX_BLOCK (half that at d = 128). A chunk of several blocks
-    stores fewer states (less memory traffic: the states are most of it) for a little more
-    chunk-local attention. Chunking changes only rounding, not the result."""
+    a tile, is at most MAX_BLOCK (half that at d = 128, to fit on chip). A chunk of up to
+    MAX_BLOCK tokens is one block (so at d = 128 chunks of 128 become 64, as the kernels always
+    ran them); a longer one spans several: fewer stored states, a little more chunk-local work.
+    Chunking changes only rounding, not the result."""
     chunk = min(1 << max(4, math.ceil(math.log2(max(1, chunk_size)))), MAX_CHUNK)
-    return chunk, min(chunk, MAX_BLOCK // 2 if head_dim > 64 else MAX_BLOCK)
+    block = min(chunk, MAX_BLOCK // 2 if head_dim > 64 else MAX_BLOCK)
+    return (block if chunk <= MAX_BLOCK else chunk), block
 
 
 def _gate_weights(log_g, bsz: int, t: int, hk: int, n_chunks: int, chunk: int, to_end: bool, scale: float, device):
