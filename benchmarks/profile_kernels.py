@@ -3,8 +3,10 @@
     python benchmarks/profile_kernels.py [T] [C,...] [LAUNCH ...]
 
 C the chunk. The backward reads the forward's chunk states where power_attention would keep them
-(triton_power.KEEP_STATES_MAX_D_PER_CHUNK, POWER_TRITON_KEEP_STATES), else recomputes them. 16 heads, d = 64, bf16, gating, 64k tokens. Each LAUNCH is a set of launch options
-for triton_chunk.LAUNCH, `kernel=warps:stages` joined by commas (`share=4:2,fwd=8:3`), or
+(triton_power.KEEP_STATES_MAX_D_PER_CHUNK, POWER_TRITON_KEEP_STATES), else recomputes them.
+POWER_CHAINED_STATE_PASS=1 times the chained state pass (chain) instead of share + scan.
+16 heads, d = 64, bf16, gating, 64k tokens. Each LAUNCH is a set of launch options for
+triton_chunk.LAUNCH, `kernel=warps:stages` joined by commas (`share=4:2,chain=8:2,fwd=8:3`), or
 `default`; every chunk runs with every set. Prints one line per configuration and the fastest
 last.
 """
@@ -22,7 +24,8 @@ T = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
 CHUNKS = [int(c) for c in (sys.argv[2] if len(sys.argv) > 2 else "128,64").split(",")]
 LAUNCHES = sys.argv[3:] or ["default"]
 B, H, D = 65536 // T, 16, 64
-KERNELS = ["_chunk_share_kernel", "_state_scan_kernel", "_chunk_fwd_kernel", "_chunk_bwd_q_kernel", "_chunk_bwd_kv_kernel"]
+KERNELS = ["_chunk_share_kernel", "_state_scan_kernel", "_chunk_chain_kernel", "_chunk_fwd_kernel", "_chunk_bwd_q_kernel",
+           "_chunk_bwd_kv_kernel"]
 
 
 def run(chunk, reps=3):
