@@ -171,6 +171,14 @@ def test_forward_keeps_its_states_for_the_backward(monkeypatch):
     assert not tp._keep_states(64, 128, None)
 
 
+def test_pair_weights_are_built_once_per_device():
+    """No copy from the host in a forward or backward (a blocking copy waits for the GPU's queue)."""
+    w = tc._pair_weights(16, "cpu")
+    assert tc._pair_weights(16, torch.device("cpu")) is w
+    assert w.dtype == torch.float32 and w.shape == (136,)
+    assert torch.equal(w, reference._embedding_plan(16, 2)[1].float())
+
+
 def test_kernel_tiles():
     assert tc.kernel_tiles(1, 64) == (16, 16)
     assert tc.kernel_tiles(100, 64) == (128, 128)

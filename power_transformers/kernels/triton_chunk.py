@@ -720,10 +720,20 @@ def _launch_opts(kernel: str, block: int, width: int, op) -> dict:
     return {"num_warps": warps, "num_stages": stages}
 
 
+_PAIR_WEIGHTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
 def _pair_weights(head_dim: int, device) -> torch.Tensor:
     """[D] fp32: the weights w_ij of phi_2 (sqrt(2) off the diagonal, 1 on it). The kernels carry
-    unweighted states R = S / w (rows); the states that go in and out are the weighted S."""
-    return reference._embedding_plan(head_dim, 2)[1].to(device=device, dtype=torch.float32)
+    unweighted states R = S / w (rows); the states that go in and out are the weighted S.
+
+    Built once per head size and device, and never written: a copy from the host at every call
+    was a blocking copy, which makes the host wait for the GPU to finish all the work queued
+    before it, three times in a forward and backward."""
+    key = (head_dim, torch.device(device))
+    if key not in _PAIR_WEIGHTS:
+        _PAIR_WEIGHTS[key] = reference._embedding_plan(head_dim, 2)[1].to(device=device, dtype=torch.float32)
+    return _PAIR_WEIGHTS[key]
 
 
 def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_final, z_final, *, reverse: bool,
