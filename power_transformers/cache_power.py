@@ -147,7 +147,7 @@ class PowerStateLayer(DynamicLayer):
 
     def prefetch(self) -> None:
         if self.state_s is not None and self.state_s.device != self.device:
-            for name in self._present():
+            for name in self._tensors:
                 setattr(self, name, getattr(self, name).to(self.device, non_blocking=True))
 
     def nbytes(self) -> int:

@@ -30,8 +30,9 @@ State = tuple[torch.Tensor, torch.Tensor]
 #: Tokens a decode state keeps beside (S, z) before folding them in (DESIGN.md: "any not yet
 #: folded tail of the current chunk"). A one-token step then reads (S, z) without writing it
 #: and attends over the tail; once the tail is full, it is folded into (S, z) before the next
-#: token. On the H100 at batch 8 (benchmarks/RESULTS.md) this took a step from 2.5x to 1.76x the
-#: time of reading the state once, against a step that writes the state every token.
+#: token. On the H100 at batch 8, 16 heads, d = 64 (benchmarks/RESULTS.md, run F; graphed) a step
+#: took 0.0447 ms, 1.9x the time of reading the state once, against 0.0577 ms (2.5x) for the
+#: kernel that writes the state every token.
 DECODE_TAIL = 64
 
 

@@ -92,7 +92,7 @@ def _dot_f32(a, b):
 
 
 @triton.jit
-def _share_program(X, W, T, T_PAD, NUM_CHUNKS, HX, HK, n, bh,
+def _share_program(W, T, T_PAD, HX, HK, n, bh,
                    HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr):
     """Where chunk n's share for kv head bh reads from: offs_c [BLOCK], offs_d [d], its first token
     t0, the token stride, the base of the group's first head of x / y (head0, elements / d), and
@@ -189,7 +189,7 @@ def _chunk_share_kernel(
     n = tl.program_id(0)
     bh = tl.program_id(1)
     offs_c, offs_d, t0, stride_t, head0, w_base = _share_program(
-        X, W, T, T_PAD, NUM_CHUNKS, HX, HK, n, bh, HEAD_DIM, CHUNK, BLOCK, G)
+        W, T, T_PAD, HX, HK, n, bh, HEAD_DIM, CHUNK, BLOCK, G)
     slot = bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + SLOT
     zmat = _share_z(X, ZW, w_base, head0, t0, T, HX, stride_t, offs_c, offs_d, HEAD_DIM, CHUNK, BLOCK, G, HAS_ZW)
     z_off, z_ok = _z_rows(offs_d, HEAD_DIM)
@@ -247,7 +247,7 @@ def _chunk_chain_kernel(
     out_slot = n if REVERSE else n + 1
     in_slot = n + 1 if REVERSE else n  # the state this chunk's decays: its predecessor's, or the initial one
     offs_c, offs_d, t0, stride_t, head0, w_base = _share_program(
-        X, W, T, T_PAD, NUM_CHUNKS, HX, HK, n, bh, HEAD_DIM, CHUNK, BLOCK, G)
+        W, T, T_PAD, HX, HK, n, bh, HEAD_DIM, CHUNK, BLOCK, G)
     bh64 = bh.to(tl.int64)
     decay = tl.load(DECAY + bh64 * NUM_CHUNKS + n)
     has_prev = pos > 0
