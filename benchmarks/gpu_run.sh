@@ -1,9 +1,7 @@
 #!/bin/bash
 # One device call: install the retention wheel (carried in .whl/), check correctness, pick the
 # fastest kernel configuration, benchmark with it.
-#   bash benchmarks/gpu_run.sh [check][,chain][,profile][,bench] [extra bench args...]
-# chain: the chained state pass (triton_chunk.CHAINED_STATE_PASS, off by default): the quick check
-# with it on, then the kernels timed without and with it (each bounded: its programs spin on flags)
+#   bash benchmarks/gpu_run.sh [check][,profile][,bench] [extra bench args...]
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -15,14 +13,6 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw -
 python3 -c "import power_transformers.kernels.triton_power" || exit 1
 what=$1; shift
 if [[ $what == *check* ]]; then python3 benchmarks/check_gpu.py ${CHECK_ARGS:-} 2>&1 | tee "$OUT/check.log"; fi
-if [[ $what == *chain* ]]; then
-  POWER_CHAINED_STATE_PASS=1 timeout 300 python3 benchmarks/check_gpu.py --quick 2>&1 | tee "$OUT/check_chained.log"
-  for on in 0 1; do
-    echo "POWER_CHAINED_STATE_PASS=$on" | tee -a "$OUT/profile_chained.log"
-    POWER_CHAINED_STATE_PASS=$on timeout 150 python3 benchmarks/profile_kernels.py 65536 128 2>&1 | grep -v -i warn \
-      | tee -a "$OUT/profile_chained.log"
-  done
-fi
 chunks=128
 if [[ $what == *profile* ]]; then
   python3 benchmarks/profile_kernels.py 65536 ${PROFILE_CHUNKS:-128,64} 2>&1 | grep -v -i warn | tee "$OUT/profile.log"

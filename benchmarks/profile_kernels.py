@@ -4,9 +4,8 @@
 
 C the chunk. The backward reads the forward's chunk states where power_attention would keep them
 (triton_power.KEEP_STATES_MAX_D_PER_CHUNK, POWER_TRITON_KEEP_STATES), else recomputes them.
-POWER_CHAINED_STATE_PASS=1 times the chained state pass (chain) instead of share + scan.
 16 heads, d = 64, bf16, gating, 64k tokens. Each LAUNCH is a set of launch options for
-triton_chunk.LAUNCH, `kernel=warps:stages` joined by commas (`share=4:2,chain=8:2,fwd=8:3`), or
+triton_chunk.LAUNCH, `kernel=warps:stages` joined by commas (`share=4:2,fwd=8:3`), or
 `default`; every chunk runs with every set. Prints one line per configuration and the fastest
 last.
 """
@@ -18,14 +17,15 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from power_transformers.kernels import triton_chunk as tc
+from power_transformers.kernels import triton_common
 from power_transformers.kernels import triton_power as tp
 
 T = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
 CHUNKS = [int(c) for c in (sys.argv[2] if len(sys.argv) > 2 else "128,64").split(",")]
 LAUNCHES = sys.argv[3:] or ["default"]
 B, H, D = 65536 // T, 16, 64
-KERNELS = ["_chunk_share_kernel", "_state_scan_kernel", "_chunk_chain_kernel", "_chunk_fwd_kernel", "_chunk_bwd_q_kernel",
-           "_chunk_bwd_kv_kernel"]
+KERNELS = ["_chunk_share_kernel", "_state_scan_kernel", "_chunk_fwd_kernel", "_chunk_bwd_q_kernel",
+           "_chunk_bwd_kv_kernel", "_output_grads_kernel"]
 
 
 def run(chunk, reps=3):
@@ -55,7 +55,7 @@ def registers():
     """'name regs/spills' of every compiled variant of our kernels (spills slow a kernel down)."""
     out = []
     for name in KERNELS:
-        fn = getattr(tc, name)
+        fn = getattr(tc, name, None) or getattr(triton_common, name)
         for caches in getattr(fn, "device_caches", {}).values():
             for compiled in caches[0].values():
                 out.append(f"{name.strip('_').replace('_kernel', '')} {compiled.n_regs}/{compiled.n_spills}")
@@ -80,6 +80,8 @@ if __name__ == "__main__":
             parts = " ".join(f"{k.strip('_').replace('_kernel', '')}={times.get(k, 0):.2f}" for k in KERNELS)
             kept = "kept" if tp._keep_states(D, chunk, None) else "recomputed"
             print(f"C={chunk} ({kept}) {launch}: total {total:.2f} | {parts}", flush=True)
+            rest = sorted(((t, k) for k, t in times.items() if k not in KERNELS), reverse=True)
+            print(f"  torch ops {sum(t for t, _ in rest):.2f}:", " ".join(f"{k[:50]}={t:.2f}" for t, k in rest[:6]), flush=True)
             try:
                 print("  registers/spills:", registers(), flush=True)
             except Exception as err:  # noqa: BLE001

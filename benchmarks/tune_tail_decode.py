@@ -1,11 +1,11 @@
 """Tuning (GPU): how many programs per (batch row, kv head) should read the state in a tail
 decode step (triton_decode.tail_decode_; one more program takes the tail).
 
-    python benchmarks/tune_tail_decode.py [--batch 8] [--heads 16]
+    python benchmarks/tune_tail_decode.py [--batch 8] [--heads 16] [--splits 1,2,4,8,16,32]
 
 Times DECODE_TAIL graphed steps (a whole fold cycle) per setting, as bench_attention.py does,
-against the floor (the fp32 state read once at the copy bandwidth measured here). tail_decode_
-takes a quarter of the per-token kernel's programs (_split(...) // 4) from what this printed.
+against the floor (the fp32 state read once at the copy bandwidth measured here), and names the
+setting tail_decode_ takes by its rule (triton_decode._tail_split, TAIL_STEP_READERS).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--splits", default="1,2,4,8,16,32")
     args = parser.parse_args()
     b, heads, d = args.batch, args.heads, 64
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -38,9 +39,10 @@ def main():
     _, copy_tbs = ceilings()
     floor = b * heads * expanded_dim(d, 2) * (d + 1) * 4 / (copy_tbs * 1e12) * 1e3
     print(torch.cuda.get_device_name(), f"batch {b}, {heads} heads, d = {d}, tail {DECODE_TAIL}; floor {floor:.4f} ms")
-    split = triton_decode._split
-    for per_token in (4, 8, 16, 32):  # what _split would return; tail_decode_ takes a quarter
-        triton_decode._split = lambda programs, head_dim: per_token
+    rule = triton_decode._tail_split(b * heads, d)
+    tail_split = triton_decode._tail_split
+    for readers in [int(x) for x in args.splits.split(",")]:
+        triton_decode._tail_split = lambda pairs, head_dim: readers
         state = empty_decode_state(b, heads, d, 2, device="cuda")
         state.s.normal_(0, 0.01), state.z.uniform_()
 
@@ -48,9 +50,9 @@ def main():
             return tp.power_attention_decode_(q, k, v, log_g, state)
 
         ms = graphed_ms(step, DECODE_TAIL, rep=300)
-        print(f"{max(1, per_token // 4)} + 1 programs: {ms:.4f} ms per step, {ms / floor:.2f}x the floor", flush=True)
-    triton_decode._split = split
-
+        print(f"{readers} + 1 programs: {ms:.4f} ms per step, {ms / floor:.2f}x the floor"
+              f"{'  <- the rule' if readers == rule else ''}", flush=True)
+    triton_decode._tail_split = tail_split
 
 if __name__ == "__main__":
     main()

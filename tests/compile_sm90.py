@@ -17,12 +17,13 @@ from triton.compiler import ASTSource
 
 from power_transformers.kernels import triton_attention as ta
 from power_transformers.kernels import triton_chunk as tc
+from power_transformers.kernels import triton_common as tcommon
 from power_transformers.kernels import triton_decode as td
 
-INTS = {"T", "t", "T_PAD", "NUM_CHUNKS", "HX", "HK", "HQ", "SLOT", "fold_at"}
+INTS = {"rows", "T", "t", "T_PAD", "NUM_CHUNKS", "HX", "HK", "HQ", "SLOT", "fold_at"}
 FLOATS = {"scale", "eps"}
 # tensors in the operand dtype (bf16 inputs): inputs, outputs and the stored chunk states
-BF16 = {"X", "Y", "Q", "K", "V", "OUT", "STATES", "FSTATES", "DSTATES", "DO", "DQ", "DK", "DV"}
+BF16 = {"DY", "X", "Y", "Q", "K", "V", "OUT", "STATES", "FSTATES", "DSTATES", "DO", "DQ", "DK", "DV"}
 INT_POINTERS = {"FLAGS", "COUNT", "TLEN"}
 
 
@@ -55,6 +56,7 @@ def compile_variant(name, fn, consts, launch, pointer_types=None):
 
 
 def main() -> int:
+    print(f"triton {triton.__file__.rsplit('/triton/', 1)[0]} {triton.__version__}")
     d, op = 64, tl.bfloat16
     dim = d * (d + 1) // 2
     tuned = {k: {"num_warps": w, "num_stages": s} for k, (w, s) in tc.TUNED.items()}
@@ -65,12 +67,6 @@ def main() -> int:
         ok &= compile_variant(f"share C{chunk}", tc._chunk_share_kernel, dict(share, G=1, HAS_ZW=False), tuned["share"])
         ok &= compile_variant(f"share C{chunk} GQA dR", tc._chunk_share_kernel, dict(share, G=2, HAS_ZW=True),
                               tuned["share"])
-        for reverse in (False, True):
-            ok &= compile_variant(
-                f"chain C{chunk} {'reverse with <dR, R>' if reverse else 'forward, initial state'}",
-                tc._chunk_chain_kernel,
-                dict(share, G=1, HAS_ZW=reverse, REVERSE=reverse, HAS_INIT=not reverse, HAS_DOT=reverse),
-                tuned["share"])
         chunked = dict(common, CHUNK=chunk, BLOCK=block, HAS_GATE=True)
         ok &= compile_variant(f"fwd C{chunk}", tc._chunk_fwd_kernel, chunked, tuned["fwd"])
         ok &= compile_variant(f"bwd_q C{chunk}", tc._chunk_bwd_q_kernel, chunked, tuned["bwd_q"])
@@ -79,6 +75,9 @@ def main() -> int:
     ok &= compile_variant("scan reverse with <dR, R>", tc._state_scan_kernel,
                           dict(HEAD_DIM=d, D=dim, BLOCK_R=64, REVERSE=True, HAS_INIT=True, HAS_DOT=True),
                           {"num_warps": 4, "num_stages": 1})
+
+    ok &= compile_variant("output grads (do, delta)", tcommon._output_grads_kernel,
+                          dict(HEAD_DIM=d, ROWS=64, OP=op), {"num_warps": 4})
 
     # the attention form at the launcher's blocks (bf16 at d = 64 and 128, fp32 at d = 128)
     for dd, dtype, name in ((64, tl.bfloat16, "bf16"), (128, tl.bfloat16, "bf16"), (128, tl.float32, "fp32")):

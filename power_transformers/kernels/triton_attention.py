@@ -67,7 +67,7 @@ from .triton_common import (
     interpreting,
     load_rows,
     load_tile,
-    operand_torch_dtype,
+    output_grads,
 )
 
 # What part of the decay a tile of scores carries (_scores' PART):
@@ -450,13 +450,7 @@ def attention_backward(q, k, v, log_g, y, den, dy, scale: float, eps: float):
         dlog_g = torch.zeros(log_g.shape, dtype=torch.float32, device=q.device) if gated else None
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dlog_g
 
-    # The products read dO in their operand dtype anyway: store it so (half the bytes for bf16),
-    # and take delta from that very dO. dA = do . v + delta is a difference of nearly equal terms
-    # where y ~ v (strong gates: the diagonal dominates), and an fp32 dO in delta against a
-    # rounded one in the product would leave the rounding uncancelled. Elementwise ops keep dy's
-    # memory layout, which autograd does not promise to be contiguous: the kernels need it so.
-    do = (dy.float() / (den + eps)[..., None]).to(operand_torch_dtype(op)).contiguous()
-    delta = (-(do.float() * y.float()).sum(-1)).contiguous()
+    do, delta = output_grads(dy, y, den, eps, op)
     bsum = _gate_sums(log_g)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dbq = torch.empty(bsz, hq, t, dtype=torch.float32, device=q.device) if gated else den

@@ -33,8 +33,6 @@ Kernels (phi(q), phi(k) built row-block by row-block on chip, never stored; see 
                         reverse scan also takes <dR_n, R_n>, the gradient of each chunk's decay.
     _chunk_bwd_q_kernel grid (N C / M, B Hq): dq and the query part of the gate gradient.
     _chunk_bwd_kv_kernel grid (N C / M, B Hk): dk, dv and the key part of the gate gradient.
-    _chunk_chain_kernel grid (B Hk, N): share and scan in one pass, the chaining a wavefront
-                        across chunks (CHAINED_STATE_PASS; off: not yet timed on a GPU).
 
 The backward reads the forward's chunk states when the forward kept them (keep_states), else
 recomputes them with a third state pass.
@@ -54,7 +52,6 @@ reverse running sum inside each chunk.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -70,6 +67,7 @@ from .triton_common import (
     full_tile_rows,
     load_sym_matrix,
     operand_torch_dtype,
+    output_grads,
     row_block_rows,
 )
 from . import reference
@@ -134,14 +132,14 @@ def _z_rows(offs_d, HEAD_DIM: tl.constexpr):
 def _share_operands(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, HEAD_DIM: tl.constexpr,
                     CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr, OP: tl.constexpr):
     """x^T [d, C] in the operand dtype, y [C, d] as stored and the weights [C] of a one-source chunk
-    (one head, one block), read once for every row-block; None for a chunk of several sources
-    (_share_row_block then reads each itself)."""
+    (one head, one block), read once for every row-block; placeholders for a chunk of several
+    sources (_share_row_block then reads each itself). (Not None: Triton 3.6 cannot return it.)"""
     if G * (CHUNK // BLOCK) == 1:
         xt = tl.trans(load_tile(X + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d).to(OP))
         y = load_tile(Y + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d)
         return xt, y, tl.load(w_base + offs_c)
     else:
-        return None, None, None
+        return 0.0, 0.0, 0.0
 
 
 @triton.jit
@@ -201,119 +199,6 @@ def _chunk_share_kernel(
                                HEAD_DIM, CHUNK, BLOCK, G, OP)
         rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
         tl.store(OUT + slot * D * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
-
-
-@triton.jit
-def _wait_for(flag):
-    """Spin until another program has set *flag (release / acquire at GPU scope), then let every
-    thread of this program past."""
-    while tl.atomic_add(flag, 0, sem="acquire", scope="gpu") == 0:
-        pass
-    tl.debug_barrier()
-
-
-@triton.jit
-def _signal(flag):
-    """Publish this program's stores (every thread's) to the program waiting on *flag."""
-    tl.debug_barrier()
-    tl.atomic_xchg(flag, 1, sem="release", scope="gpu")
-
-
-@triton.jit
-def _chunk_chain_kernel(
-    X, Y, W, ZW, DECAY, STATES, ZSTATES, RING, ZRING, FLAGS, S0, Z0, SF, ZF, FSTATES, FZ, MULT, DBETA,
-    T, T_PAD, NUM_CHUNKS, HX, HK,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr,
-    HAS_ZW: tl.constexpr, OP: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DOT: tl.constexpr,
-):
-    """The share of _chunk_share_kernel and the chaining of _state_scan_kernel in one pass, grid
-    (B Hk, N): every chunk's products run at once, and each row-block is chained as soon as the
-    previous chunk's is, a wavefront (forward: R_{n+1} = decay_n R_n + share_n into slot n + 1;
-    reverse, chunks in falling order: R_n = decay_n R_{n+1} + share_n into slot n).
-
-    The chain runs in fp32 through RING [B Hk, 2, D, d] / ZRING [B Hk, 2, D]: the program at
-    position y of the order writes slot y % 2 and reads its predecessor's from (y + 1) % 2 once
-    FLAGS [B Hk, N, d + 1] (zeroed) says that row-block is there. Two slots suffice: a program
-    reads its predecessor's row-block before it writes its own and raises its flag, so the one
-    that overwrites a ring row-block comes after the program that read it, along the flags.
-    Programs wait only on programs earlier in launch order (kv heads vary fastest), which the GPU
-    has started before them. The first program also stores the initial state (S0 or zero) in its
-    slot; forward, the last one writes SF / ZF in fp32. HAS_DOT (reverse): each slot's
-    <state, FSTATES> + <z, FZ> over the full symmetric tensors (MULT [D]) into DBETA [B Hk, N + 1].
-    """
-    bh = tl.program_id(0)
-    pos = tl.program_id(1)
-    n = NUM_CHUNKS - 1 - pos if REVERSE else pos
-    out_slot = n if REVERSE else n + 1
-    in_slot = n + 1 if REVERSE else n  # the state this chunk's decays: its predecessor's, or the initial one
-    offs_c, offs_d, t0, stride_t, head0, w_base = _share_program(
-        W, T, T_PAD, HX, HK, n, bh, HEAD_DIM, CHUNK, BLOCK, G)
-    bh64 = bh.to(tl.int64)
-    decay = tl.load(DECAY + bh64 * NUM_CHUNKS + n)
-    has_prev = pos > 0
-    ring_in = (bh64 * 2 + (pos + 1) % 2)
-    ring_out = (bh64 * 2 + pos % 2)
-    flags_in = FLAGS + (bh64 * NUM_CHUNKS + pos - 1) * (HEAD_DIM + 1)
-    flags_out = FLAGS + (bh64 * NUM_CHUNKS + pos) * (HEAD_DIM + 1)
-    out_base = (bh64 * (NUM_CHUNKS + 1) + out_slot) * D
-    in_base = (bh64 * (NUM_CHUNKS + 1) + in_slot) * D
-    # (as [1, d] masks: the interpreter takes no scalar in a mask)
-    first_m = ((offs_d * 0 + pos) == 0)[None, :]
-    prev_m = ((offs_d * 0 + pos) > 0)[None, :]
-    last_m = ((offs_d * 0 + pos) == NUM_CHUNKS - 1)[None, :]
-    dot = 0.0
-    dot_in = 0.0
-
-    # z, as row-block "d" of the flags
-    zmat = _share_z(X, ZW, w_base, head0, t0, T, HX, stride_t, offs_c, offs_d, HEAD_DIM, CHUNK, BLOCK, G, HAS_ZW)
-    z_off, z_ok = _z_rows(offs_d, HEAD_DIM)
-    if has_prev:
-        _wait_for(flags_in + HEAD_DIM)
-    zin = tl.load(ZRING + ring_in * D + z_off, mask=z_ok & prev_m, other=0.0, cache_modifier=".cg")
-    if HAS_INIT:
-        zin += tl.load(Z0 + bh64 * D + z_off, mask=z_ok & first_m, other=0.0)
-    znew = decay * zin + zmat
-    tl.store(ZRING + ring_out * D + z_off, znew, mask=z_ok)
-    _signal(flags_out + HEAD_DIM)
-    tl.store(ZSTATES + out_base + z_off, znew, mask=z_ok)
-    tl.store(ZSTATES + in_base + z_off, zin, mask=z_ok & first_m)
-    if not REVERSE:
-        tl.store(ZF + bh64 * D + z_off, znew, mask=z_ok & last_m)
-    if HAS_DOT:
-        zmult = tl.load(MULT + z_off, mask=z_ok, other=0.0)
-        dot += tl.sum(tl.sum(zmult * znew * tl.load(FZ + out_base + z_off, mask=z_ok, other=0.0), axis=1), axis=0)
-        dot_in += tl.sum(tl.sum(zmult * zin * tl.load(FZ + in_base + z_off, mask=z_ok, other=0.0), axis=1), axis=0)
-
-    xt, y, w = _share_operands(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, HEAD_DIM, CHUNK, BLOCK, G, OP)
-    for i in range(HEAD_DIM):
-        acc = _share_row_block(X, Y, w_base, head0, t0, T, stride_t, i, xt, y, w, offs_c, offs_d,
-                               HEAD_DIM, CHUNK, BLOCK, G, OP)
-        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
-        r_off = rows[:, None] * HEAD_DIM + offs_d[None, :]
-        if has_prev:
-            _wait_for(flags_in + i)
-        rin = tl.load(RING + ring_in * D * HEAD_DIM + r_off, mask=row_ok[:, None] & prev_m, other=0.0,
-                      cache_modifier=".cg")
-        if HAS_INIT:
-            rin += tl.load(S0 + bh64 * D * HEAD_DIM + r_off, mask=row_ok[:, None] & first_m, other=0.0)
-        rnew = decay * rin + acc
-        tl.store(RING + ring_out * D * HEAD_DIM + r_off, rnew, mask=row_ok[:, None])
-        _signal(flags_out + i)
-        tl.store(STATES + out_base * HEAD_DIM + r_off, rnew, mask=row_ok[:, None])
-        tl.store(STATES + in_base * HEAD_DIM + r_off, rin, mask=row_ok[:, None] & first_m)
-        if not REVERSE:
-            tl.store(SF + bh64 * D * HEAD_DIM + r_off, rnew, mask=row_ok[:, None] & last_m)
-        if HAS_DOT:
-            mult = tl.load(MULT + rows, mask=row_ok, other=0.0)
-            f_out = tl.load(FSTATES + out_base * HEAD_DIM + r_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            dot += tl.sum(mult * tl.sum(rnew * f_out, axis=1), axis=0)
-            if pos == 0:
-                f_in = tl.load(FSTATES + in_base * HEAD_DIM + r_off, mask=row_ok[:, None], other=0.0).to(tl.float32)
-                dot_in += tl.sum(mult * tl.sum(rin * f_in, axis=1), axis=0)
-    if HAS_DOT:
-        tl.store(DBETA + bh64 * (NUM_CHUNKS + 1) + out_slot, dot)
-        if pos == 0:
-            tl.store(DBETA + bh64 * (NUM_CHUNKS + 1) + in_slot, dot_in)
 
 
 @triton.jit
@@ -681,11 +566,6 @@ TUNED: dict[str, tuple[int, int]] = {"share": (4, 3), "fwd": (8, 4), "bwd_q": (8
 #: blocks of 128, d = 64: 128 rows 4.57 ms (164 spilled registers), 64 rows 5.09 (210), 32 rows
 #: 4.08 (none), 16 rows 4.50. (Walking the query-side backward's keys in pieces gained nothing.)
 BWD_KV_QUERY_ROWS = 32
-#: The state passes as one chained kernel (_chunk_chain_kernel) instead of share + scan: the shares
-#: are no longer written, read back and written again, which could save most of a scan pass (2.1 ms
-#: on the H100 at 64k tokens; an estimate, not a measurement). Tested under the interpreter and
-#: compiled for sm_90, not yet run on a GPU, so off; POWER_CHAINED_STATE_PASS=1 turns it on.
-CHAINED_STATE_PASS = os.environ.get("POWER_CHAINED_STATE_PASS", "0") == "1"
 #: overrides of any kernel's launch options (benchmarks/profile_kernels.py sets them to compare)
 LAUNCH: dict[str, tuple[int, int]] = {}
 
@@ -699,9 +579,9 @@ def parse_launch(spec: str) -> dict[str, tuple[int, int]]:
     for item in spec.split(","):
         kernel, _, opts = item.partition("=")
         warps, _, stages = opts.partition(":")
-        if kernel not in ("share", "chain", "scan", "fwd", "bwd_q", "bwd_kv") or not warps.isdigit() or not stages.isdigit():
+        if kernel not in ("share", "scan", "fwd", "bwd_q", "bwd_kv") or not warps.isdigit() or not stages.isdigit():
             raise ValueError(f"launch option {item!r}: expected kernel=warps:stages with kernel one of "
-                             "share, chain, scan, fwd, bwd_q, bwd_kv")
+                             "share, scan, fwd, bwd_q, bwd_kv")
         out[kernel] = (int(warps), int(stages))
     return out
 
@@ -743,11 +623,12 @@ def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_f
     <state, R> + <z, Z> over the full symmetric tensors ([B Hk, N + 1] fp32; the decay gradients
     of the backward).
 
-    CHAINED_STATE_PASS: one kernel, _chunk_chain_kernel (the chunks' products in parallel, their
-    chaining a wavefront through an fp32 ring). Else every chunk's own share at once
-    (_chunk_share_kernel, the matrix products), then a scan that chains them (_state_scan_kernel,
-    memory-bound). (One serial pass per row-block group that did both, the obvious design, ran at
-    7.5 ms per pass on the H100 at 64k tokens against 3.4 + 1.6 ms for these two.)"""
+    Every chunk's own share at once (_chunk_share_kernel, the matrix products), then a scan that
+    chains them (_state_scan_kernel, memory-bound). Two designs that did both in one kernel were
+    slower on the H100 at 64k tokens: one serial pass per row-block group, 7.5 ms per pass against
+    3.4 + 1.6 ms for these two; the shares' products in parallel with their chaining a
+    wavefront through an fp32 ring in L2 and per-row-block flags, 25.5 ms for the forward's and
+    the backward's pass against 8.6 (run H, RESULTS.md)."""
     bsz, t, hx, d = x.shape
     hk, slots, dim = states.shape[1], states.shape[2], states.shape[3]
     n_chunks = slots - 1
@@ -756,19 +637,6 @@ def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_f
     init = (init_s if init_s is not None else dummy, init_z if init_z is not None else dummy)
     final = (s_final if s_final is not None else dummy, z_final if z_final is not None else dummy)
     forward_states = inner_with if inner_with is not None else (dummy, dummy)
-    if n_chunks and CHAINED_STATE_PASS:
-        inner = torch.empty(bsz * hk, slots, dtype=torch.float32, device=x.device) if inner_with is not None else None
-        ring = torch.empty(bsz * hk, 2, dim, d, dtype=torch.float32, device=x.device)
-        zring = torch.empty(bsz * hk, 2, dim, dtype=torch.float32, device=x.device)
-        flags = torch.zeros(bsz * hk, n_chunks, d + 1, dtype=torch.int32, device=x.device)
-        _chunk_chain_kernel[(bsz * hk, n_chunks)](
-            x, y, weights, zw if zw is not None else dummy, decays, states, z_states, ring, zring, flags,
-            *init, *final, *forward_states, mult, inner if inner is not None else dummy,
-            t, n_chunks * chunk, n_chunks, hx, hk,
-            HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK=block, G=hx // hk, HAS_ZW=zw is not None, OP=op,
-            REVERSE=reverse, HAS_INIT=init_s is not None, HAS_DOT=inner_with is not None,
-            **_launch_opts("chain", block, d, op))
-        return inner
     if n_chunks:
         _chunk_share_kernel[(n_chunks, bsz * hk)](
             x, y, weights, zw if zw is not None else dummy, states, z_states,
@@ -849,10 +717,7 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
 
     # The chunk-start states: kept from the forward, or recomputed (a state pass, to save memory).
     states, z_states = kept if kept is not None else _states_forward(k, v, log_g, s0, z0, chunk, block, op)[:2]
-    do = dy.float() / (den + eps)[..., None]
-    delta = -(do * y.float()).sum(-1)
-    # the products read dO in their operand dtype anyway: store it so (half the bytes for bf16)
-    do = do.to(operand_torch_dtype(op))
+    do, delta = output_grads(dy, y, den, eps, op)
     w = _pair_weights(d, q.device)
     if ds_final is not None:
         ds_final, dz_final = (ds_final / w[:, None]).contiguous(), (dz_final / w).contiguous()

@@ -157,3 +157,39 @@ def load_sym_matrix(z_ptr, HEAD_DIM: tl.constexpr):
     lo = tl.minimum(a, b)
     hi = tl.maximum(a, b)
     return tl.load(z_ptr + lo * HEAD_DIM - (lo * (lo - 1)) // 2 + hi - lo)
+
+
+@triton.jit
+def _output_grads_kernel(DY, Y, DEN, DO, DELTA, rows, eps, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+                         OP: tl.constexpr):
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = r < rows
+    offs = r.to(tl.int64)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    den = tl.load(DEN + r, mask=ok, other=1.0)
+    do = (tl.load(DY + offs, mask=ok[:, None], other=0.0).to(tl.float32) / (den + eps)[:, None]).to(OP)
+    y = tl.load(Y + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DO + offs, do, mask=ok[:, None])
+    tl.store(DELTA + r, -tl.sum(do.to(tl.float32) * y, axis=1), mask=ok)
+
+
+def output_grads(dy, y, den, eps: float, op):
+    """What both backwards read of the output gradient: do = dy / (den + eps) in the operand dtype
+    of `op` [B, T, Hq, d], and delta = -do . y [B, T, Hq] fp32, in one pass over dy and y.
+
+    delta is taken from the rounded do the products will see: dA = do . v + delta is a difference
+    of nearly equal terms where y ~ v (strong gates: the diagonal dominates), and an fp32 do in
+    delta against a rounded one in the product would leave the rounding uncancelled. (As torch
+    ops, the casts, the division, the product and the sum made five passes over fp32 copies.)
+    dy may have any memory layout (autograd does not promise a contiguous one)."""
+    import torch
+
+    d = y.shape[-1]
+    dy = dy.contiguous()
+    do = torch.empty(y.shape, dtype=operand_torch_dtype(op), device=y.device)
+    delta = torch.empty(y.shape[:-1], dtype=torch.float32, device=y.device)
+    rows = delta.numel()
+    if rows:
+        block = max(16, 4096 // d)
+        _output_grads_kernel[(triton.cdiv(rows, block),)](dy, y.contiguous(), den.contiguous(), do, delta, rows, eps,
+                                                           HEAD_DIM=d, ROWS=block, OP=op)
+    return do, delta

@@ -324,6 +324,21 @@ def _tail_step_kernel(
         tl.store(TLEN + bh, m + 1)
 
 
+#: Programs a tail step aims for over the whole state (its readers; each (batch row, kv head) has
+#: one more for its tail). A reader walks its row-blocks one after the other, so with few (batch
+#: row, kv head) pairs each needs many readers: at batch 1 x 12 heads the per-token kernel's rule
+#: (a quarter of _split: 4 + 1) took 12.2 us a layer against a floor of 2.1 (H100, run H). At
+#: batch 8 x 16 heads, 2 + 1 gave 0.0442 ms per step graphed, against 0.0544 / 0.0468 / 0.0493
+#: for 1 / 4 / 8 + 1 (run F): about 3 readers per SM.
+TAIL_STEP_READERS = 384
+
+
+def _tail_split(pairs: int, head_dim: int) -> int:
+    """Readers per (batch row, kv head) of a tail step: a power of two, about TAIL_STEP_READERS in
+    all, at most one per row-block."""
+    return min(head_dim, 1 << max(0, (TAIL_STEP_READERS // max(1, pairs)).bit_length() - 1))
+
+
 def _fold(state, fold_at: int) -> torch.Tensor:
     """_fold_kernel over `state`; returns the zeroed arrival counters [B Hk] int32 for a step."""
     s, z, tail_k = state.s, state.z, state.tail_k
@@ -351,10 +366,7 @@ def tail_decode_(q, k, v, log_g, state, scale: float, eps: float) -> torch.Tenso
     group = hq // hk
     cap = state.tail_k.shape[2]
     rows = _rows(1, group)
-    # A quarter of the per-token kernel's programs read the state (reading only, each can take
-    # more of it); the tail's program is one more. At batch 8 x 16 heads on the H100 that is
-    # 2 + 1, 0.0442 ms per step graphed, against 0.0544 / 0.0468 / 0.0493 for 1 / 4 / 8 + 1.
-    split = max(1, _split(bsz * hk, d) // 4)
+    split = _tail_split(bsz * hk, d)
     count = _fold(state, cap)
     y = torch.empty(bsz, 1, hq, d, dtype=v.dtype, device=q.device)
     part_num = torch.empty(bsz * hk * (split + 1) * rows, d, dtype=torch.float32, device=q.device)
