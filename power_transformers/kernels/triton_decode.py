@@ -324,19 +324,20 @@ def _tail_step_kernel(
         tl.store(TLEN + bh, m + 1)
 
 
-#: Programs a tail step aims for over the whole state (its readers; each (batch row, kv head) has
-#: one more for its tail). A reader walks its row-blocks one after the other, so with few (batch
-#: row, kv head) pairs each needs many readers: at batch 1 x 12 heads the per-token kernel's rule
-#: (a quarter of _split: 4 + 1) took 12.2 us a layer against a floor of 2.1 (H100, run H). At
-#: batch 8 x 16 heads, 2 + 1 gave 0.0442 ms per step graphed, against 0.0544 / 0.0468 / 0.0493
-#: for 1 / 4 / 8 + 1 (run F): about 3 readers per SM.
+#: Readers of the state a tail step aims for in all (each (batch row, kv head) has one more
+#: program for its tail), at most TAIL_STEP_MAX_READERS per (batch row, kv head): more readers
+#: each walk fewer row-blocks, but the last to arrive adds up one more share. Graphed steps on
+#: the H100 (benchmarks/tune_tail_decode.py, RESULTS.md run H): batch 1 x 12 heads, 4 / 8 / 16 /
+#: 32 / 64 readers: 10.3 / 8.9 / 9.2 / 12.2 / 15.1 us; batch 8 x 16 heads, 1 / 2 / 4: 54.2 /
+#: 44.2 / 47.2 us.
 TAIL_STEP_READERS = 384
+TAIL_STEP_MAX_READERS = 8
 
 
 def _tail_split(pairs: int, head_dim: int) -> int:
     """Readers per (batch row, kv head) of a tail step: a power of two, about TAIL_STEP_READERS in
-    all, at most one per row-block."""
-    return min(head_dim, 1 << max(0, (TAIL_STEP_READERS // max(1, pairs)).bit_length() - 1))
+    all, at most TAIL_STEP_MAX_READERS and one per row-block."""
+    return min(head_dim, TAIL_STEP_MAX_READERS, 1 << max(0, (TAIL_STEP_READERS // max(1, pairs)).bit_length() - 1))
 
 
 def _fold(state, fold_at: int) -> torch.Tensor:
