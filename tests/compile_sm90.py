@@ -74,7 +74,7 @@ def main() -> int:
                               tuned["bwd_kv"])
     ok &= compile_variant("scan reverse with <dR, R>", tc._state_scan_kernel,
                           dict(HEAD_DIM=d, D=dim, BLOCK_R=64, REVERSE=True, HAS_INIT=True, HAS_DOT=True),
-                          {"num_warps": 4, "num_stages": 1})
+                          {"num_warps": tc.SCAN_WARPS, "num_stages": 1})
 
     ok &= compile_variant("output grads (do, delta)", tcommon._output_grads_kernel,
                           dict(HEAD_DIM=d, ROWS=64, OP=op), {"num_warps": 4})

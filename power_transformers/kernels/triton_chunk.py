@@ -566,6 +566,9 @@ TUNED: dict[str, tuple[int, int]] = {"share": (4, 3), "fwd": (8, 4), "bwd_q": (8
 #: blocks of 128, d = 64: 128 rows 4.57 ms (164 spilled registers), 64 rows 5.09 (210), 32 rows
 #: 4.08 (none), 16 rows 4.50. (Walking the query-side backward's keys in pieces gained nothing.)
 BWD_KV_QUERY_ROWS = 32
+#: warps of the (memory-bound) scan: 2 / 4 / 8 gave 4.08 / 4.20 / 4.43 ms for its two passes (H100,
+#: 64k tokens, run H)
+SCAN_WARPS = 2
 #: overrides of any kernel's launch options (benchmarks/profile_kernels.py sets them to compare)
 LAUNCH: dict[str, tuple[int, int]] = {}
 
@@ -651,7 +654,7 @@ def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_f
     _state_scan_kernel[(n_blocks, bsz * hk)](
         states, z_states, decays, *init, *final, *forward_states, mult, inner if inner is not None else dummy,
         n_chunks, HEAD_DIM=d, D=dim, BLOCK_R=block_r, REVERSE=reverse, HAS_INIT=init_s is not None,
-        HAS_DOT=inner_with is not None, **({} if interpreting() else {"num_warps": LAUNCH.get("scan", (4, 1))[0]}))
+        HAS_DOT=inner_with is not None, **({} if interpreting() else {"num_warps": LAUNCH.get("scan", (SCAN_WARPS, 1))[0]}))
     return inner.sum(-1) if inner is not None else None
 
 
