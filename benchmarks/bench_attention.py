@@ -298,13 +298,17 @@ def main() -> int:
             ret[t] = with_budget(ret_deadline - time.time(), time_retention, t, args.retention_chunk)
             print(f"retention T={t}: {ret[t]} ({time.time() - start:.0f} s with autotuning)", flush=True)
         except Exception as err:  # noqa: BLE001
+            ret[t] = f"failed: {type(err).__name__}"  # the table says so, rather than "budget"
             print("retention failed:", repr(err)[:300], flush=True)
         torch.cuda.empty_cache()
     for t in seqlens:
         s_f, s_fb = time_sdpa(t)
         cells = [f"{t // 1024}k", str(TOKENS // t), f"{s_f:.3f}", f"{s_fb:.3f}"]
         r = ret.get(t)
-        cells += [f"{r[0]:.3f}", f"{r[1]:.3f}"] if r else ["not run (budget)" if retention_ok else "not installed"] * 2
+        if isinstance(r, str):
+            cells += [r] * 2
+        else:
+            cells += [f"{r[0]:.3f}", f"{r[1]:.3f}"] if r else ["not run (budget)" if retention_ok else "not installed"] * 2
         for c in chunks:
             try:
                 o_f, o_fb = time_ours(t, c)

@@ -101,7 +101,9 @@ def test_tail_decode_equals_decode_across_folds(degree, hq, gating):
         y = power_attention_decode_(q[:, sl], k[:, sl], v[:, sl], None if log_g is None else log_g[:, sl], state, degree=degree)
         y_tail = power_attention_decode_(q[:, sl], k[:, sl], v[:, sl], None if log_g is None else log_g[:, sl], tailed,
                                          degree=degree)
-        assert_rel(y_tail, y, 1e-10)
+        # 1e-8, not tighter: at degree 4, (q.k)^4 over a small normaliser amplifies fp64 rounding
+        # (one CI run of fresh inputs reached 8.7e-10); a wrong decay or a lost token is ~1e-2
+        assert_rel(y_tail, y, 1e-8)
     assert tailed.tail_len.eq(22 - 20).all()  # 20 tokens in five folds, two in the tail
     fold_tail_(tailed, degree=degree)
     assert tailed.tail_len.eq(0).all() and [x.data_ptr() for x in tailed] == pointers
