@@ -86,6 +86,9 @@ class PowerStateLayer(DynamicLayer):
     def set_state(self, state: tuple[torch.Tensor, torch.Tensor], num_new_tokens: int) -> None:
         """Store the state after `num_new_tokens` more tokens (copied in place once allocated).
         The tail must be empty (`state` empties it): the new state holds every token."""
+        if self.tail_pending:  # a host flag: no sync to read it
+            raise RuntimeError("set_state on a power layer whose decode tail may hold tokens: read `state` first, "
+                               "which folds them in, and build the new state from it")
         if self.static and self.state_s is not None:
             if self.state_s.shape != state[0].shape:
                 raise ValueError(f"a static PowerCache holds states of shape {tuple(self.state_s.shape)}, got {tuple(state[0].shape)}")
@@ -96,6 +99,12 @@ class PowerStateLayer(DynamicLayer):
             self.state_s, self.state_z = state[0].contiguous(), state[1].contiguous()
         self.is_initialized = True
         self.advance(num_new_tokens)
+
+    def record_decode_step(self) -> None:
+        """Count one token that a decode step put into the tail (through `decode_state`); `state`
+        folds it in before (S, z) is read."""
+        self.tail_pending = True
+        self.advance(1)
 
     def advance(self, num_new_tokens: int) -> None:
         """Count tokens whose contribution was written into the state in place."""

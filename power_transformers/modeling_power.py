@@ -199,8 +199,7 @@ class PowerAttention(PowerAttentionBase):
                 layer.lazy_initialization(k)  # a zero state is an empty context
             if q.shape[1] == 1:  # through the tail: the state is read, written once every DECODE_TAIL tokens
                 attn = power_attention_decode_(q, k, v, log_g, layer.decode_state, **options)
-                layer.tail_pending = True
-                layer.advance(1)
+                layer.record_decode_step()
             else:
                 attn, state = power_attention(
                     q, k, v, log_g, chunk_size=self.config.chunk_size, initial_state=layer.state,

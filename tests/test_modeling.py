@@ -179,6 +179,25 @@ def test_reorder_cache_moves_states():
         assert torch.equal(x[0], old[2]) and torch.equal(x[1], old[0]) and torch.equal(x[2], old[0])
 
 
+def test_a_state_is_not_replaced_under_a_pending_tail():
+    """Decode steps leave tokens in a power layer's tail; set_state before `state` folded them would
+    drop them, so it raises. Reading `state` folds the tail, and then set_state works."""
+    model = tiny_model()
+    ids = torch.randint(3, 97, (2, 6))
+    cache = PowerCache(model.config)
+    with torch.no_grad():
+        model(ids[:, :4], **{CACHE_NAME: cache}, use_cache=True)
+        model(ids[:, 4:5], **{CACHE_NAME: cache}, use_cache=True)  # one token into the tail
+    layer = cache.layers[0]
+    assert layer.tail_pending and layer.get_seq_length() == 5
+    with pytest.raises(RuntimeError, match="decode tail"):
+        layer.set_state((layer.state_s.clone(), layer.state_z.clone()), 1)
+    s, z = layer.state  # folds the tail
+    assert not layer.tail_pending and int(layer.tail_len.max()) == 0
+    layer.set_state((s.clone(), z.clone()), 1)
+    assert layer.get_seq_length() == 6
+
+
 def test_pipeline_text_generation(tmp_path):
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
