@@ -10,7 +10,6 @@ checkpointing, the FULL_STATE_DICT gather in `save_model`) is the code that runs
     accelerate launch --config_file examples/accelerate/fsdp2.yaml --num_processes 2 tests/fsdp_on_cpu.py ...
 """
 
-import os
 import sys
 
 from accelerate.state import PartialState
@@ -40,9 +39,3 @@ Trainer.create_accelerator_and_postprocess = create_accelerator_with_fsdp_on_cpu
 
 if __name__ == "__main__":
     train.main(sys.argv[1:])
-    # Skip the interpreter's teardown: with FSDP2 on gloo, after the work is saved and the process
-    # group destroyed, a thread left behind still aborted a process at exit now and then ("terminate
-    # called without an active exception", twice in CI runs). Only this CPU-FSDP test launcher does so.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
