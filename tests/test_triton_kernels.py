@@ -90,8 +90,6 @@ def check_against_reference(q, k, v, log_g, s0, z0, chunk, ref_chunk=None, tol=1
         assert rel(x.grad, x64.grad) < grad_tol, (name, rel(x.grad, x64.grad))
 
 
-
-
 @pytest.mark.parametrize(
     "b,t,hq,hk,d,gated,chunk,with_state",
     [

@@ -90,21 +90,6 @@ def _dot_f32(a, b):
 
 
 @triton.jit
-def _share_program(W, T, T_PAD, HX, HK, n, bh,
-                   HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr):
-    """Where chunk n's share for kv head bh reads from: offs_c [BLOCK], offs_d [d], its first token
-    t0, the token stride, the base of the group's first head of x / y (head0, elements / d), and
-    the base of its per-token weights."""
-    b = bh // HK
-    h = bh % HK
-    offs_c = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, HEAD_DIM)
-    t0 = n * CHUNK
-    head0 = (b * T * HX + h * G).to(tl.int64)  # head h G + g of x and y
-    return offs_c, offs_d, t0, HX * HEAD_DIM, head0, W + bh.to(tl.int64) * T_PAD + t0
-
-
-@triton.jit
 def _share_z(X, ZW, w_base, head0, t0, T, HX, stride_t, offs_c, offs_d,
              HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr, HAS_ZW: tl.constexpr):
     """The chunk's Z share as a [d, d] matrix, sum_g sum_t w_t zw_t x_t x_t^T (fp32 products)."""
@@ -129,45 +114,6 @@ def _z_rows(offs_d, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _share_operands(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, HEAD_DIM: tl.constexpr,
-                    CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr, OP: tl.constexpr):
-    """x^T [d, C] in the operand dtype, y [C, d] as stored and the weights [C] of a one-source chunk
-    (one head, one block), read once for every row-block; placeholders for a chunk of several
-    sources (_share_row_block then reads each itself). (Not None: Triton 3.6 cannot return it.)"""
-    if G * (CHUNK // BLOCK) == 1:
-        xt = tl.trans(load_tile(X + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d).to(OP))
-        y = load_tile(Y + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d)
-        return xt, y, tl.load(w_base + offs_c)
-    else:
-        return 0.0, 0.0, 0.0
-
-
-@triton.jit
-def _share_row_block(X, Y, w_base, head0, t0, T, stride_t, i, xt, y, w, offs_c, offs_d,
-                     HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr,
-                     OP: tl.constexpr):
-    """Row-block i of the chunk's share as a full [d, d] tile (rows j < i are not stored):
-    sum over the sources (query head g, block of the chunk) of x^T @ ((w x_i) y). A one-source
-    chunk passes its operands (_share_operands); otherwise they are read here, from cache."""
-    SUB: tl.constexpr = CHUNK // BLOCK
-    acc = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
-    for src in range(G * SUB):
-        g = src // SUB
-        tb = t0 + (src % SUB) * BLOCK
-        if G * SUB > 1:
-            xt_s = tl.trans(load_tile(X + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d).to(OP))
-            y_s = load_tile(Y + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)
-            w_s = tl.load(w_base + (src % SUB) * BLOCK + offs_c)
-        else:
-            xt_s, y_s, w_s = xt, y, w
-        xi = tl.load(X + (head0 + g) * HEAD_DIM + (tb + offs_c) * stride_t + i, mask=tb + offs_c < T,
-                     other=0.0).to(tl.float32)
-        # (y stays in its stored dtype until here: half the registers for 16-bit inputs)
-        acc += tl.dot(xt_s, ((w_s * xi)[:, None] * y_s.to(tl.float32)).to(OP))
-    return acc
-
-
-@triton.jit
 def _chunk_share_kernel(
     X, Y, W, ZW, OUT, ZOUT,
     T, T_PAD, NUM_CHUNKS, HX, HK, SLOT,
@@ -186,17 +132,38 @@ def _chunk_share_kernel(
     """
     n = tl.program_id(0)
     bh = tl.program_id(1)
-    offs_c, offs_d, t0, stride_t, head0, w_base = _share_program(
-        W, T, T_PAD, HX, HK, n, bh, HEAD_DIM, CHUNK, BLOCK, G)
+    b = bh // HK
+    h = bh % HK
+    offs_c = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    t0 = n * CHUNK
+    stride_t = HX * HEAD_DIM
+    head0 = (b * T * HX + h * G).to(tl.int64)  # head h G + g of x and y
+    w_base = W + bh.to(tl.int64) * T_PAD + t0
     slot = bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + SLOT
     zmat = _share_z(X, ZW, w_base, head0, t0, T, HX, stride_t, offs_c, offs_d, HEAD_DIM, CHUNK, BLOCK, G, HAS_ZW)
     z_off, z_ok = _z_rows(offs_d, HEAD_DIM)
     tl.store(ZOUT + slot * D + z_off, zmat, mask=z_ok)
 
-    xt, y, w = _share_operands(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, HEAD_DIM, CHUNK, BLOCK, G, OP)
+    SOURCES: tl.constexpr = G * (CHUNK // BLOCK)  # a source: one query head of the group, one block of the chunk
+    if SOURCES == 1:  # the operands every row-block shares, read once
+        xt = tl.trans(load_tile(X + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d).to(OP))  # [d, M]
+        y = load_tile(Y + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d)
+        w = tl.load(w_base + offs_c)
     for i in range(HEAD_DIM):
-        acc = _share_row_block(X, Y, w_base, head0, t0, T, stride_t, i, xt, y, w, offs_c, offs_d,
-                               HEAD_DIM, CHUNK, BLOCK, G, OP)
+        # row-block i as a full [d, d] tile: sum over the sources of x^T @ ((w x_i) y)
+        acc = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
+        for src in range(SOURCES):
+            g = src // (CHUNK // BLOCK)
+            tb = t0 + (src % (CHUNK // BLOCK)) * BLOCK
+            if SOURCES > 1:  # read again for every row-block, from cache
+                xt = tl.trans(load_tile(X + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d).to(OP))
+                y = load_tile(Y + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)
+                w = tl.load(w_base + (src % (CHUNK // BLOCK)) * BLOCK + offs_c)
+            xi = tl.load(X + (head0 + g) * HEAD_DIM + (tb + offs_c) * stride_t + i, mask=tb + offs_c < T,
+                         other=0.0).to(tl.float32)
+            # (y stays in its stored dtype until here: half the registers for 16-bit inputs)
+            acc += tl.dot(xt, ((w * xi)[:, None] * y.to(tl.float32)).to(OP))
         rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
         tl.store(OUT + slot * D * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
 

@@ -326,7 +326,8 @@ def _tail_step_kernel(
 
 #: Readers of the state a tail step aims for in all (each (batch row, kv head) has one more
 #: program for its tail), at most TAIL_STEP_MAX_READERS per (batch row, kv head): more readers
-#: each walk fewer row-blocks, but the last to arrive adds up one more share. Graphed steps on
+#: each walk fewer row-blocks, yet past 8 the step got slower (why was not found: reading the
+#: shares as one tile, or unrolling the walk, changed nothing; RESULTS.md run H). Graphed steps on
 #: the H100 (benchmarks/tune_tail_decode.py, RESULTS.md run H): batch 1 x 12 heads, 4 / 8 / 16 /
 #: 32 / 64 readers: 10.3 / 8.9 / 9.2 / 12.2 / 15.1 us; batch 8 x 16 heads, 1 / 2 / 4: 54.2 /
 #: 44.2 / 47.2 us.
