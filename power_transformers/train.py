@@ -70,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--output", required=True, help="folder for the consolidated checkpoint and trainer_state.json")
+    parser.add_argument("--final-logits", type=int, default=0, metavar="N",
+                        help="also save the trained model's logits for the first N tokens of the first training window "
+                             "(final_logits.pt beside the checkpoint), computed as the engine runs the model, to check a "
+                             "reload of the checkpoint against")
     return parser.parse_args(argv)
 
 
@@ -95,6 +99,20 @@ def load_dataset(args: argparse.Namespace, vocab_size: int) -> tuple[TokenWindow
         return TokenWindows(byte_ids(text), args.seq_len), None
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     return TokenWindows(torch.tensor(tokenizer(text)["input_ids"]), args.seq_len), tokenizer
+
+
+def save_final_logits(trainer: Trainer, windows: TokenWindows, tokens: int, path: str) -> None:
+    """The trained model's logits for the first `tokens` of the first window, as the engine holds
+    the model (every process runs it: FSDP2 gathers its shards for the forward, in its compute
+    dtype), saved by the main process as {"input_ids", "logits" (fp32), "dtype" (what the forward
+    produced)}. The mixed-precision wrapper accelerate puts on forward is taken off first: under it
+    an fp32 model computes in bf16 and returns fp32, which no reload reproduces."""
+    ids = windows[0]["input_ids"][:tokens][None].to(trainer.args.device)
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped, keep_fp32_wrapper=False).eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    if trainer.is_world_process_zero():
+        torch.save({"input_ids": ids.cpu(), "logits": logits.float().cpu(), "dtype": str(logits.dtype)}, path)
 
 
 def engine_in_use(trainer: Trainer) -> str:
@@ -160,12 +178,17 @@ def main(argv: list[str] | None = None) -> None:
     metrics = trainer.train().metrics
     trainer.save_model(args.output)  # one consolidated safetensors checkpoint, written by the main process
     trainer.save_state()  # trainer_state.json: the loss of every logged step
+    if args.final_logits:
+        save_final_logits(trainer, train, args.final_logits, os.path.join(args.output, "final_logits.pt"))
     if trainer.is_world_process_zero():
         tokens = args.steps * args.global_batch_size * args.seq_len
         print(f"engine: {engine_in_use(trainer)} on {processes} process(es), global batch {args.global_batch_size} = "
               f"{per_device} per device x {processes} x {accumulation} accumulation")
         print(f"trained {args.steps} steps of {args.global_batch_size} x {args.seq_len} tokens: "
               f"{tokens / metrics['train_runtime']:,.0f} tokens/s; saved to {args.output}")
+    if torch.cuda.is_available():  # every process its own, FSDP's sharding shows here
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        print(f"process {rank}: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Release the wrapped model (DDP's reducer, FSDP's state) while the process group is still
         # there, then tear the group down before the interpreter exits. In the other order the

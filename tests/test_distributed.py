@@ -51,6 +51,9 @@ LOGITS_TOL = 1e-4  # after 3 steps at lr 3e-3: measured 6e-6 (DDP), 2e-6 (FSDP2)
 # checkpoint gives (logits off by whole units)
 LOSS_TOL_BF16 = 5e-2
 LOGITS_TOL_BF16 = 1.0
+# the bf16 checkpoint reloaded against the same model's bf16 forward under FSDP2: the same weights and
+# the same arithmetic (measured 0 on CPU), so far below LOGITS_TOL_BF16
+RELOAD_TOL_BF16 = 0.1
 
 # 3 steps of 8 windows x 64 bytes of Emma, in file order, so that both runs see the same batches.
 TRAIN_ARGS = ["--text", "emma", "--max-chars", "20000", "--seq-len", "64", "--global-batch-size", "8", "--steps", "3",
@@ -119,7 +122,7 @@ RUNS = {
 def test_two_processes_match_one(name, saved_models, single_process, tmp_path):
     command, model, bf16, engine = RUNS[name]
     output = tmp_path / "out"
-    result = launch(command + ["--model", str(saved_models[model]), *TRAIN_ARGS], output)
+    result = launch(command + ["--model", str(saved_models[model]), *TRAIN_ARGS, "--final-logits", "24"], output)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert f"engine: {engine} on 2 process(es)" in result.stdout, result.stdout[-3000:]
 
@@ -148,6 +151,16 @@ def test_two_processes_match_one(name, saved_models, single_process, tmp_path):
         logits, expected_logits = reloaded(ids).logits, expected(ids).logits
     print(f"{name}: losses {got} vs {want} (max gap {loss_gap:.1e}), logits max gap {(logits - expected_logits).abs().max():.1e}")
     torch.testing.assert_close(logits, expected_logits, rtol=0, atol=LOGITS_TOL_BF16 if bf16 else LOGITS_TOL)
+
+    # The checkpoint is the model that trained: reloaded on one device (in the dtype the engine's
+    # forward produced), its logits are the trained model's own, as the engine computed them.
+    final = torch.load(output / "final_logits.pt")
+    assert final["input_ids"].shape == (1, 24)
+    dtype = getattr(torch, final["dtype"].removeprefix("torch."))
+    with torch.no_grad():
+        again = AutoModelForCausalLM.from_pretrained(output, dtype=dtype).eval()(final["input_ids"]).logits.float()
+    print(f"{name}: reloaded against the trained model's own logits ({dtype}): {(again - final['logits']).abs().max():.1e}")
+    torch.testing.assert_close(again, final["logits"], rtol=0, atol=RELOAD_TOL_BF16 if dtype == torch.bfloat16 else 1e-5)
 
 
 @pytest.mark.parametrize("flags, message", [
