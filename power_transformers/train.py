@@ -127,6 +127,9 @@ def engine_in_use(trainer: Trainer) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Train, then save the consolidated checkpoint and the step losses under --output."""
     args = parse_args(argv)
+    if not 0 <= args.final_logits <= args.seq_len:
+        raise ValueError(f"--final-logits {args.final_logits}: the tokens must fit one training window (0 to --seq-len "
+                         f"{args.seq_len})")
     processes = world_size()
     per_device = args.per_device_batch_size or max(args.global_batch_size // processes, 1)
     accumulation = gradient_accumulation_steps(args.global_batch_size, per_device, processes)  # raises before any work

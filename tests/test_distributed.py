@@ -205,6 +205,8 @@ def test_bad_inputs_raise_before_training(saved_models, tmp_path, monkeypatch):
     # The script raises from the batch arithmetic before it loads anything.
     with pytest.raises(ValueError, match="global batch 7 is not divisible by the world size 2"):
         train.main(["--model", str(saved_models["power"]), "--output", str(tmp_path / "out"), *TRAIN_ARGS, "--global-batch-size", "7"])
+    with pytest.raises(ValueError, match="--final-logits 65: the tokens must fit one training window"):
+        train.main(["--model", str(saved_models["power"]), "--output", str(tmp_path / "out"), *TRAIN_ARGS, "--final-logits", "65"])
     assert not (tmp_path / "out").exists()
 
 
