@@ -14,7 +14,7 @@ gradient checkpointing, Triton kernels, the same global batch and data order in 
 timed run compiles. Prints one table: tokens/s (all GPUs, and per GPU against one GPU: the
 scaling efficiency), peak memory per GPU, the largest loss difference from the one-GPU run over
 all steps, and the logits of each consolidated checkpoint reloaded on one device against the
-trained model's own (power-train --final-logits: 512 tokens of the first window).
+trained model's own (power-train --final-logits: up to 512 tokens of the first window).
 """
 
 import argparse
@@ -29,11 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from power_transformers import PowerConfig  # noqa: E402
-
-SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-             num_key_value_heads=12, head_dim=64)
-SMOKE_SHAPE = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                   num_key_value_heads=2, head_dim=64)
+from bench_trainer import SHAPE, SMOKE_SHAPE  # noqa: E402  (the trainer benchmark's model, beside this file)
 
 
 def launch(cmd: list[str], log: str, env: dict) -> str:
@@ -60,7 +56,7 @@ def reload_difference(out: str, device: str) -> tuple[float, str]:
     from transformers import AutoModelForCausalLM
 
     final = torch.load(os.path.join(out, "final_logits.pt"))
-    dtype = getattr(torch, final["dtype"].removeprefix("torch."))
+    dtype = final["dtype"]
     model, info = AutoModelForCausalLM.from_pretrained(out, dtype=dtype, output_loading_info=True)
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if bad:
@@ -68,7 +64,7 @@ def reload_difference(out: str, device: str) -> tuple[float, str]:
     model.to(device).eval()
     with torch.no_grad():
         logits = model(final["input_ids"].to(device)).logits.float().cpu()
-    return (logits - final["logits"]).abs().max().item(), final["dtype"].removeprefix("torch.")
+    return (logits - final["logits"]).abs().max().item(), str(dtype).removeprefix("torch.")
 
 
 def main() -> None:
@@ -89,7 +85,8 @@ def main() -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     common = ["--config", config, "--text", "emma", "--seq-len", str(args.seq_len), "--global-batch-size",
               str(args.global_batch), "--lr", "3e-4", "--warmup-steps", "10", "--data-order", "sequential",
-              "--seed", "0", "--logging-steps", "1", "--gradient-checkpointing", "--final-logits", "512"] + ([] if args.smoke else ["--bf16"])
+              "--seed", "0", "--logging-steps", "1", "--gradient-checkpointing", "--final-logits",
+              str(min(512, args.seq_len))] + ([] if args.smoke else ["--bf16"])
     one = [sys.executable, "-m", "power_transformers.train"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.gpus), "-m",
                 "power_transformers.train"]

@@ -54,5 +54,6 @@ def main():
               f"{'  <- the rule' if readers == rule else ''}", flush=True)
     triton_decode._tail_split = tail_split
 
+
 if __name__ == "__main__":
     main()

@@ -104,15 +104,15 @@ def load_dataset(args: argparse.Namespace, vocab_size: int) -> tuple[TokenWindow
 def save_final_logits(trainer: Trainer, windows: TokenWindows, tokens: int, path: str) -> None:
     """The trained model's logits for the first `tokens` of the first window, as the engine holds
     the model (every process runs it: FSDP2 gathers its shards for the forward, in its compute
-    dtype), saved by the main process as {"input_ids", "logits" (fp32), "dtype" (what the forward
-    produced)}. The mixed-precision wrapper accelerate puts on forward is taken off first: under it
+    dtype), saved by the main process as {"input_ids", "logits" (fp32), "dtype" (the torch.dtype
+    the forward produced)}. The mixed-precision wrapper accelerate puts on forward is taken off first: under it
     an fp32 model computes in bf16 and returns fp32, which no reload reproduces."""
     ids = windows[0]["input_ids"][:tokens][None].to(trainer.args.device)
     model = trainer.accelerator.unwrap_model(trainer.model_wrapped, keep_fp32_wrapper=False).eval()
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     if trainer.is_world_process_zero():
-        torch.save({"input_ids": ids.cpu(), "logits": logits.float().cpu(), "dtype": str(logits.dtype)}, path)
+        torch.save({"input_ids": ids.cpu(), "logits": logits.float().cpu(), "dtype": logits.dtype}, path)
 
 
 def engine_in_use(trainer: Trainer) -> str:

@@ -156,7 +156,7 @@ def test_two_processes_match_one(name, saved_models, single_process, tmp_path):
     # forward produced), its logits are the trained model's own, as the engine computed them.
     final = torch.load(output / "final_logits.pt")
     assert final["input_ids"].shape == (1, 24)
-    dtype = getattr(torch, final["dtype"].removeprefix("torch."))
+    dtype = final["dtype"]
     with torch.no_grad():
         again = AutoModelForCausalLM.from_pretrained(output, dtype=dtype).eval()(final["input_ids"]).logits.float()
     print(f"{name}: reloaded against the trained model's own logits ({dtype}): {(again - final['logits']).abs().max():.1e}")
