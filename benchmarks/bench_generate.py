@@ -179,7 +179,7 @@ def profile_step(model, context: int = 4096, steps: int = 5) -> list[str]:
     total_us, kernels = sum(r[0] for r in rows), sum(r[1] for r in rows)
     lines = [f"Compiled power decode step, batch 1, {context} context: {kernels:.0f} GPU kernels per step, "
              f"{total_us / 1e3:.3f} ms of kernel time per step", "", "| kernel | per step | us per step |", "|---|---|---|"]
-    lines += [f"| {name[:90]} | {count:.0f} | {us:.1f} |" for us, count, name in rows[:20]]
+    lines += [f"| {name[:90]} | {count:.0f} | {us:.1f} |" for us, count, name in rows]
     return lines
 
 
@@ -286,8 +286,9 @@ def main():
         print(out[-1], flush=True)
         write()
     if "profile" in parts:
-        out += [""] + profile_step(models["power"])
-        print("\n".join(out[-22:]), flush=True)
+        lines = profile_step(models["power"])
+        out += [""] + lines
+        print("\n".join(lines), flush=True)
     print(write())
 
 
