@@ -153,6 +153,7 @@ def largest_batch(kind: str, model, context: int, start: int, limit: int) -> tup
     return good, best
 
 
+@torch.no_grad()  # as generate() runs (the fused layer step needs it)
 def profile_step(model, context: int = 4096, steps: int = 5) -> list[str]:
     """The GPU kernels of the compiled power decode step at batch 1: count and time per step."""
     from torch.profiler import ProfilerActivity, profile
@@ -210,6 +211,9 @@ def main():
     parser.add_argument("--compile-mode", default="reduce-overhead", choices=("reduce-overhead", "max-autotune"),
                         help="torch.compile mode of the static rows, for both models (max-autotune: inductor's own "
                              "Triton matrix kernels with fused epilogues, and CUDA graphs)")
+    parser.add_argument("--fused-step", default="on", choices=("on", "off", "both"),
+                        help="the power model's one-token layer step through the fused kernels (config.fused_decode_step), "
+                             "through its modules, or both in turn")
     args = parser.parse_args()
     global COMPILE_MODE
     COMPILE_MODE = args.compile_mode
@@ -223,6 +227,9 @@ def main():
         parser.error(f"unknown --settings {sorted(unknown)}")
     bandwidth = copy_bandwidth()
     models = {kind: build(kind) for kind in ("llama", "power")}
+    fused_settings = {"on": (True,), "off": (False,), "both": (True, False)}[args.fused_step]
+    runs = [("llama", models["llama"], None)] + [("power", models["power"], fused) for fused in fused_settings]
+    models["power"].config.fused_decode_step = fused_settings[0]
     out = [f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; date {datetime.date.today()}; "
            f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read+write); static rows compiled with mode={COMPILE_MODE}", ""]
 
@@ -237,13 +244,16 @@ def main():
                 "|---|---|---|---|---|---|---|---|"]
         for context in contexts:
             for batch in batches:
-                for kind, model in models.items():
+                for kind, model, fused in runs:
                     for static in (False, True):
                         if static and kind == "llama" and context not in llama_static:
                             continue
                         if f"{kind} {'static' if static else 'eager'}" not in settings:
                             continue
                         setting = f"{kind} {'static+compiled' if static else 'eager'}"
+                        if kind == "power":
+                            model.config.fused_decode_step = fused
+                            setting += ", fused step" if fused else ", modules' step"
                         try:
                             r = measure(kind, model, static, batch, context)
                             r["floor_ms"] = floor_ms(kind, model, batch, context, bandwidth)
@@ -257,6 +267,7 @@ def main():
                         print(out[-1], flush=True)
                         write()
         out.append("")
+    models["power"].config.fused_decode_step = fused_settings[0]  # the floor and profile parts' setting
     if "floor" in parts:
         try:
             r = measure("power", models["power"], True, args.floor_batch, 4096)

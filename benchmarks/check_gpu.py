@@ -126,6 +126,49 @@ def check_decode(case, b, t_prefill, t_decode, hq, hk, d, dtype=torch.bfloat16, 
     record(case, "z", rel(state[1], state_ref[1]), tol)
 
 
+@survives
+def check_fused_step(case, batch, dtype, **overrides):
+    """A model's one-token steps through the fused layer kernels (config.fused_decode_step) against
+    the same steps through its modules: 300 prompt tokens, then 40 one at a time (teacher forced).
+    fp32: the two agree to 2e-5. bf16/fp16: against the fp32 model, the fused steps' error is at
+    most 1.5x the modules' own (each module's output is rounded where the modules round it)."""
+    from power_transformers import PowerCache, PowerConfig, PowerForCausalLM
+    from power_transformers.compat import CACHE_NAME
+
+    torch.manual_seed(7)
+    config = PowerConfig(vocab_size=1000, hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
+                         num_attention_heads=12, head_dim=64, chunk_size=128, **overrides)
+    model = PowerForCausalLM(config).cuda().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.g_proj.bias.uniform_(-1.0, 3.0)  # gates that matter
+    ids = torch.randint(3, 1000, (batch, 340), device="cuda")
+
+    def logits(m, fused):
+        m.config.fused_decode_step = fused
+        cache = PowerCache(m.config)
+        with torch.no_grad():
+            m(ids[:, :300], use_cache=True, **{CACHE_NAME: cache})
+            return torch.cat([m(ids[:, t:t + 1], use_cache=True, **{CACHE_NAME: cache}).logits
+                              for t in range(300, 340)], 1).float()
+
+    plain32 = logits(model, False)
+    if dtype == torch.float32:
+        record(case, "logits", rel(logits(model, True), plain32), 2e-5)
+        return
+    model = model.to(dtype)
+    plain_err = rel(logits(model, False), plain32)
+    record(case, "logits", rel(logits(model, True), plain32), 1.5 * plain_err)
+
+
+def fused_step_checks() -> None:
+    check_fused_step("fused step fp32 B1 H12/12", 1, torch.float32)
+    check_fused_step("fused step fp32 B5 H12/4 qk-norm, biases", 5, torch.float32, num_key_value_heads=4, qk_norm=True,
+                     attention_bias=True, mlp_bias=True)
+    check_fused_step("fused step bf16 B1 H12/12 vs fp32", 1, torch.bfloat16)
+    check_fused_step("fused step bf16 B8 H12/12 vs fp32", 8, torch.bfloat16)
+
+
 def main() -> int:
     torch.manual_seed(0)
     for arg in sys.argv[1:]:  # --launch=share=4:3,...: the chunk kernels' launch options (profile_kernels.py's form)
@@ -147,6 +190,7 @@ def main() -> int:
                      tail=True)
         check_decode(f"tail decode bf16 d64 B1 H12/12, 1000 + 150 tokens (tail {DECODE_TAIL}, 8 readers a head)", 1, 1000,
                      150, 12, 12, 64, tail=True)
+        fused_step_checks()
         failed = [r for r in RESULTS if not (r[2] == r[2] and r[2] < r[3])]
         print(f"{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed in {time.time() - start:.0f} s", flush=True)
         return 1 if failed else 0
@@ -182,6 +226,8 @@ def main() -> int:
     check_decode(f"tail decode bf16 d32 B2 H4/4, 300 + 70 tokens (tail {DECODE_TAIL})", 2, 300, 70, 4, 4, 32, tail=True)
     check_decode(f"tail decode bf16 d64 B1 H12/12, 1000 + 150 tokens (tail {DECODE_TAIL}, 8 readers a head)", 1, 1000, 150,
                  12, 12, 64, tail=True)
+    fused_step_checks()
+    check_fused_step("fused step fp16 B3 H12/4", 3, torch.float16, num_key_value_heads=4)
     failed = [r for r in RESULTS if not (r[2] == r[2] and r[2] < r[3])]
     print(f"{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed in {time.time() - start:.0f} s", flush=True)
     return 1 if failed else 0

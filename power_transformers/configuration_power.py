@@ -46,6 +46,11 @@ class PowerConfig(PreTrainedConfig):
             from the forward for the backward (faster training, more activation memory: D head_dim /
             chunk numbers per token and key/value head) or recompute them. None: kept where they
             are small (head size 64 at chunk 128 yes, head size 128 no). The reference ignores it.
+        fused_decode_step (`bool`, True): a one-token decode step of a power layer runs its norms,
+            projections, RoPE, gate and MLP through fused Triton kernels (five launches a layer instead
+            of about eleven) where they can take it: the Triton backend, batch <= 8, no gradient, and
+            the layer's own modules (plain nn.Linear, RMSNorm, SiLU-gated MLP; a PEFT adapter or a
+            quantized linear keeps the modules' forward). False: always the modules' forward.
 
     Fields that let converted GPT-2 style checkpoints be expressed faithfully:
 
@@ -102,6 +107,7 @@ class PowerConfig(PreTrainedConfig):
     layer_types: list[str] | None = None
     attention_backend: str = "auto"
     keep_chunk_states: bool | None = None
+    fused_decode_step: bool = True
     # conversion of other families
     norm_type: str = "rms_norm"
     mlp_type: str = "gated"
@@ -129,6 +135,8 @@ class PowerConfig(PreTrainedConfig):
             raise ValueError(f"degree must be a positive even integer (odd degrees make scores negative), got {self.degree!r}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.fused_decode_step not in (True, False):
+            raise ValueError(f"fused_decode_step must be True or False, got {self.fused_decode_step!r}")
         if self.keep_chunk_states not in (None, True, False):
             raise ValueError(f"keep_chunk_states must be None, True or False, got {self.keep_chunk_states!r}")
         if self.num_attention_heads < 1 or self.num_key_value_heads < 1:

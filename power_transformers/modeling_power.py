@@ -27,7 +27,7 @@ from transformers.utils import logging
 from .cache_power import PowerCache
 from .compat import CACHE_NAME, cache_output, pick_cache
 from .configuration_power import POWER_LAYER, PowerConfig
-from .kernels import power_attention, power_attention_decode_
+from .kernels import fused_decode_kernels, power_attention, power_attention_decode_
 
 logger = logging.get_logger(__name__)
 
@@ -183,30 +183,33 @@ class PowerAttention(PowerAttentionBase):
             k, v = k * keep[..., None], v * keep[..., None]
             if log_g is not None:
                 log_g = log_g * keep.to(log_g.dtype)
-        options = dict(
-            degree=self.config.degree,
-            scale=self.config.attention_scale,
-            eps=self.config.attention_eps,
-            backend=self.config.attention_backend,
-        )
-
-        layer = cache.layers[self.layer_idx] if cache is not None else None
-        if layer is None:
+        if cache is None:
             attn, _ = power_attention(q, k, v, log_g, chunk_size=self.config.chunk_size,
-                                      keep_states=self.config.keep_chunk_states, **options)
+                                      keep_states=self.config.keep_chunk_states, **self._kernel_options())
         else:
-            if not layer.is_initialized:
-                layer.lazy_initialization(k)  # a zero state is an empty context
-            if q.shape[1] == 1:  # through the tail: the state is read, written once every DECODE_TAIL tokens
-                attn = power_attention_decode_(q, k, v, log_g, layer.decode_state, **options)
-                layer.record_decode_step()
-            else:
-                attn, state = power_attention(
-                    q, k, v, log_g, chunk_size=self.config.chunk_size, initial_state=layer.state,
-                    output_final_state=True, keep_states=self.config.keep_chunk_states, **options,
-                )
-                layer.set_state(state, q.shape[1])
+            attn = self.attend_cached(q, k, v, log_g, cache)
         return self.output(attn)
+
+    def _kernel_options(self) -> dict:
+        c = self.config
+        return dict(degree=c.degree, scale=c.attention_scale, eps=c.attention_eps, backend=c.attention_backend)
+
+    def attend_cached(self, q, k, v, log_g, cache: PowerCache) -> torch.Tensor:
+        """q [B, T, Hq, d], k/v [B, T, Hk, d], log_g [B, T, Hk] or None through this layer's state in
+        `cache`, which takes the new tokens; returns y [B, T, Hq, d]."""
+        layer = cache.layers[self.layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(k)  # a zero state is an empty context
+        if q.shape[1] == 1:  # through the tail: the state is read, written once every DECODE_TAIL tokens
+            attn = power_attention_decode_(q, k, v, log_g, layer.decode_state, **self._kernel_options())
+            layer.record_decode_step()
+            return attn
+        attn, state = power_attention(
+            q, k, v, log_g, chunk_size=self.config.chunk_size, initial_state=layer.state, output_final_state=True,
+            keep_states=self.config.keep_chunk_states, **self._kernel_options(),
+        )
+        layer.set_state(state, q.shape[1])
+        return attn
 
 
 class PowerSoftmaxAttention(PowerAttentionBase):
@@ -263,6 +266,10 @@ class PowerDecoderLayer(GradientCheckpointingLayer):
         cache: PowerCache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        if self.layer_type == POWER_LAYER and cache is not None and padding_mask is None:
+            kernels = self._fused_decode_kernels(hidden_states)
+            if kernels is not None:
+                return self._fused_decode_step(kernels, hidden_states, position_embeddings, cache)
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         if self.layer_type == POWER_LAYER:
@@ -273,6 +280,54 @@ class PowerDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
         return residual + hidden_states
+
+    def _fused_decode_kernels(self, hidden_states: torch.Tensor):
+        """The kernels (kernels.fused_decode_kernels) for a fused one-token step of this power layer,
+        or None where the step keeps the modules' forward: config.fused_decode_step off, gradients on,
+        more than one token or a larger batch than the kernels take, the reference backend or a CPU
+        tensor, or modules other than the ones the kernels read as plain weights (a PEFT adapter or a
+        quantized linear wraps nn.Linear; LayerNorm and the plain MLP of converted GPT-2 checkpoints)."""
+        attn, mlp = self.self_attn, self.mlp
+        config = attn.config
+        batch, length = hidden_states.shape[:2]
+        if not config.fused_decode_step or length != 1 or torch.is_grad_enabled():
+            return None
+        kernels = fused_decode_kernels(config.attention_backend, hidden_states)
+        if (kernels is None or batch > kernels.DECODE_LAYER_MAX_BATCH or hidden_states.dtype not in kernels.SUPPORTED_DTYPES
+                or config.head_dim not in kernels.SUPPORTED_HEAD_DIMS or not mlp.gated or config.hidden_act != "silu"):
+            return None
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        linears += [attn.g_proj] if config.use_gating else []
+        norms = [self.input_layernorm, self.post_attention_layernorm] + ([attn.q_norm, attn.k_norm] if config.qk_norm else [])
+        if any(type(m) is not nn.Linear for m in linears) or any(type(m) is not PowerRMSNorm for m in norms):
+            return None
+        for module in linears + norms:
+            for p in module.parameters(recurse=False):
+                if type(p) is not nn.Parameter or p.dtype != hidden_states.dtype or p.device != hidden_states.device:
+                    return None  # a tensor subclass (DTensor), or weights kept in another dtype
+        return kernels
+
+    def _fused_decode_step(self, kernels, hidden_states, position_embeddings, cache) -> torch.Tensor:
+        """forward() of one token [B, 1, hidden] in five launches (kernels.triton_decode_layer): the
+        same computation as the modules', each output rounded where theirs is."""
+        attn, mlp = self.self_attn, self.mlp
+        config = attn.config
+        x = hidden_states.reshape(hidden_states.shape[0], -1).contiguous()
+        cos, sin = position_embeddings if position_embeddings is not None else (None, None)
+        gate = attn.g_proj if config.use_gating else None
+        qk_norm = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon) if config.qk_norm else (None, None, 0.0)
+        q, k, v, log_g = kernels.decode_qkvg(
+            x, self.input_layernorm.weight, self.input_layernorm.variance_epsilon,
+            attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, None if gate is None else gate.weight,
+            attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias, None if gate is None else gate.bias,
+            *qk_norm, cos, sin, attn.num_heads, attn.num_key_value_heads,
+        )
+        y = attn.attend_cached(q, k, v, log_g, cache)
+        h = kernels.decode_linear(y.reshape(x.shape[0], -1), attn.o_proj.weight, attn.o_proj.bias, residual=x)
+        norm = self.post_attention_layernorm
+        act = kernels.decode_linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias, norm_weight=norm.weight,
+                                    eps=norm.variance_epsilon, w2=mlp.up_proj.weight, bias2=mlp.up_proj.bias)
+        return kernels.decode_linear(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=h).view_as(hidden_states)
 
 
 class PowerPreTrainedModel(PreTrainedModel):

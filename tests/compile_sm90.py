@@ -19,9 +19,11 @@ from power_transformers.kernels import triton_attention as ta
 from power_transformers.kernels import triton_chunk as tc
 from power_transformers.kernels import triton_common as tcommon
 from power_transformers.kernels import triton_decode as td
+from power_transformers.kernels import triton_decode_layer as tdl
 
-INTS = {"rows", "T", "t", "T_PAD", "NUM_CHUNKS", "HX", "HK", "HQ", "SLOT", "fold_at"}
-FLOATS = {"scale", "eps"}
+INTS = {"rows", "T", "t", "T_PAD", "NUM_CHUNKS", "HX", "HK", "HQ", "SLOT", "fold_at", "B", "N", "KDIM", "stride_x",
+        "stride_cos"}
+FLOATS = {"scale", "eps", "qk_eps"}
 # tensors in the operand dtype (bf16 inputs): inputs, outputs and the stored chunk states
 BF16 = {"DY", "X", "Y", "Q", "K", "V", "OUT", "STATES", "FSTATES", "DSTATES", "DO", "DQ", "DK", "DV"}
 INT_POINTERS = {"FLAGS", "COUNT", "TLEN"}
@@ -104,6 +106,20 @@ def main() -> int:
                                    TB=min(64, triton.next_power_of_2(8192 // (rows * dd))), HAS_GATE=True,
                                    DEFER=rows == 1), {"num_warps": warps}, types)
         ok &= compile_variant(f"fold d{dd}", td._fold_kernel, dict(HEAD_DIM=dd, D=dim, CT=64, SPLIT=2), {"num_warps": 4})
+
+    # the fused layer step (batch 1 and 8): every tensor bf16 but the log-gates
+    bf16 = {n: "*bf16" for n in ("X", "NW", "WQ", "WK", "WV", "WG", "BQ", "BK_", "BV", "BG", "QNW", "KNW", "COS", "SIN",
+                                "Q", "K_OUT", "V", "W", "BIAS", "W2", "BIAS2", "R", "OUT")}
+    for bb, bp, qk_norm in ((1, 4, False), (8, 32, True)):
+        ok &= compile_variant(f"fused step qkvg batch block {bb}", tdl._qkvg_kernel,
+                              dict(KDIM=768, HEAD_DIM=64, BP=bp, BB=bb, BK=1024, HAS_BIAS=qk_norm, HAS_GATE=True, QK_NORM=qk_norm,
+                                   HAS_ROPE=True), {"num_warps": tdl._launch_options(bb)["num_warps"]}, bf16)
+    for name, bb, bn, flags in (
+            ("norm + gated", 1, 4, dict(K=768, BK=1024, NORM=True, GATED=True, HAS_BIAS=False, RESIDUAL=False)),
+            ("residual + bias, K in 2 blocks", 8, 1, dict(K=8192, BK=4096, NORM=False, GATED=False, HAS_BIAS=True,
+                                                          RESIDUAL=True))):
+        ok &= compile_variant(f"fused step linear {name}", tdl._linear_kernel, dict(flags, BB=bb, BN=bn),
+                              {"num_warps": tdl._launch_options(bb)["num_warps"]}, bf16)
     return 0 if ok else 1
 
 

@@ -1,6 +1,6 @@
 """Power attention kernels: the PyTorch reference of every form, the Triton kernels, one dispatch."""
 
-from .dispatch import BACKENDS, fold_tail_, power_attention, power_attention_decode_
+from .dispatch import BACKENDS, fold_tail_, fused_decode_kernels, power_attention, power_attention_decode_
 from .reference import (
     DECODE_TAIL,
     DecodeState,
@@ -22,6 +22,7 @@ __all__ = [
     "empty_decode_state",
     "empty_state",
     "fold_tail_",
+    "fused_decode_kernels",
     "expanded_dim",
     "power_attention",
     "power_attention_chunked",

@@ -143,3 +143,17 @@ def fold_tail_(state: DecodeState, *, degree: int = 2, backend: str = "auto") ->
         _triton_module().fold_tail(state)
     else:
         reference.fold_tail_(state, degree=degree)
+
+
+def fused_decode_kernels(backend: str, x: torch.Tensor):
+    """The Triton module whose `decode_qkvg` and `decode_linear` run the rest of a power layer's
+    one-token step (norms, projections, RoPE, gate, MLP), or None where they cannot run on the
+    hidden states x: the reference backend, a CPU tensor under "auto" (under "triton" only with
+    TRITON_INTERPRET=1), or no Triton. The model then runs its modules' own forward."""
+    backend = _resolve_backend(backend)
+    if backend == "reference" or (backend == "auto" and not x.is_cuda):
+        return None
+    module = _triton_module()
+    if module is None or not (x.is_cuda or module.interpreting()):
+        return None
+    return module

@@ -6,6 +6,9 @@
                     updates state = (S, z) in place (same storage: static caches, CUDA graphs);
                     with a reference.DecodeState, one token reads (S, z) and goes into the tail
     fold_tail(state)   folds a DecodeState's pending tail into (S, z), in place
+    decode_qkvg(...), decode_linear(...)
+                    the rest of a power layer's one-token step (triton_decode_layer): norm,
+                    projections, RoPE, gate; o_proj, MLP and the residuals
 
 Shapes as in reference.py: q [B, T, Hq, d], k/v [B, T, Hk, d], log_g [B, T, Hk] or None,
 S [B, Hk, D, d] fp32, z [B, Hk, D] fp32, D = d (d + 1) / 2, in the reference's symmetric order
@@ -43,6 +46,8 @@ from .triton_attention import attention_backward, attention_forward
 from .triton_chunk import chunk_backward, chunk_forward, kernel_tiles
 from .triton_common import SUPPORTED_DEGREES, SUPPORTED_HEAD_DIMS, dot_dtype, interpreting, operand_torch_dtype
 from .triton_decode import decode_, fold_tail_, tail_decode_
+from .triton_decode_layer import MAX_BATCH as DECODE_LAYER_MAX_BATCH
+from .triton_decode_layer import linear, project_qkvg
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -289,6 +294,40 @@ def _(state_s, state_z, tail_k, tail_v, tail_g, tail_len):
     return None
 
 
+@torch.library.custom_op("power_transformers::decode_qkvg", mutates_args=())
+def _decode_qkvg_op(
+    x: Tensor, norm_weight: Tensor, eps: float, wq: Tensor, wk: Tensor, wv: Tensor, wg: Optional[Tensor],
+    bq: Optional[Tensor], bk: Optional[Tensor], bv: Optional[Tensor], bg: Optional[Tensor],
+    q_norm_weight: Optional[Tensor], k_norm_weight: Optional[Tensor], qk_eps: float, cos: Optional[Tensor],
+    sin: Optional[Tensor], num_heads: int, num_kv_heads: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(q [B,1,Hq,d], k, v [B,1,Hk,d], log_g [B,1,Hk] fp32, empty without wg) from x [B, hidden]."""
+    with _on_device_of(x):
+        return project_qkvg(x, norm_weight, eps, wq, wk, wv, wg, bq, bk, bv, bg, q_norm_weight, k_norm_weight, qk_eps,
+                            cos, sin, num_heads, num_kv_heads)
+
+
+@_decode_qkvg_op.register_fake
+def _(x, norm_weight, eps, wq, wk, wv, wg, bq, bk, bv, bg, q_norm_weight, k_norm_weight, qk_eps, cos, sin,
+      num_heads, num_kv_heads):
+    b, d = x.shape[0], wq.shape[0] // num_heads
+    return (x.new_empty(b, 1, num_heads, d), x.new_empty(b, 1, num_kv_heads, d), x.new_empty(b, 1, num_kv_heads, d),
+            x.new_empty(b, 1, num_kv_heads if wg is not None else 0, dtype=torch.float32))
+
+
+@torch.library.custom_op("power_transformers::decode_linear", mutates_args=())
+def _decode_linear_op(x: Tensor, norm_weight: Optional[Tensor], eps: float, w: Tensor, bias: Optional[Tensor],
+                      w2: Optional[Tensor], bias2: Optional[Tensor], residual: Optional[Tensor]) -> Tensor:
+    """[B, N]: (residual +) f(x' w^T + bias), triton_decode_layer.linear."""
+    with _on_device_of(x):
+        return linear(x, norm_weight, eps, w, bias, w2, bias2, residual)
+
+
+@_decode_linear_op.register_fake
+def _(x, norm_weight, eps, w, bias, w2, bias2, residual):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
 # ----------------------------------------------------------------------------------
 # Public entry points (what dispatch.py calls)
 # ----------------------------------------------------------------------------------
@@ -403,3 +442,61 @@ def power_attention_decode_(
         raise ValueError("the decode state (S, z) must be contiguous: it is updated in place")
     return _decode_op(q.contiguous(), k.contiguous(), v.contiguous(), None if log_g is None else log_g.contiguous(),
                       s, z, _scale(scale, q.shape[-1]), float(eps))
+
+
+def _check_decode_layer_inputs(x: Tensor, named: dict) -> None:
+    """The fused step's inputs: x [B, K] with B <= DECODE_LAYER_MAX_BATCH, and every tensor
+    contiguous, of x's dtype and device (the kernels index them as dense arrays of one type)."""
+    if x.dim() != 2 or not 1 <= x.shape[0] <= DECODE_LAYER_MAX_BATCH:
+        raise ValueError(f"the fused decode step takes x [batch <= {DECODE_LAYER_MAX_BATCH}, hidden], got {tuple(x.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {x.dtype} is not supported by the fused decode step (supported: fp16, bf16, fp32)")
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device} but the hidden states are {x.dtype} on {x.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous for the fused decode step")
+
+
+def decode_qkvg(x: Tensor, norm_weight: Tensor, eps: float, wq: Tensor, wk: Tensor, wv: Tensor, wg: Optional[Tensor],
+                bq: Optional[Tensor], bk: Optional[Tensor], bv: Optional[Tensor], bg: Optional[Tensor],
+                q_norm_weight: Optional[Tensor], k_norm_weight: Optional[Tensor], qk_eps: float,
+                cos: Optional[Tensor], sin: Optional[Tensor], num_heads: int, num_kv_heads: int
+                ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """A power layer's one-token inputs from its hidden states x [B, K]: RMSNorm (norm_weight, eps),
+    q/k/v projections (weights [H d, K], biases or None), q/k RMSNorm per head (or None), RoPE (cos,
+    sin [B or 1, 1, d], or None), log_g = logsigmoid(x' wg^T + bg) (None without wg).
+    Returns q [B, 1, Hq, d], k, v [B, 1, Hk, d] in x's dtype and log_g [B, 1, Hk] fp32 or None."""
+    d = wq.shape[0] // num_heads
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head size {d} is not supported by the fused decode step (supported: {SUPPORTED_HEAD_DIMS})")
+    for name, w, rows in (("wq", wq, num_heads * d), ("wk", wk, num_kv_heads * d), ("wv", wv, num_kv_heads * d),
+                          ("wg", wg, num_kv_heads)):
+        if w is not None and tuple(w.shape) != (rows, x.shape[-1]):
+            raise ValueError(f"{name} has shape {tuple(w.shape)}, expected {(rows, x.shape[-1])}")
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("q_norm_weight and k_norm_weight go together")
+    if wg is not None and bg is None:
+        raise ValueError("the gate projection needs its bias bg")
+    _check_decode_layer_inputs(x, dict(x=x, norm_weight=norm_weight, wq=wq, wk=wk, wv=wv, wg=wg, bq=bq, bk=bk, bv=bv, bg=bg,
+                                       q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, cos=cos, sin=sin))
+    q, k, v, log_g = _decode_qkvg_op(x, norm_weight, float(eps), wq, wk, wv, wg, bq, bk, bv, bg, q_norm_weight,
+                                     k_norm_weight, float(qk_eps), cos, sin, int(num_heads), int(num_kv_heads))
+    return q, k, v, (log_g if wg is not None else None)
+
+
+def decode_linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, *, norm_weight: Optional[Tensor] = None,
+                  eps: float = 0.0, w2: Optional[Tensor] = None, bias2: Optional[Tensor] = None,
+                  residual: Optional[Tensor] = None) -> Tensor:
+    """(residual +) f(x' w^T + bias) [B, N] for a one-token step: x [B, K], x' its
+    RMSNorm when norm_weight is given, f = silu(.) * (x' w2^T + bias2) when w2 is given."""
+    if w.dim() != 2 or w.shape[1] != x.shape[-1] or (w2 is not None and w2.shape != w.shape):
+        raise ValueError(f"weights {tuple(w.shape)}{'' if w2 is None else ', ' + str(tuple(w2.shape))} do not "
+                         f"match x {tuple(x.shape)}")
+    if residual is not None and tuple(residual.shape) != (x.shape[0], w.shape[0]):
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {(x.shape[0], w.shape[0])}")
+    _check_decode_layer_inputs(x, dict(x=x, norm_weight=norm_weight, w=w, bias=bias, w2=w2, bias2=bias2,
+                                       residual=residual))
+    return _decode_linear_op(x, norm_weight, float(eps), w, bias, w2, bias2, residual)

@@ -1,0 +1,183 @@
+"""The fused one-token layer step (kernels/triton_decode_layer.py), under Triton's interpreter.
+
+Its kernels against the modules they stand for, on fresh random inputs (every option: biases,
+q/k norm, RoPE, gating, a gated MLP with norm and residual); the model decoding through them
+against the same model through its modules; the cases that must keep the modules' forward.
+In fp32 only: the interpreter's fp32 -> bf16 cast differs from the GPU's (by an ulp), so bf16
+rounding is checked on the GPU (benchmarks/check_gpu.py).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_model
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from power_transformers import PowerCache
+from power_transformers.compat import CACHE_NAME
+from power_transformers.kernels import dispatch
+from power_transformers.kernels import triton_decode_layer as tdl
+from power_transformers.kernels import triton_power as tp
+from power_transformers.modeling_power import PowerRMSNorm
+
+
+def rms_norm(x, weight, eps):
+    norm = PowerRMSNorm(x.shape[-1], eps=eps)
+    norm.weight.data = weight
+    return norm(x)
+
+
+def rope_tables(positions, d):
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    angles = positions[:, None].float() * inv[None]
+    emb = torch.cat([angles, angles], -1)[:, None]  # [B, 1, d]
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize("bias, qk_norm, rope, gated, b, hq, hk, d", [
+    (False, False, True, True, 1, 4, 4, 32),
+    (True, True, True, True, 3, 4, 2, 32),
+    (True, False, False, False, 2, 2, 1, 64),
+    (False, True, False, True, 5, 6, 3, 16),
+])
+def test_qkvg_matches_the_modules(bias, qk_norm, rope, gated, b, hq, hk, d):
+    g = torch.Generator().manual_seed(hash((bias, qk_norm, rope, gated, b)) % 2**31)
+    k_dim = 96
+    x = torch.randn(b, k_dim, generator=g)
+    norm_w = torch.rand(k_dim, generator=g) + 0.5
+    ws = [torch.randn(h * d, k_dim, generator=g) / k_dim**0.5 for h in (hq, hk, hk)]
+    bs = [torch.randn(h * d, generator=g) for h in (hq, hk, hk)] if bias else [None] * 3
+    wg, bg = (torch.randn(hk, k_dim, generator=g), torch.randn(hk, generator=g)) if gated else (None, None)
+    qn, kn = (torch.rand(d, generator=g) + 0.5, torch.rand(d, generator=g) + 0.5) if qk_norm else (None, None)
+    cos, sin = rope_tables(torch.randint(0, 5000, (b,), generator=g), d) if rope else (None, None)
+
+    h = rms_norm(x, norm_w, 1e-6)
+    q, k, v = (F.linear(h, w, bb).view(b, 1, -1, d) for w, bb in zip(ws, bs))
+    if qk_norm:
+        q, k = rms_norm(q, qn, 1e-5), rms_norm(k, kn, 1e-5)
+    if rope:
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+    got = tp.decode_qkvg(x, norm_w, 1e-6, *ws, wg, *bs, bg, qn, kn, 1e-5, cos, sin, hq, hk)
+    for want, have in zip((q, k, v), got[:3]):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+    if gated:
+        torch.testing.assert_close(got[3], F.logsigmoid(F.linear(h, wg, bg)).view(b, 1, hk), rtol=1e-5, atol=1e-5)
+    else:
+        assert got[3] is None
+
+
+@pytest.mark.parametrize("norm, gated, bias, residual", [
+    (False, False, False, True), (True, True, False, False), (True, True, True, False), (False, False, True, False),
+])
+def test_linear_matches_the_modules(norm, gated, bias, residual):
+    g = torch.Generator().manual_seed(hash((norm, gated, bias, residual)) % 2**31)
+    b, k_dim, n = 3, 80, 72
+    x = torch.randn(b, k_dim, generator=g)
+    norm_w = torch.rand(k_dim, generator=g) + 0.5
+    w, w2 = (torch.randn(n, k_dim, generator=g) / k_dim**0.5 for _ in range(2))
+    b1, b2 = (torch.randn(n, generator=g) for _ in range(2)) if bias else (None, None)
+    res = torch.randn(b, n, generator=g)
+    h = rms_norm(x, norm_w, 1e-6) if norm else x
+    want = F.silu(F.linear(h, w, b1)) * F.linear(h, w2, b2) if gated else F.linear(h, w, b1)
+    want = res + want if residual else want
+    got = tp.decode_linear(x, w, b1, norm_weight=norm_w if norm else None, eps=1e-6,
+                           w2=w2 if gated else None, bias2=b2 if gated else None, residual=res if residual else None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_name_the_problem():
+    x = torch.randn(2, 32)
+    w = torch.randn(16, 32)
+    with pytest.raises(ValueError, match="do not match x"):
+        tp.decode_linear(x, torch.randn(16, 30))
+    with pytest.raises(ValueError, match="residual has shape"):
+        tp.decode_linear(x, w, residual=torch.randn(2, 15))
+    with pytest.raises(ValueError, match="batch <= 8"):
+        tp.decode_linear(torch.randn(9, 32), w)
+    with pytest.raises(ValueError, match="w is torch.float64"):
+        tp.decode_linear(x, w.double())
+    with pytest.raises(ValueError, match="head size 24"):
+        tp.decode_qkvg(x, torch.ones(32), 1e-6, torch.randn(48, 32), torch.randn(48, 32), torch.randn(48, 32),
+                       None, None, None, None, None, None, None, 1e-6, None, None, 2, 2)
+    with pytest.raises(ValueError, match="wk has shape"):
+        tp.decode_qkvg(x, torch.ones(32), 1e-6, torch.randn(32, 32), torch.randn(16, 32), torch.randn(32, 32),
+                       None, None, None, None, None, None, None, 1e-6, None, None, 2, 2)
+
+
+def decode_logits(model, ids, steps):
+    """Prefill ids[:, :-steps] through a PowerCache, then feed the rest one token at a time."""
+    cache = PowerCache(model.config)
+    with torch.no_grad():
+        out = [model(ids[:, :-steps], use_cache=True, **{CACHE_NAME: cache}).logits[:, -1:]]
+        for t in range(ids.shape[1] - steps, ids.shape[1]):
+            out.append(model(ids[:, t : t + 1], use_cache=True, **{CACHE_NAME: cache}).logits)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(qk_norm=True, attention_bias=True, mlp_bias=True, use_gating=False),
+    dict(layer_types=["linear_attention", "full_attention", "linear_attention"], num_key_value_heads=4),
+])
+def test_a_model_decodes_the_same_through_the_fused_step(overrides, monkeypatch):
+    """The tiny model (head size 16) with the Triton backend: one-token steps across two folds of
+    the tail, fused against the modules' forward. Also checks that the fused step ran. The
+    attention itself runs through the reference in both (the interpreter takes seconds per tail
+    step; test_triton_kernels checks the model's kernel attention), and the fused kernels run as
+    few, large programs (the interpreter runs programs one by one)."""
+    monkeypatch.setattr(dispatch, "_use_triton", lambda *args, **kwargs: False)
+    monkeypatch.setattr(tdl, "TARGET_PROGRAMS", 1)
+    model = tiny_model(attention_backend="triton", **overrides)
+    ids = torch.randint(3, 97, (2, 11))
+    calls = []
+    real = tp.decode_qkvg
+    monkeypatch.setattr(tp, "decode_qkvg", lambda *a: calls.append(1) or real(*a))
+    fused = decode_logits(model, ids, 9)
+    power_layers = sum(kind == "linear_attention" for kind in model.config.layer_types)
+    assert len(calls) == 9 * power_layers
+    model.config.fused_decode_step = False
+    calls.clear()
+    plain = decode_logits(model, ids, 9)
+    assert not calls
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_the_modules_forward_where_the_kernels_cannot_read_the_weights():
+    """A wrapped linear (as a PEFT adapter wraps it), gradients on, a larger batch, a LayerNorm
+    model, the reference backend: each step keeps the modules' forward."""
+    model = tiny_model(attention_backend="triton")
+    layer = model.model.layers[0]
+    one = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        assert layer._fused_decode_kernels(one) is not None
+        assert layer._fused_decode_kernels(torch.randn(1, 2, 64)) is None  # two tokens
+        assert layer._fused_decode_kernels(torch.randn(9, 1, 64)) is None  # batch above MAX_BATCH
+        assert layer._fused_decode_kernels(one.double()) is None  # weights in another dtype
+    assert layer._fused_decode_kernels(one) is None  # gradients on
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    wrapped = Wrapped(64, 64, bias=False)
+    wrapped.weight = layer.self_attn.q_proj.weight
+    layer.self_attn.q_proj = wrapped
+    with torch.no_grad():
+        assert layer._fused_decode_kernels(one) is None
+        gpt2 = tiny_model(attention_backend="triton", norm_type="layer_norm", mlp_type="plain", hidden_act="gelu")
+        assert gpt2.model.layers[0]._fused_decode_kernels(one) is None
+        ref = tiny_model(attention_backend="reference")
+        assert ref.model.layers[0]._fused_decode_kernels(one) is None
+
+
+def test_compiled_decode_step_has_no_graph_break():
+    """torch.compile(fullgraph=True) of a fused one-token step with a static cache: the kernels are
+    opaque custom ops (inductor, under the interpreter)."""
+    model = tiny_model(attention_backend="triton")
+    ids = torch.randint(3, 97, (1, 6))
+    cache = PowerCache(model.config, max_cache_len=16)
+    with torch.no_grad():
+        model(ids[:, :5], use_cache=True, **{CACHE_NAME: cache})
+        step = torch.compile(lambda t: model(t, use_cache=True, **{CACHE_NAME: cache}).logits, fullgraph=True)
+        compiled = step(ids[:, 5:6])
+    plain = decode_logits(model, ids, 1)[:, -1:]
+    torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-4)
