@@ -151,6 +151,16 @@ class PowerAttentionBase(nn.Module):
         return self.o_proj(attn.reshape(*attn.shape[:2], -1))
 
 
+def mask_padding(k, v, log_g, padding_mask):
+    """Zero the keys, values and log-gates [B, T, ...] of padded positions (padding_mask [B, T] == 0,
+    or None for none): they add nothing to the state and do not decay it."""
+    if padding_mask is None:
+        return k, v, log_g
+    keep = padding_mask[..., None].to(k.dtype)  # [B, T, 1]
+    k, v = k * keep[..., None], v * keep[..., None]
+    return k, v, (None if log_g is None else log_g * keep.to(log_g.dtype))
+
+
 class PowerAttention(PowerAttentionBase):
     """A power attention layer: the q/k/v/o projections plus a forget-gate projection g_proj.
 
@@ -178,11 +188,7 @@ class PowerAttention(PowerAttentionBase):
         # kernels take one dtype.
         q, k = q.to(v.dtype), k.to(v.dtype)
         log_g = F.logsigmoid(self.g_proj(hidden_states).float()) if self.config.use_gating else None
-        if padding_mask is not None:
-            keep = padding_mask[..., None].to(k.dtype)  # [B, T, 1]
-            k, v = k * keep[..., None], v * keep[..., None]
-            if log_g is not None:
-                log_g = log_g * keep.to(log_g.dtype)
+        k, v, log_g = mask_padding(k, v, log_g, padding_mask)
         if cache is None:
             attn, _ = power_attention(q, k, v, log_g, chunk_size=self.config.chunk_size,
                                       keep_states=self.config.keep_chunk_states, **self._kernel_options())
@@ -266,10 +272,10 @@ class PowerDecoderLayer(GradientCheckpointingLayer):
         cache: PowerCache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        if self.layer_type == POWER_LAYER and cache is not None and padding_mask is None:
+        if self.layer_type == POWER_LAYER and cache is not None:
             kernels = self._fused_decode_kernels(hidden_states)
             if kernels is not None:
-                return self._fused_decode_step(kernels, hidden_states, position_embeddings, cache)
+                return self._fused_decode_step(kernels, hidden_states, position_embeddings, padding_mask, cache)
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         if self.layer_type == POWER_LAYER:
@@ -307,7 +313,7 @@ class PowerDecoderLayer(GradientCheckpointingLayer):
                     return None  # a tensor subclass (DTensor), or weights kept in another dtype
         return kernels
 
-    def _fused_decode_step(self, kernels, hidden_states, position_embeddings, cache) -> torch.Tensor:
+    def _fused_decode_step(self, kernels, hidden_states, position_embeddings, padding_mask, cache) -> torch.Tensor:
         """forward() of one token [B, 1, hidden] in five launches (kernels.triton_decode_layer): the
         same computation as the modules', each output rounded where theirs is."""
         attn, mlp = self.self_attn, self.mlp
@@ -322,7 +328,7 @@ class PowerDecoderLayer(GradientCheckpointingLayer):
             attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias, None if gate is None else gate.bias,
             *qk_norm, cos, sin, attn.num_heads, attn.num_key_value_heads,
         )
-        y = attn.attend_cached(q, k, v, log_g, cache)
+        y = attn.attend_cached(q, *mask_padding(k, v, log_g, padding_mask), cache)
         h = kernels.decode_linear(y.reshape(x.shape[0], -1), attn.o_proj.weight, attn.o_proj.bias, residual=x)
         norm = self.post_attention_layernorm
         act = kernels.decode_linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias, norm_weight=norm.weight,

@@ -142,6 +142,35 @@ def test_a_model_decodes_the_same_through_the_fused_step(overrides, monkeypatch)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
 
 
+def test_padded_positions_in_a_fused_step(monkeypatch):
+    """Left padding in the prompt and a padded position in a one-token step (a 2D mask over past +
+    new tokens): the fused step masks its keys, values and gates as the modules' forward does."""
+    monkeypatch.setattr(dispatch, "_use_triton", lambda *args, **kwargs: False)
+    monkeypatch.setattr(tdl, "TARGET_PROGRAMS", 1)
+    model = tiny_model(attention_backend="triton")
+    ids = torch.randint(3, 97, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :3] = 0  # row 0 left-padded
+    mask[1, 7] = 0  # row 1: a padded position in a one-token step
+
+    def run(fused):
+        model.config.fused_decode_step = fused
+        cache = PowerCache(model.config)
+        with torch.no_grad():
+            out = [model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True, **{CACHE_NAME: cache}).logits]
+            for t in range(5, 10):
+                out.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], use_cache=True,
+                                 **{CACHE_NAME: cache}).logits)
+        return torch.cat(out, 1)
+
+    calls = []
+    real = tp.decode_qkvg
+    monkeypatch.setattr(tp, "decode_qkvg", lambda *a: calls.append(1) or real(*a))
+    fused = run(True)
+    assert len(calls) == 5 * model.config.num_hidden_layers
+    torch.testing.assert_close(fused, run(False), rtol=1e-4, atol=1e-4)
+
+
 def test_the_modules_forward_where_the_kernels_cannot_read_the_weights():
     """A wrapped linear (as a PEFT adapter wraps it), gradients on, a larger batch, a LayerNorm
     model, the reference backend: each step keeps the modules' forward."""
