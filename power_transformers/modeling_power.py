@@ -299,12 +299,15 @@ class PowerDecoderLayer(GradientCheckpointingLayer):
         if not config.fused_decode_step or length != 1 or torch.is_grad_enabled():
             return None
         kernels = fused_decode_kernels(config.attention_backend, hidden_states)
-        if (kernels is None or batch > kernels.DECODE_LAYER_MAX_BATCH or hidden_states.dtype not in kernels.SUPPORTED_DTYPES
-                or config.head_dim not in kernels.SUPPORTED_HEAD_DIMS or not mlp.gated or config.hidden_act != "silu"):
+        if kernels is None or batch > kernels.DECODE_LAYER_MAX_BATCH:
+            return None
+        if (hidden_states.dtype not in kernels.SUPPORTED_DTYPES or config.head_dim not in kernels.SUPPORTED_HEAD_DIMS
+                or not mlp.gated or config.hidden_act != "silu"):
             return None
         linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         linears += [attn.g_proj] if config.use_gating else []
-        norms = [self.input_layernorm, self.post_attention_layernorm] + ([attn.q_norm, attn.k_norm] if config.qk_norm else [])
+        norms = [self.input_layernorm, self.post_attention_layernorm]
+        norms += [attn.q_norm, attn.k_norm] if config.qk_norm else []
         if any(type(m) is not nn.Linear for m in linears) or any(type(m) is not PowerRMSNorm for m in norms):
             return None
         for module in linears + norms:
@@ -314,14 +317,17 @@ class PowerDecoderLayer(GradientCheckpointingLayer):
         return kernels
 
     def _fused_decode_step(self, kernels, hidden_states, position_embeddings, padding_mask, cache) -> torch.Tensor:
-        """forward() of one token [B, 1, hidden] in five launches (kernels.triton_decode_layer): the
-        same computation as the modules', each output rounded where theirs is."""
+        """forward() of one token [B, 1, hidden] through the fused kernels (kernels.triton_decode_layer;
+        with the attention's fold and tail step, six launches): the same computation as the modules',
+        each output rounded where theirs is."""
         attn, mlp = self.self_attn, self.mlp
         config = attn.config
         x = hidden_states.reshape(hidden_states.shape[0], -1).contiguous()
         cos, sin = position_embeddings if position_embeddings is not None else (None, None)
         gate = attn.g_proj if config.use_gating else None
-        qk_norm = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon) if config.qk_norm else (None, None, 0.0)
+        qk_norm = (None, None, 0.0)
+        if config.qk_norm:  # one eps for both: both norms take config.rms_norm_eps
+            qk_norm = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon)
         q, k, v, log_g = kernels.decode_qkvg(
             x, self.input_layernorm.weight, self.input_layernorm.variance_epsilon,
             attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, None if gate is None else gate.weight,
