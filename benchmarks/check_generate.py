@@ -42,17 +42,19 @@ def main():
 
     model = model.to(torch.bfloat16)
     new = 512
-    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static")
+    # exactly `new` tokens: no end-of-sequence token to stop at (min_new_tokens would add a logits
+    # processor that cost about 0.3 ms a token on the H100, more than the fused step saves)
+    settings = dict(max_new_tokens=new, do_sample=False, cache_implementation="static", eos_token_id=None)
     for fused in (True, False, True):
         model.config.fused_decode_step = fused
         model.generate(ids[:1], **settings)  # compilation and graph capture
         torch.cuda.synchronize()
         start = time.perf_counter()
-        model.generate(ids[:1], **settings)
+        made = model.generate(ids[:1], **settings).shape[1] - ids.shape[1]
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        print(f"bf16 generate(cache_implementation='static'), batch 1, 4096-token prompt, {new} new tokens, "
-              f"fused={fused}: {seconds:.3f} s, {new / seconds:.0f} tokens/s (prefill included)", flush=True)
+        print(f"bf16 generate(cache_implementation='static'), batch 1, 4096-token prompt, {made} new tokens, "
+              f"fused={fused}: {seconds:.3f} s, {made / seconds:.0f} tokens/s (prefill included)", flush=True)
 
 
 if __name__ == "__main__":
