@@ -229,7 +229,6 @@ def main():
     models = {kind: build(kind) for kind in ("llama", "power")}
     fused_settings = {"on": (True,), "off": (False,), "both": (True, False)}[args.fused_step]
     runs = [("llama", models["llama"], None)] + [("power", models["power"], fused) for fused in fused_settings]
-    models["power"].config.fused_decode_step = fused_settings[0]
     out = [f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; date {datetime.date.today()}; "
            f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read+write); static rows compiled with mode={COMPILE_MODE}", ""]
 

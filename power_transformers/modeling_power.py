@@ -291,18 +291,16 @@ class PowerDecoderLayer(GradientCheckpointingLayer):
         """The kernels (kernels.fused_decode_kernels) for a fused one-token step of this power layer,
         or None where the step keeps the modules' forward: config.fused_decode_step off, gradients on,
         more than one token or a larger batch than the kernels take, the reference backend or a CPU
-        tensor, or modules other than the ones the kernels read as plain weights (a PEFT adapter or a
-        quantized linear wraps nn.Linear; LayerNorm and the plain MLP of converted GPT-2 checkpoints)."""
+        tensor, modules other than the ones the kernels read as plain weights (a PEFT adapter or a
+        quantized linear wraps nn.Linear; LayerNorm and the plain MLP of converted GPT-2 checkpoints), or
+        weights the kernels cannot read (triton_power.decode_layer_problem: another dtype or device,
+        not contiguous)."""
         attn, mlp = self.self_attn, self.mlp
         config = attn.config
-        batch, length = hidden_states.shape[:2]
-        if not config.fused_decode_step or length != 1 or torch.is_grad_enabled():
+        if not config.fused_decode_step or hidden_states.shape[1] != 1 or torch.is_grad_enabled():
             return None
         kernels = fused_decode_kernels(config.attention_backend, hidden_states)
-        if kernels is None or batch > kernels.DECODE_LAYER_MAX_BATCH:
-            return None
-        if (hidden_states.dtype not in kernels.SUPPORTED_DTYPES or config.head_dim not in kernels.SUPPORTED_HEAD_DIMS
-                or not mlp.gated or config.hidden_act != "silu"):
+        if kernels is None or not mlp.gated or config.hidden_act != "silu":
             return None
         linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
         linears += [attn.g_proj] if config.use_gating else []
@@ -310,10 +308,12 @@ class PowerDecoderLayer(GradientCheckpointingLayer):
         norms += [attn.q_norm, attn.k_norm] if config.qk_norm else []
         if any(type(m) is not nn.Linear for m in linears) or any(type(m) is not PowerRMSNorm for m in norms):
             return None
-        for module in linears + norms:
-            for p in module.parameters(recurse=False):
-                if type(p) is not nn.Parameter or p.dtype != hidden_states.dtype or p.device != hidden_states.device:
-                    return None  # a tensor subclass (DTensor), or weights kept in another dtype
+        params = {f"{i}.{name}": p for i, m in enumerate(linears + norms) for name, p in m.named_parameters(recurse=False)}
+        if any(type(p) is not nn.Parameter for p in params.values()):
+            return None  # a tensor subclass (DTensor)
+        # the kernels' own conditions (batch, dtype, head size; weights dense, of the hidden states' dtype and device)
+        if kernels.decode_layer_problem(hidden_states[:, 0], params, config.head_dim) is not None:
+            return None
         return kernels
 
     def _fused_decode_step(self, kernels, hidden_states, position_embeddings, padding_mask, cache) -> torch.Tensor:

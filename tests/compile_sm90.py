@@ -115,9 +115,10 @@ def main() -> int:
                               dict(KDIM=768, HEAD_DIM=64, BP=bp, BB=bb, BK=1024, HAS_BIAS=qk_norm, HAS_GATE=True, QK_NORM=qk_norm,
                                    HAS_ROPE=True), {"num_warps": tdl._launch_options(bb)["num_warps"]}, bf16)
     for name, bb, bn, flags in (
-            ("norm + gated", 1, 4, dict(K=768, BK=1024, NORM=True, GATED=True, HAS_BIAS=False, RESIDUAL=False)),
+            ("norm + gated", 1, 4, dict(K=768, BK=1024, NORM=True, GATED=True, HAS_BIAS=False, HAS_BIAS2=False,
+                                            RESIDUAL=False)),
             ("residual + bias, K in 2 blocks", 8, 1, dict(K=8192, BK=4096, NORM=False, GATED=False, HAS_BIAS=True,
-                                                          RESIDUAL=True))):
+                                                          HAS_BIAS2=False, RESIDUAL=True))):
         ok &= compile_variant(f"fused step linear {name}", tdl._linear_kernel, dict(flags, BB=bb, BN=bn),
                               {"num_warps": tdl._launch_options(bb)["num_warps"]}, bf16)
     return 0 if ok else 1

@@ -88,6 +88,18 @@ def test_linear_matches_the_modules(norm, gated, bias, residual):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_gated_linear_with_one_bias():
+    """Either bias of a gated pair alone is added to its own product (each has its own flag)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 48, generator=g)
+    w, w2 = (torch.randn(40, 48, generator=g) / 7 for _ in range(2))
+    b = torch.randn(40, generator=g)
+    torch.testing.assert_close(tp.decode_linear(x, w, b, w2=w2), F.silu(F.linear(x, w, b)) * F.linear(x, w2),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tp.decode_linear(x, w, w2=w2, bias2=b), F.silu(F.linear(x, w)) * F.linear(x, w2, b),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_bad_inputs_name_the_problem():
     x = torch.randn(2, 32)
     w = torch.randn(16, 32)
@@ -102,6 +114,13 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="head size 24"):
         tp.decode_qkvg(x, torch.ones(32), 1e-6, torch.randn(48, 32), torch.randn(48, 32), torch.randn(48, 32),
                        None, None, None, None, None, None, None, 1e-6, None, None, 2, 2)
+    with pytest.raises(ValueError, match="bias2 is the bias of w2"):
+        tp.decode_linear(x, w, bias2=torch.randn(16))
+    with pytest.raises(ValueError, match="must be contiguous"):
+        tp.decode_linear(x, torch.randn(32, 16).t())
+    with pytest.raises(ValueError, match="bq, bk and bv go together"):
+        tp.decode_qkvg(x, torch.ones(32), 1e-6, torch.randn(32, 32), torch.randn(32, 32), torch.randn(32, 32),
+                       None, torch.randn(32), None, None, None, None, None, 1e-6, None, None, 2, 2)
     with pytest.raises(ValueError, match="wk has shape"):
         tp.decode_qkvg(x, torch.ones(32), 1e-6, torch.randn(32, 32), torch.randn(16, 32), torch.randn(32, 32),
                        None, None, None, None, None, None, None, 1e-6, None, None, 2, 2)
@@ -190,6 +209,13 @@ def test_the_modules_forward_where_the_kernels_cannot_read_the_weights():
     class Wrapped(torch.nn.Linear):
         pass
 
+    with torch.no_grad():
+        weight = layer.mlp.down_proj.weight
+        layer.mlp.down_proj.weight = torch.nn.Parameter(weight.t().contiguous().t())  # the same numbers, strided
+        assert layer._fused_decode_kernels(one) is None
+        layer.mlp.down_proj.weight = weight
+        assert layer._fused_decode_kernels(one) is not None
+
     wrapped = Wrapped(64, 64, bias=False)
     wrapped.weight = layer.self_attn.q_proj.weight
     layer.self_attn.q_proj = wrapped
@@ -204,12 +230,18 @@ def test_the_modules_forward_where_the_kernels_cannot_read_the_weights():
 def test_compiled_decode_step_has_no_graph_break():
     """torch.compile(fullgraph=True) of a fused one-token step with a static cache: the kernels are
     opaque custom ops (inductor, under the interpreter)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     model = tiny_model(attention_backend="triton")
     ids = torch.randint(3, 97, (1, 6))
     cache = PowerCache(model.config, max_cache_len=16)
+    counter = CompileCounterWithBackend("inductor")
     with torch.no_grad():
         model(ids[:, :5], use_cache=True, **{CACHE_NAME: cache})
-        step = torch.compile(lambda t: model(t, use_cache=True, **{CACHE_NAME: cache}).logits, fullgraph=True)
+        step = torch.compile(lambda t: model(t, use_cache=True, **{CACHE_NAME: cache}).logits, fullgraph=True,
+                             backend=counter)
         compiled = step(ids[:, 5:6])
+    ops = {str(node.target) for graph in counter.graphs for node in graph.graph.nodes}
+    assert {"power_transformers.decode_qkvg.default", "power_transformers.decode_linear.default"} <= ops, ops
     plain = decode_logits(model, ids, 1)[:, -1:]
     torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-4)

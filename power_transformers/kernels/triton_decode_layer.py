@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import interpreting
+
 #: Largest batch the fused step takes; larger batches read each weight tile for more rows, which
 #: the eager path's matrix products (cuBLAS, inductor) do better.
 MAX_BATCH = 8
@@ -162,8 +164,8 @@ def _qkvg_kernel(
 @triton.jit
 def _linear_kernel(
     X, stride_x, NW, W, BIAS, W2, BIAS2, R, OUT, B, N, eps,
-    K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
-    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
+    RESIDUAL: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """OUT [B, N] = (R +) f(x' W^T (+ BIAS)), f the identity or, with GATED, silu(.) * (x' W2^T (+ BIAS2));
     x' = X [B, K] (row stride stride_x) or, with NORM, its RMSNorm (weight NW). Grid (cdiv(N, BN), cdiv(B, BB))."""
@@ -179,8 +181,8 @@ def _linear_kernel(
     a, b = project_rows(X, stride_x, offs_b, b_ok, K, rstd, NW, W, W2, rows, rows, ok, ok, NORM, GATED, BB, BN, BK)
     if HAS_BIAS:
         a += tl.load(BIAS + rows, mask=ok, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            b += tl.load(BIAS2 + rows, mask=ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS2:  # (with GATED)
+        b += tl.load(BIAS2 + rows, mask=ok, other=0.0).to(tl.float32)[None, :]
     y = rounded(a, DT)
     if GATED:
         y = rounded(y * tl.sigmoid(y), DT) * rounded(b, DT)
@@ -199,10 +201,10 @@ def _k_block(k: int) -> int:
     return min(triton.next_power_of_2(k), MAX_K_BLOCK)
 
 
-def _row_block(rows: int, per_row: int, limit: int) -> int:
+def _row_block(rows: int, limit: int) -> int:
     """Rows per program: a power of two up to `limit` (the registers' budget), small enough that
     `rows` give about TARGET_PROGRAMS programs."""
-    want = max(1, rows // (TARGET_PROGRAMS * per_row))
+    want = max(1, rows // TARGET_PROGRAMS)
     return max(1, min(limit, 1 << (want.bit_length() - 1)))
 
 
@@ -215,8 +217,6 @@ SMALL_BATCH_BLOCK = 4
 
 
 def _launch_options(batch_block: int) -> dict:
-    from .triton_common import interpreting
-
     if interpreting():
         return {}
     return {"num_warps": 1 if batch_block <= SMALL_BATCH_BLOCK else NUM_WARPS}
@@ -233,7 +233,7 @@ def project_qkvg(x, norm_weight, eps, wq, wk, wv, wg, bq, bk, bv, bg, q_norm_wei
     bb, bk_ = _batch_block(bsz), _k_block(kdim)
     limit = max(1, PRODUCT_ELEMENTS // (2 * bb * bk_))
     qk_norm = q_norm_weight is not None
-    bp = half if qk_norm else min(half, _row_block((num_heads + 2 * num_kv_heads) * half, 1, limit))
+    bp = half if qk_norm else min(half, _row_block((num_heads + 2 * num_kv_heads) * half, limit))
     q = x.new_empty(bsz, 1, num_heads, d)
     k = x.new_empty(bsz, 1, num_kv_heads, d)
     v = x.new_empty(bsz, 1, num_kv_heads, d)
@@ -261,13 +261,14 @@ def linear(x, norm_weight, eps, w, bias, w2, bias2, residual):
     n = w.shape[0]
     gated = w2 is not None
     bb, bk_ = _batch_block(bsz), _k_block(kdim)
-    bn = _row_block(n, 1, max(1, PRODUCT_ELEMENTS // ((2 if gated else 1) * bb * bk_)))
+    bn = _row_block(n, max(1, PRODUCT_ELEMENTS // ((2 if gated else 1) * bb * bk_)))
     out = x.new_empty(bsz, n)
     _linear_kernel[(triton.cdiv(n, bn), triton.cdiv(bsz, bb))](
         x, x.stride(0), norm_weight if norm_weight is not None else w, w, bias if bias is not None else w,
         w2 if gated else w, bias2 if bias2 is not None else w, residual if residual is not None else x, out,
         bsz, n, float(eps),
-        K=kdim, NORM=norm_weight is not None, GATED=gated, HAS_BIAS=bias is not None, RESIDUAL=residual is not None,
-        BB=bb, BN=bn, BK=bk_, **_launch_options(bb),
+        K=kdim, NORM=norm_weight is not None, GATED=gated, HAS_BIAS=bias is not None,
+        HAS_BIAS2=gated and bias2 is not None, RESIDUAL=residual is not None, BB=bb, BN=bn, BK=bk_,
+        **_launch_options(bb),
     )
     return out

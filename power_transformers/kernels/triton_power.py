@@ -444,20 +444,31 @@ def power_attention_decode_(
                       s, z, _scale(scale, q.shape[-1]), float(eps))
 
 
-def _check_decode_layer_inputs(x: Tensor, named: dict) -> None:
-    """The fused step's inputs: x [B, K] with B <= DECODE_LAYER_MAX_BATCH, and every tensor
-    contiguous, of x's dtype and device (the kernels index them as dense arrays of one type)."""
+def decode_layer_problem(x: Tensor, tensors: dict, head_dim: Optional[int] = None) -> Optional[str]:
+    """Why the fused step's kernels cannot take the hidden states x [B, K] with `tensors` (name ->
+    tensor or None), or None if they can: B <= DECODE_LAYER_MAX_BATCH, a supported dtype and head
+    size, and every tensor contiguous, of x's dtype and device (the kernels index them as dense
+    arrays of one type). The model asks it to fall back; the entry points raise it."""
     if x.dim() != 2 or not 1 <= x.shape[0] <= DECODE_LAYER_MAX_BATCH:
-        raise ValueError(f"the fused decode step takes x [batch <= {DECODE_LAYER_MAX_BATCH}, hidden], got {tuple(x.shape)}")
+        return f"the fused decode step takes x [batch <= {DECODE_LAYER_MAX_BATCH}, hidden], got {tuple(x.shape)}"
     if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {x.dtype} is not supported by the fused decode step (supported: fp16, bf16, fp32)")
-    for name, t in named.items():
+        return f"dtype {x.dtype} is not supported by the fused decode step (supported: fp16, bf16, fp32)"
+    if head_dim is not None and head_dim not in SUPPORTED_HEAD_DIMS:
+        return f"head size {head_dim} is not supported by the fused decode step (supported: {SUPPORTED_HEAD_DIMS})"
+    for name, t in tensors.items():
         if t is None:
             continue
         if t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"{name} is {t.dtype} on {t.device} but the hidden states are {x.dtype} on {x.device}")
+            return f"{name} is {t.dtype} on {t.device} but the hidden states are {x.dtype} on {x.device}"
         if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous for the fused decode step")
+            return f"{name} must be contiguous for the fused decode step"
+    return None
+
+
+def _check_decode_layer_inputs(x: Tensor, tensors: dict, head_dim: Optional[int] = None) -> None:
+    problem = decode_layer_problem(x, tensors, head_dim)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def decode_qkvg(x: Tensor, norm_weight: Tensor, eps: float, wq: Tensor, wk: Tensor, wv: Tensor, wg: Optional[Tensor],
@@ -470,18 +481,18 @@ def decode_qkvg(x: Tensor, norm_weight: Tensor, eps: float, wq: Tensor, wk: Tens
     sin [B or 1, 1, d], or None), log_g = logsigmoid(x' wg^T + bg) (None without wg).
     Returns q [B, 1, Hq, d], k, v [B, 1, Hk, d] in x's dtype and log_g [B, 1, Hk] fp32 or None."""
     d = wq.shape[0] // num_heads
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head size {d} is not supported by the fused decode step (supported: {SUPPORTED_HEAD_DIMS})")
     for name, w, rows in (("wq", wq, num_heads * d), ("wk", wk, num_kv_heads * d), ("wv", wv, num_kv_heads * d),
                           ("wg", wg, num_kv_heads)):
         if w is not None and tuple(w.shape) != (rows, x.shape[-1]):
             raise ValueError(f"{name} has shape {tuple(w.shape)}, expected {(rows, x.shape[-1])}")
     if (q_norm_weight is None) != (k_norm_weight is None):
         raise ValueError("q_norm_weight and k_norm_weight go together")
+    if not (bq is None) == (bk is None) == (bv is None):
+        raise ValueError("bq, bk and bv go together (the attention biases: all or none)")
     if wg is not None and bg is None:
         raise ValueError("the gate projection needs its bias bg")
     _check_decode_layer_inputs(x, dict(x=x, norm_weight=norm_weight, wq=wq, wk=wk, wv=wv, wg=wg, bq=bq, bk=bk, bv=bv, bg=bg,
-                                       q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, cos=cos, sin=sin))
+                                       q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, cos=cos, sin=sin), d)
     q, k, v, log_g = _decode_qkvg_op(x, norm_weight, float(eps), wq, wk, wv, wg, bq, bk, bv, bg, q_norm_weight,
                                      k_norm_weight, float(qk_eps), cos, sin, int(num_heads), int(num_kv_heads))
     return q, k, v, (log_g if wg is not None else None)
@@ -495,6 +506,8 @@ def decode_linear(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, *, norm_w
     if w.dim() != 2 or w.shape[1] != x.shape[-1] or (w2 is not None and w2.shape != w.shape):
         raise ValueError(f"weights {tuple(w.shape)}{'' if w2 is None else ', ' + str(tuple(w2.shape))} do not "
                          f"match x {tuple(x.shape)}")
+    if bias2 is not None and w2 is None:
+        raise ValueError("bias2 is the bias of w2: it needs w2")
     if residual is not None and tuple(residual.shape) != (x.shape[0], w.shape[0]):
         raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {(x.shape[0], w.shape[0])}")
     _check_decode_layer_inputs(x, dict(x=x, norm_weight=norm_weight, w=w, bias=bias, w2=w2, bias2=bias2,
