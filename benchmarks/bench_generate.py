@@ -40,6 +40,7 @@ from transformers.cache_utils import DynamicCache, StaticCache  # noqa: E402
 
 from power_transformers import PowerCache, PowerConfig, PowerForCausalLM  # noqa: E402
 from power_transformers.compat import CACHE_NAME  # noqa: E402
+from power_transformers.kernels.triton_common import dependent_launch  # noqa: E402
 
 SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
              num_key_value_heads=12, head_dim=64, max_position_embeddings=140_000)
@@ -230,7 +231,8 @@ def main():
     fused_settings = {"on": (True,), "off": (False,), "both": (True, False)}[args.fused_step]
     runs = [("llama", models["llama"], None)] + [("power", models["power"], fused) for fused in fused_settings]
     out = [f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; date {datetime.date.today()}; "
-           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read+write); static rows compiled with mode={COMPILE_MODE}", ""]
+           f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read+write); static rows compiled with mode={COMPILE_MODE}; "
+           f"decode kernels with programmatic dependent launch: {dependent_launch(torch.device('cuda'))}", ""]
 
     def write():
         text = "\n".join(out)

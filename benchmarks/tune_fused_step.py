@@ -7,7 +7,8 @@ For the generation benchmark's shape (hidden 768, 12 heads of 64, MLP 2048, bf16
 weights (a model's layers: 170 MB, more than L2 holds), times each launch of the step, CUDA-graphed
 (12 launches, one per layer, per graph), for each TARGET_PROGRAMS x PRODUCT_ELEMENTS setting, against
 its floor (its weights read once at the copy bandwidth measured here). Also the same products
-through torch (F.linear, cuBLAS) in one graph, for scale.
+through torch (F.linear, cuBLAS) in one graph, for scale. POWER_PDL=0 launches the kernels without
+programmatic dependent launch.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def main():
     bytes_of = {"qkvg": 3 * HIDDEN * HIDDEN * 2, "o + residual": HIDDEN * HIDDEN * 2,
                 "norm + gate/up": 2 * MLP * HIDDEN * 2, "down + residual": MLP * HIDDEN * 2}
     floors = {name: b / (copy_tbs * 1e12) * 1e6 for name, b in bytes_of.items()}
-    print(torch.cuda.get_device_name(), f"copy {copy_tbs:.2f} TB/s; us per launch (floor: "
+    pdl = tdl.dependent_launch(torch.device("cuda"))
+    print(torch.cuda.get_device_name(), f"PDL {pdl}; copy {copy_tbs:.2f} TB/s; us per launch (floor: "
           + ", ".join(f"{n} {f:.2f}" for n, f in floors.items()) + ")", flush=True)
     for batch in [int(x) for x in args.batches.split(",")]:
         x = torch.randn(batch, HIDDEN, device="cuda", dtype=torch.bfloat16)

@@ -1,11 +1,13 @@
 """Tuning (GPU): how many programs per (batch row, kv head) should read the state in a tail
 decode step (triton_decode.tail_decode_; one more program takes the tail).
 
-    python benchmarks/tune_tail_decode.py [--batch 8] [--heads 16] [--splits 1,2,4,8,16,32]
+    python benchmarks/tune_tail_decode.py [--batch 8] [--heads 16] [--splits 1,2,4,8,16,32] [--tail-blocks 8192]
 
 Times DECODE_TAIL graphed steps (a whole fold cycle) per setting, as bench_attention.py does,
 against the floor (the fp32 state read once at the copy bandwidth measured here), and names the
 setting tail_decode_ takes by its rule (triton_decode._tail_split, TAIL_STEP_READERS).
+--tail-blocks: values of triton_decode.TAIL_BLOCK_ELEMENTS (the tail program's product size) to try.
+POWER_PDL=0 launches the kernels without programmatic dependent launch.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--splits", default="1,2,4,8,16,32")
+    parser.add_argument("--tail-blocks", default=str(triton_decode.TAIL_BLOCK_ELEMENTS))
     args = parser.parse_args()
     b, heads, d = args.batch, args.heads, 64
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -38,11 +41,15 @@ def main():
     log_g = F.logsigmoid(torch.randn(b, 1, heads, device="cuda", generator=g) + 3.0)
     _, copy_tbs = ceilings()
     floor = b * heads * expanded_dim(d, 2) * (d + 1) * 4 / (copy_tbs * 1e12) * 1e3
-    print(torch.cuda.get_device_name(), f"batch {b}, {heads} heads, d = {d}, tail {DECODE_TAIL}; floor {floor:.4f} ms")
+    pdl = triton_decode.dependent_launch(q.device)
+    print(torch.cuda.get_device_name(), f"batch {b}, {heads} heads, d = {d}, tail {DECODE_TAIL}, PDL {pdl}; "
+          f"floor {floor:.4f} ms")
     rule = triton_decode._tail_split(b * heads, d)
-    tail_split = triton_decode._tail_split
-    for readers in [int(x) for x in args.splits.split(",")]:
+    tail_split, tail_block = triton_decode._tail_split, triton_decode.TAIL_BLOCK_ELEMENTS
+    settings = [(int(r), int(e)) for e in args.tail_blocks.split(",") for r in args.splits.split(",")]
+    for readers, elements in settings:
         triton_decode._tail_split = lambda pairs, head_dim: readers
+        triton_decode.TAIL_BLOCK_ELEMENTS = elements
         state = empty_decode_state(b, heads, d, 2, device="cuda")
         state.s.normal_(0, 0.01), state.z.uniform_()
 
@@ -50,9 +57,9 @@ def main():
             return tp.power_attention_decode_(q, k, v, log_g, state)
 
         ms = graphed_ms(step, DECODE_TAIL, rep=300)
-        print(f"{readers} + 1 programs: {ms:.4f} ms per step, {ms / floor:.2f}x the floor"
-              f"{'  <- the rule' if readers == rule else ''}", flush=True)
-    triton_decode._tail_split = tail_split
+        print(f"{readers} + 1 programs, tail block {elements}: {ms:.4f} ms per step, {ms / floor:.2f}x the floor"
+              f"{'  <- the rule' if readers == rule and elements == tail_block else ''}", flush=True)
+    triton_decode._tail_split, triton_decode.TAIL_BLOCK_ELEMENTS = tail_split, tail_block
 
 
 if __name__ == "__main__":

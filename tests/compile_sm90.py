@@ -103,9 +103,11 @@ def main() -> int:
                               {"num_warps": warps}, types)
         ok &= compile_variant(f"tail step d{dd} rows {rows}", td._tail_step_kernel,
                               dict(HEAD_DIM=dd, D=dim, G=group, ROWS=rows, SPLIT=2, CT=64,
-                                   TB=min(64, triton.next_power_of_2(8192 // (rows * dd))), HAS_GATE=True,
-                                   DEFER=rows == 1), {"num_warps": warps}, types)
-        ok &= compile_variant(f"fold d{dd}", td._fold_kernel, dict(HEAD_DIM=dd, D=dim, CT=64, SPLIT=2), {"num_warps": 4})
+                                   TB=min(64, triton.next_power_of_2(td.TAIL_BLOCK_ELEMENTS // (rows * dd))),
+                                   HAS_GATE=True, DEFER=rows == 1, PDL=True),
+                              {"num_warps": warps, "launch_pdl": True}, types)
+        ok &= compile_variant(f"fold d{dd}", td._fold_kernel, dict(HEAD_DIM=dd, D=dim, CT=64, SPLIT=2, PDL=True),
+                              {"num_warps": 4, "launch_pdl": True})
 
     # the fused layer step (batch 1 and 8): every tensor bf16 but the log-gates
     bf16 = {n: "*bf16" for n in ("X", "NW", "WQ", "WK", "WV", "WG", "BQ", "BK_", "BV", "BG", "QNW", "KNW", "COS", "SIN",
@@ -113,14 +115,14 @@ def main() -> int:
     for bb, bp, qk_norm in ((1, 4, False), (8, 32, True)):
         ok &= compile_variant(f"fused step qkvg batch block {bb}", tdl._qkvg_kernel,
                               dict(KDIM=768, HEAD_DIM=64, BP=bp, BB=bb, BK=1024, HAS_BIAS=qk_norm, HAS_GATE=True, QK_NORM=qk_norm,
-                                   HAS_ROPE=True), {"num_warps": tdl._launch_options(bb)["num_warps"]}, bf16)
+                                   HAS_ROPE=True, PDL=True), tdl._launch_options(bb, True), bf16)
     for name, bb, bn, flags in (
             ("norm + gated", 1, 4, dict(K=768, BK=1024, NORM=True, GATED=True, HAS_BIAS=False, HAS_BIAS2=False,
                                             RESIDUAL=False)),
             ("residual + bias, K in 2 blocks", 8, 1, dict(K=8192, BK=4096, NORM=False, GATED=False, HAS_BIAS=True,
                                                           HAS_BIAS2=False, RESIDUAL=True))):
-        ok &= compile_variant(f"fused step linear {name}", tdl._linear_kernel, dict(flags, BB=bb, BN=bn),
-                              {"num_warps": tdl._launch_options(bb)["num_warps"]}, bf16)
+        ok &= compile_variant(f"fused step linear {name}", tdl._linear_kernel, dict(flags, BB=bb, BN=bn, PDL=bb == 1),
+                              tdl._launch_options(bb, bb == 1), bf16)
     return 0 if ok else 1
 
 

@@ -100,6 +100,27 @@ def test_gated_linear_with_one_bias():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_dependent_launch_only_on_hopper_gpus_and_never_under_the_interpreter(monkeypatch):
+    """Programmatic dependent launch (the decode kernels' launch option and PDL argument): on a CUDA
+    device of compute capability 9 or later, off under the interpreter (it runs no inline assembly),
+    on CPU and with POWER_PDL=0."""
+    from power_transformers.kernels import triton_common
+
+    monkeypatch.setattr(triton_common, "_hopper_or_later", lambda index: index == 1)  # cuda:1 a Hopper GPU
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("POWER_PDL", raising=False)
+    hopper, older = torch.device("cuda", 1), torch.device("cuda", 0)
+    assert triton_common.dependent_launch(hopper)
+    assert not triton_common.dependent_launch(older) and not triton_common.dependent_launch(torch.device("cpu"))
+    assert tdl._launch_options(1, True) == {"num_warps": 1, "launch_pdl": True}
+    assert tdl._launch_options(8, False) == {"num_warps": tdl.NUM_WARPS}
+    monkeypatch.setenv("POWER_PDL", "0")
+    assert not triton_common.dependent_launch(hopper)
+    monkeypatch.setenv("POWER_PDL", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not triton_common.dependent_launch(hopper) and tdl._launch_options(1, True) == {}
+
+
 def test_bad_inputs_name_the_problem():
     x = torch.randn(2, 32)
     w = torch.randn(16, 32)

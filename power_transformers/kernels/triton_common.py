@@ -24,10 +24,12 @@ was tried and ran 3x slower on the H100: the gathers cost more than the masked w
 
 from __future__ import annotations
 
+import functools
 import os
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 #: head sizes the kernels are compiled for (tl.arange needs powers of two; tl.dot >= 16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -37,6 +39,44 @@ SUPPORTED_DEGREES = (2,)
 def interpreting() -> bool:
     """True when Triton runs through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_or_later(device_index: int) -> bool:
+    import torch
+
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def dependent_launch(device) -> bool:
+    """Whether the one-token decode kernels on `device` (a torch.device) launch with programmatic
+    dependent launch (PDL): on CUDA GPUs of compute capability 9.0 or later, not under the
+    interpreter, unless POWER_PDL=0.
+
+    A one-token step is a chain of short kernels (six a layer), each a few microseconds, and most
+    of a microsecond went between two of them. With PDL a kernel is launched while the one before
+    it runs, reads what no kernel of the step writes (its weights), then waits in
+    wait_for_previous_kernel for the one before to finish."""
+    if interpreting() or device.type != "cuda" or os.environ.get("POWER_PDL", "1") == "0":
+        return False
+    return _hopper_or_later(device.index if device.index is not None else 0)
+
+
+def pdl_options(pdl: bool) -> dict:
+    """Triton launch options for a kernel whose PDL argument is `pdl` (dependent_launch)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def wait_for_previous_kernel(PDL: tl.constexpr):
+    """With PDL (the kernel launched with pdl_options(True)): wait until the kernel before this one
+    in the stream has finished and its writes are visible, then let the next kernel launch (it
+    waits here in turn, so a step's kernels still run in order). A kernel calls this before it
+    reads anything that an earlier kernel may write and before it writes anything; without PDL a
+    no-op (griddepcontrol is an sm_90 instruction, and the interpreter runs no inline assembly)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def dot_dtype(torch_dtype):

@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from .reference import expanded_dim
-from .triton_common import interpreting, pair_weights, phi_rows, row_block_rows
+from .triton_common import (dependent_launch, interpreting, pair_weights, pdl_options, phi_rows, row_block_rows,
+                            wait_for_previous_kernel)
 
 
 @triton.jit
@@ -223,7 +224,7 @@ def decode_(q, k, v, log_g, s_state, z_state, scale: float, eps: float) -> torch
 
 @triton.jit
 def _fold_kernel(S, Z, TK, TV, TG, TLEN, COUNT, fold_at, HEAD_DIM: tl.constexpr, D: tl.constexpr, CT: tl.constexpr,
-                 SPLIT: tl.constexpr):
+                 SPLIT: tl.constexpr, PDL: tl.constexpr):
     """The tail's n tokens into the state where n >= fold_at (else the program reads one number
     and ends): S = e^{G} S + sum_j e^{G - G_j} phi(k_j) v_j^T, z likewise (G the running
     log-gate of the tail's last token). Grid (B Hk, SPLIT), row-blocks interleaved. The length
@@ -232,6 +233,7 @@ def _fold_kernel(S, Z, TK, TV, TG, TLEN, COUNT, fold_at, HEAD_DIM: tl.constexpr,
     ran slower on the H100 (6.7 ms exact fp32, 0.32 ms tf32x3, 0.30 ms this way; 69 MB state;
     benchmarks/explore_tail_decode.py at commit b9045cb).
     COUNT [B Hk], the step's arrival counters, is zeroed here (saves the step a memset launch)."""
+    wait_for_previous_kernel(PDL)
     bh = tl.program_id(0)
     if tl.program_id(1) == 0:
         tl.store(COUNT + bh, 0)
@@ -262,7 +264,7 @@ def _tail_step_kernel(
     Q, K, V, LG, S, Z, TK, TV, TG, TLEN, PART_NUM, PART_DEN, COUNT, Y,
     HQ, HK, scale, eps,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
-    CT: tl.constexpr, TB: tl.constexpr, HAS_GATE: tl.constexpr, DEFER: tl.constexpr,
+    CT: tl.constexpr, TB: tl.constexpr, HAS_GATE: tl.constexpr, DEFER: tl.constexpr, PDL: tl.constexpr,
 ):
     """One token per (batch row, kv head) against its state and tail, after _fold_kernel.
     Grid (B Hk, SPLIT + 1): programs 0..SPLIT-1 read the state's row-blocks (not written);
@@ -270,6 +272,7 @@ def _tail_step_kernel(
     token to the tail; the last to arrive adds up the shares, writes y and advances the length.
     (Folding inside this kernel, by each state program for its own row-blocks, made every step
     slower on the H100: 0.073 against 0.060 ms amortised at batch 8.)"""
+    wait_for_previous_kernel(PDL)  # the state may just have been folded, q/k/v just projected
     sp = tl.program_id(1)
     bh, _b, _h, offs_d, offs_r, _tok, r_ok, row_off, q_rows, q = decode_program(Q, 1, HQ, HK, scale, HEAD_DIM, G, ROWS)
 
@@ -327,12 +330,16 @@ def _tail_step_kernel(
 #: Readers of the state a tail step aims for in all (each (batch row, kv head) has one more
 #: program for its tail), at most TAIL_STEP_MAX_READERS per (batch row, kv head): more readers
 #: each walk fewer row-blocks, yet past 8 the step got slower (why was not found: reading the
-#: shares as one tile, or unrolling the walk, changed nothing; RESULTS.md run H). Graphed steps on
-#: the H100 (benchmarks/tune_tail_decode.py, RESULTS.md run H): batch 1 x 12 heads, 4 / 8 / 16 /
-#: 32 / 64 readers: 10.3 / 8.9 / 9.2 / 12.2 / 15.1 us; batch 8 x 16 heads, 1 / 2 / 4: 54.2 /
-#: 44.2 / 47.2 us.
+#: shares as one tile, unrolling the walk, or loading each reader's next row-block while it uses
+#: one, changed nothing; RESULTS.md runs H and K). Graphed steps on the H100 (benchmarks/
+#: tune_tail_decode.py, RESULTS.md run H): batch 1 x 12 heads, 4 / 8 / 16 / 32 / 64 readers: 10.3 /
+#: 8.9 / 9.2 / 12.2 / 15.1 us; batch 8 x 16 heads, 1 / 2 / 4: 54.2 / 44.2 / 47.2 us.
 TAIL_STEP_READERS = 384
 TAIL_STEP_MAX_READERS = 8
+#: Numbers in the tail program's [rows, TB, d] product (TB tail tokens at a time). Its registers
+#: count for every program of the step: at 8192 (64 a thread) the step took 43.9 us at batch 8 x
+#: 16 heads, at 2048 41.0; at batch 1 x 12 heads 8.4 and 8.8 (H100, with PDL, RESULTS.md run K).
+TAIL_BLOCK_ELEMENTS = 2048
 
 
 def _tail_split(pairs: int, head_dim: int) -> int:
@@ -347,9 +354,10 @@ def _fold(state, fold_at: int) -> torch.Tensor:
     bsz, hk, dim, d = s.shape
     split = min(8, d)
     count = torch.empty(bsz * hk, dtype=torch.int32, device=s.device)
+    pdl = dependent_launch(s.device)
     _fold_kernel[(bsz * hk, split)](s, z, tail_k, state.tail_v, state.tail_g, state.tail_len, count, fold_at,
-                                    HEAD_DIM=d, D=dim, CT=tail_k.shape[2], SPLIT=split,
-                                    **({} if interpreting() else {"num_warps": 4}))
+                                    HEAD_DIM=d, D=dim, CT=tail_k.shape[2], SPLIT=split, PDL=pdl,
+                                    **({} if interpreting() else {"num_warps": 4, **pdl_options(pdl)}))
     return count
 
 
@@ -373,12 +381,13 @@ def tail_decode_(q, k, v, log_g, state, scale: float, eps: float) -> torch.Tenso
     y = torch.empty(bsz, 1, hq, d, dtype=v.dtype, device=q.device)
     part_num = torch.empty(bsz * hk * (split + 1) * rows, d, dtype=torch.float32, device=q.device)
     part_den = torch.empty(bsz * hk * (split + 1) * rows, dtype=torch.float32, device=q.device)
-    # the tail program's [rows, TB, d] product within ~8k numbers
-    tb = min(cap, max(2, triton.next_power_of_2(8192 // (rows * d))))
+    # the tail program's [rows, TB, d] product within TAIL_BLOCK_ELEMENTS numbers
+    tb = min(cap, max(2, triton.next_power_of_2(TAIL_BLOCK_ELEMENTS // (rows * d))))
+    pdl = dependent_launch(q.device)
     _tail_step_kernel[(bsz * hk, split + 1)](
         q, k, v, log_g if log_g is not None else k, state.s, state.z, state.tail_k, state.tail_v, state.tail_g,
         state.tail_len, part_num, part_den, count, y, hq, hk, scale, eps,
         HEAD_DIM=d, D=expanded_dim(d, 2), G=group, ROWS=rows, SPLIT=split, CT=cap, TB=tb,
-        HAS_GATE=log_g is not None, DEFER=rows == 1,
-        **({} if interpreting() else {"num_warps": 4 if d <= 64 else 8}))
+        HAS_GATE=log_g is not None, DEFER=rows == 1, PDL=pdl,
+        **({} if interpreting() else {"num_warps": 4 if d <= 64 else 8, **pdl_options(pdl)}))
     return y
