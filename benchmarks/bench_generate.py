@@ -12,6 +12,11 @@ activations do not decide what fits), decode tokens/s and peak memory, in these 
     llama static    StaticCache + torch.compile(mode="reduce-overhead", or --compile-mode) of the decode step
     power eager     dynamic PowerCache, one eager forward per token
     power static    static PowerCache + torch.compile(mode="reduce-overhead", or --compile-mode) of the decode step
+    llama graphed,  (only when asked for in --settings) the static cache and the step compiled without CUDA graphs,
+    power graphed   then --steps-per-graph steps (each feeding its argmax to the next) captured as one CUDA
+                    graph and replayed. At batch 1 a compiled step's host side (guards, the graph tree's
+                    bookkeeping, the loop) took about as long as the power model's GPU work, so the static
+                    rows measure the host as much as the model; these rows measure the GPU.
 
 Also (--parts):
     floor    the power model's compiled decode step at batch 64 against its memory floor: weights +
@@ -47,6 +52,8 @@ SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidd
 PREFILL_TOKENS = 32768  # tokens per prefill forward (batch x chunk), chunks of 128 to 4096
 DECODE_STEPS = 32
 COMPILE_MODE = "reduce-overhead"  # of the static rows' decode step (--compile-mode)
+STEPS_PER_GRAPH = 8  # decode steps per CUDA graph in the graphed rows (--steps-per-graph)
+WITHOUT_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def build(kind: str):
@@ -100,23 +107,60 @@ def decode_step_fn(model, cache):
     return step
 
 
+def capture_steps(step, token: torch.Tensor, position: torch.Tensor, n: int) -> torch.cuda.CUDAGraph:
+    """n decode steps as one CUDA graph: each step's argmax is the next one's token, `position`
+    advances in place, and the last token is written back to `token`."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # a step on a side stream before the capture, as torch.cuda.graph asks
+        token.copy_(step(token, position))
+        position += 1
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        t = token
+        for _ in range(n):
+            t = step(t, position)
+            position += 1
+        token.copy_(t)
+    return graph
+
+
 @torch.no_grad()
-def measure(kind: str, model, static: bool, batch: int, context: int) -> dict:
+def measure(kind: str, model, mode: str, batch: int, context: int) -> dict:
+    """Prefill and DECODE_STEPS decode steps; mode "eager", "static" or "graphed" (the module docstring)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    cache = make_cache(kind, model, static, batch, context + 2 * DECODE_STEPS + 8)
+    cache = make_cache(kind, model, mode != "eager", batch, context + 3 * DECODE_STEPS + 8)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     token = prefill(model, cache, batch, context)
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - t0
     step = decode_step_fn(model, cache)
-    if static:
-        step = torch.compile(step, mode=COMPILE_MODE, fullgraph=False)
+    if mode != "eager":
+        step = torch.compile(step, mode=COMPILE_MODE if mode == "static" else WITHOUT_GRAPHS[COMPILE_MODE],
+                             fullgraph=False)
     position = torch.full((batch, 1), context, device="cuda", dtype=torch.long)
     for _ in range(4):  # warm-up (compilation, graph capture)
         token = step(token, position).clone()
         position += 1
+    if mode == "graphed":
+        graph = capture_steps(step, token, position, STEPS_PER_GRAPH)
+        replays = -(-DECODE_STEPS // STEPS_PER_GRAPH)
+        graph.replay()  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+        per_token = (time.perf_counter() - t0) / (replays * STEPS_PER_GRAPH)
+        # the replays advanced the cache: 4 warm-up steps, capture_steps' side step, 1 + replays graphs
+        seen = int(cache.get_seq_length())
+        if seen != context + 5 + (1 + replays) * STEPS_PER_GRAPH:
+            raise RuntimeError(f"the graphed steps did not advance the cache: {seen} tokens after {context}")
+        return dict(prefill_s=prefill_s, ms_per_step=per_token * 1e3, tokens_per_s=batch / per_token,
+                    peak_gb=torch.cuda.max_memory_allocated() / 1e9)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(DECODE_STEPS):
@@ -131,7 +175,7 @@ def measure(kind: str, model, static: bool, batch: int, context: int) -> dict:
 def fits(kind: str, model, batch: int, context: int) -> dict | None:
     """measure() of eager decoding at this batch, or None where it runs out of memory."""
     try:
-        return measure(kind, model, False, batch, context)
+        return measure(kind, model, "eager", batch, context)
     except torch.cuda.OutOfMemoryError:
         return None
     finally:
@@ -204,7 +248,9 @@ def main():
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--llama-static-contexts", default="65536", help="contexts of the compiled static Llama rows")
     parser.add_argument("--settings", default="llama eager,llama static,power eager,power static",
-                        help="the table's settings (of: llama eager, llama static, power eager, power static)")
+                        help="the table's settings (of: llama eager, llama static, llama graphed, power eager, "
+                             "power static, power graphed)")
+    parser.add_argument("--steps-per-graph", type=int, default=STEPS_PER_GRAPH, help="decode steps per CUDA graph (graphed rows)")
     parser.add_argument("--fit-context", type=int, default=65536)
     parser.add_argument("--floor-batch", type=int, default=64)
     parser.add_argument("--confirm-fit", action="store_true", help="run the power model's largest batch with the whole prefill")
@@ -216,14 +262,14 @@ def main():
                         help="the power model's one-token layer step through the fused kernels (config.fused_decode_step), "
                              "through its modules, or both in turn")
     args = parser.parse_args()
-    global COMPILE_MODE
-    COMPILE_MODE = args.compile_mode
+    global COMPILE_MODE, STEPS_PER_GRAPH
+    COMPILE_MODE, STEPS_PER_GRAPH = args.compile_mode, args.steps_per_graph
     parts = set(args.parts.split(","))
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     llama_static = {int(x) for x in args.llama_static_contexts.split(",")}
     settings = {x.strip() for x in args.settings.split(",")}
-    unknown = settings - {"llama eager", "llama static", "power eager", "power static"}
+    unknown = settings - {f"{kind} {mode}" for kind in ("llama", "power") for mode in ("eager", "static", "graphed")}
     if unknown:
         parser.error(f"unknown --settings {sorted(unknown)}")
     bandwidth = copy_bandwidth()
@@ -246,17 +292,18 @@ def main():
         for context in contexts:
             for batch in batches:
                 for kind, model, fused in runs:
-                    for static in (False, True):
-                        if static and kind == "llama" and context not in llama_static:
+                    for mode in ("eager", "static", "graphed"):
+                        if mode != "eager" and kind == "llama" and context not in llama_static:
                             continue
-                        if f"{kind} {'static' if static else 'eager'}" not in settings:
+                        if f"{kind} {mode}" not in settings:
                             continue
-                        setting = f"{kind} {'static+compiled' if static else 'eager'}"
+                        setting = {"eager": f"{kind} eager", "static": f"{kind} static+compiled",
+                                   "graphed": f"{kind} static+compiled, {STEPS_PER_GRAPH} steps per CUDA graph"}[mode]
                         if kind == "power":
                             model.config.fused_decode_step = fused
                             setting += ", fused step" if fused else ", modules' step"
                         try:
-                            r = measure(kind, model, static, batch, context)
+                            r = measure(kind, model, mode, batch, context)
                             r["floor_ms"] = floor_ms(kind, model, batch, context, bandwidth)
                             out.append(f"| {context} | {batch} | {setting} | {r['prefill_s']:.2f} | {r['ms_per_step']:.3f} | "
                                        f"{r['tokens_per_s']:.0f} | {r['peak_gb']:.1f} | {r['floor_ms']:.3f} |")
@@ -271,7 +318,7 @@ def main():
     models["power"].config.fused_decode_step = fused_settings[0]  # the floor and profile parts' setting
     if "floor" in parts:
         try:
-            r = measure("power", models["power"], True, args.floor_batch, 4096)
+            r = measure("power", models["power"], "static", args.floor_batch, 4096)
             floor = floor_ms("power", models["power"], args.floor_batch, 4096, bandwidth)
             out.append(f"Power decode step at batch {args.floor_batch} (static+compiled, 4k context): {r['ms_per_step']:.3f} ms "
                        f"({r['tokens_per_s']:.0f} tokens/s) against a floor of {floor:.3f} ms: {r['ms_per_step'] / floor:.2f}x")
@@ -290,7 +337,7 @@ def main():
     if "fit" in parts and args.confirm_fit:
         power = largest["power"]
         try:
-            r = measure("power", models["power"], False, power, args.fit_context)
+            r = measure("power", models["power"], "eager", power, args.fit_context)
             out.append(f"Power at batch {power} with the whole {args.fit_context}-token prefill: prefill {r['prefill_s']:.1f} s, "
                        f"decode {r['ms_per_step']:.2f} ms/step ({r['tokens_per_s']:.0f} tokens/s, eager), peak {r['peak_gb']:.1f} GB")
         except torch.cuda.OutOfMemoryError:
