@@ -242,6 +242,7 @@ def floor_ms(kind: str, model, batch: int, context: int, bandwidth: float) -> fl
 
 
 def main():
+    global COMPILE_MODE, STEPS_PER_GRAPH
     parser = argparse.ArgumentParser()
     parser.add_argument("--parts", default="table,floor,fit,profile")
     parser.add_argument("--contexts", default="4096,16384,65536,131072")
@@ -262,7 +263,6 @@ def main():
                         help="the power model's one-token layer step through the fused kernels (config.fused_decode_step), "
                              "through its modules, or both in turn")
     args = parser.parse_args()
-    global COMPILE_MODE, STEPS_PER_GRAPH
     COMPILE_MODE, STEPS_PER_GRAPH = args.compile_mode, args.steps_per_graph
     parts = set(args.parts.split(","))
     contexts = [int(x) for x in args.contexts.split(",")]
