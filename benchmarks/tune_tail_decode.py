@@ -2,11 +2,13 @@
 decode step (triton_decode.tail_decode_; one more program takes the tail).
 
     python benchmarks/tune_tail_decode.py [--batch 8] [--heads 16] [--splits 1,2,4,8,16,32] [--tail-blocks 8192]
+                                          [--warps 0]
 
 Times DECODE_TAIL graphed steps (a whole fold cycle) per setting, as bench_attention.py does,
 against the floor (the fp32 state read once at the copy bandwidth measured here), and names the
 setting tail_decode_ takes by its rule (triton_decode._tail_split, TAIL_STEP_READERS).
---tail-blocks: values of triton_decode.TAIL_BLOCK_ELEMENTS (the tail program's product size) to try.
+--tail-blocks: values of triton_decode.TAIL_BLOCK_ELEMENTS (the tail program's product size) to try;
+--warps: values of triton_decode.TAIL_STEP_WARPS (0: the rule's).
 POWER_PDL=0 launches the kernels without programmatic dependent launch.
 """
 
@@ -34,6 +36,7 @@ def main():
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--splits", default="1,2,4,8,16,32")
     parser.add_argument("--tail-blocks", default=str(triton_decode.TAIL_BLOCK_ELEMENTS))
+    parser.add_argument("--warps", default="0", help="warps per program to try (0: the rule's)")
     args = parser.parse_args()
     b, heads, d = args.batch, args.heads, 64
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -46,10 +49,13 @@ def main():
           f"floor {floor:.4f} ms")
     rule = triton_decode._tail_split(b * heads, d)
     tail_split, tail_block = triton_decode._tail_split, triton_decode.TAIL_BLOCK_ELEMENTS
-    settings = [(int(r), int(e)) for e in args.tail_blocks.split(",") for r in args.splits.split(",")]
-    for readers, elements in settings:
+    warps_rule = triton_decode.TAIL_STEP_WARPS
+    settings = [(int(r), int(e), int(w)) for w in args.warps.split(",") for e in args.tail_blocks.split(",")
+                for r in args.splits.split(",")]
+    for readers, elements, warps in settings:
         triton_decode._tail_split = lambda pairs, head_dim: readers
         triton_decode.TAIL_BLOCK_ELEMENTS = elements
+        triton_decode.TAIL_STEP_WARPS = warps or warps_rule
         state = empty_decode_state(b, heads, d, 2, device="cuda")
         state.s.normal_(0, 0.01), state.z.uniform_()
 
@@ -57,9 +63,11 @@ def main():
             return tp.power_attention_decode_(q, k, v, log_g, state)
 
         ms = graphed_ms(step, DECODE_TAIL, rep=300)
-        print(f"{readers} + 1 programs, tail block {elements}: {ms:.4f} ms per step, {ms / floor:.2f}x the floor"
-              f"{'  <- the rule' if readers == rule and elements == tail_block else ''}", flush=True)
+        print(f"{readers} + 1 programs, tail block {elements}, warps {warps or 'rule'}: {ms:.4f} ms per step, "
+              f"{ms / floor:.2f}x the floor{'  <- the rule' if (readers, elements, warps) == (rule, tail_block, 0) else ''}",
+              flush=True)
     triton_decode._tail_split, triton_decode.TAIL_BLOCK_ELEMENTS = tail_split, tail_block
+    triton_decode.TAIL_STEP_WARPS = warps_rule
 
 
 if __name__ == "__main__":

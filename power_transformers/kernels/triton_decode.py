@@ -336,6 +336,10 @@ def _tail_step_kernel(
 #: 8.9 / 9.2 / 12.2 / 15.1 us; batch 8 x 16 heads, 1 / 2 / 4: 54.2 / 44.2 / 47.2 us.
 TAIL_STEP_READERS = 384
 TAIL_STEP_MAX_READERS = 8
+#: Warps per program of a tail step (None: 4 up to head size 64, else 8). One warp with 32
+#: readers took 7.9 us at batch 1 x 12 heads against 8.3 (benchmarks/tune_tail_decode.py --warps,
+#: RESULTS.md run K): not worth a rule of its own.
+TAIL_STEP_WARPS = None
 #: Numbers in the tail program's [rows, TB, d] product (TB tail tokens at a time). Its registers
 #: count for every program of the step: at 8192 (64 a thread) the step took 43.9 us at batch 8 x
 #: 16 heads, at 2048 41.0; at batch 1 x 12 heads 8.4 and 8.8 (H100, with PDL, RESULTS.md run K).
@@ -389,5 +393,5 @@ def tail_decode_(q, k, v, log_g, state, scale: float, eps: float) -> torch.Tenso
         state.tail_len, part_num, part_den, count, y, hq, hk, scale, eps,
         HEAD_DIM=d, D=expanded_dim(d, 2), G=group, ROWS=rows, SPLIT=split, CT=cap, TB=tb,
         HAS_GATE=log_g is not None, DEFER=rows == 1, PDL=pdl,
-        **({} if interpreting() else {"num_warps": 4 if d <= 64 else 8, **pdl_options(pdl)}))
+        **({} if interpreting() else {"num_warps": TAIL_STEP_WARPS or (4 if d <= 64 else 8), **pdl_options(pdl)}))
     return y
