@@ -101,13 +101,18 @@ def main() -> int:
         ok &= compile_variant(f"decode d{dd} rows {rows}", td._decode_kernel,
                               dict(HEAD_DIM=dd, D=dim, G=group, ROWS=rows, SPLIT=4, HAS_GATE=True, DEFER=rows == 1),
                               {"num_warps": warps}, types)
-        ok &= compile_variant(f"tail step d{dd} rows {rows}", td._tail_step_kernel,
-                              dict(HEAD_DIM=dd, D=dim, G=group, ROWS=rows, SPLIT=2, CT=64,
-                                   TB=min(64, triton.next_power_of_2(td.TAIL_BLOCK_ELEMENTS // (rows * dd))),
-                                   HAS_GATE=True, DEFER=rows == 1, PDL=True),
-                              {"num_warps": warps, "launch_pdl": True}, types)
-        ok &= compile_variant(f"fold d{dd}", td._fold_kernel, dict(HEAD_DIM=dd, D=dim, CT=64, SPLIT=2, PDL=True),
+        tb = min(64, triton.next_power_of_2(td.TAIL_BLOCK_ELEMENTS // (rows * dd)))
+        for split, fold in ((2, False), (8, True)):  # the fold a launch of its own, or in the step
+            ok &= compile_variant(f"tail step d{dd} rows {rows} readers {split}{' folding' if fold else ''}",
+                                  td._tail_step_kernel,
+                                  dict(HEAD_DIM=dd, D=dim, G=group, ROWS=rows, SPLIT=split, CT=64, TB=tb, HAS_GATE=True,
+                                       DEFER=rows == 1, FOLD=fold, PDL=True), {"num_warps": warps, "launch_pdl": True},
+                                  types)
+        ok &= compile_variant(f"fold d{dd} after a step", td._fold_kernel,
+                              dict(HEAD_DIM=dd, D=dim, CT=64, SPLIT=2, FILLED=True, PDL=True),
                               {"num_warps": 4, "launch_pdl": True})
+        ok &= compile_variant(f"fold d{dd} pending", td._fold_kernel,
+                              dict(HEAD_DIM=dd, D=dim, CT=64, SPLIT=2, FILLED=False, PDL=False), {"num_warps": 4})
 
     # the fused layer step (batch 1 and 8): every tensor bf16 but the log-gates
     bf16 = {n: "*bf16" for n in ("X", "NW", "WQ", "WK", "WV", "WG", "BQ", "BK_", "BV", "BG", "QNW", "KNW", "COS", "SIN",

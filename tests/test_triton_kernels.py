@@ -322,13 +322,15 @@ def test_decode_one_query_row_sums_its_terms_once(split, monkeypatch):
 
 
 @pytest.mark.parametrize("hq, hk, d, tail, gated, readers", [
-    (2, 2, 32, 8, True, None), (8, 2, 16, 4, False, 2), (16, 1, 64, 16, True, None), (2, 2, 32, 8, True, 32)])
+    (2, 2, 32, 8, True, None), (8, 2, 16, 4, False, 2), (16, 1, 64, 16, True, None), (2, 2, 32, 8, True, 32),
+    (2, 2, 32, 8, True, 4)])
 def test_tail_decode_matches_reference_across_folds(hq, hk, d, tail, gated, readers, monkeypatch):
-    """One token at a time through a DecodeState: the kernels (fold, then a step that reads the
-    state and attends over the tail) against the reference's tail decoding in fp64, over several
-    folds. (16, 1, 64, 16): 16 query rows, so the tail is attended 8 tokens at a time. Then a
-    flush (fold_tail_) and the state against the reference's. readers: the step's state readers
-    per (row, kv head) (None: the rule's, 8 here, so 2 to 8 row-blocks each)."""
+    """One token at a time through a DecodeState: the kernels (a step that reads the state and
+    attends over the tail; the step that fills the tail folds it) against the reference's tail
+    decoding in fp64, over several folds. (16, 1, 64, 16): 16 query rows, so the tail is attended 8
+    tokens at a time. Then a flush (fold_tail_) and the state against the reference's. readers: the
+    step's state readers per (row, kv head). None (the rule's, 8 here) and 32: the step's readers fold
+    the tail (FOLD_IN_STEP_READERS); 2 and 4: _fold_kernel folds it after the step."""
     from power_transformers.kernels import triton_decode
     from power_transformers.kernels.reference import empty_decode_state
 
@@ -505,7 +507,7 @@ def test_kernels_compile_for_hopper(triton_path):
     script = os.path.join(os.path.dirname(__file__), "compile_sm90.py")
     done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("ok ") == 31, done.stdout
+    assert done.stdout.count("ok ") == 35, done.stdout
     if triton_path is not None:
         assert done.stdout.startswith(f"triton {os.path.abspath(triton_path)}"), done.stdout[:300]
 

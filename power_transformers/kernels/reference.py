@@ -43,7 +43,8 @@ class DecodeState(NamedTuple):
     tail_k    [B, Hk, TAIL, d] keys of the tokens since the last fold (same dtype as s)
     tail_v    [B, Hk, TAIL, d] their values
     tail_g    [B, Hk, TAIL]    running log-gate since the last fold, at each tail token
-    tail_len  [B, Hk] int32    tokens in the tail; TAIL means full: the next step folds it first
+    tail_len  [B, Hk] int32    tokens in the tail; TAIL means full and already folded into (S, z)
+                               (the step that fills a tail folds it): the next step starts anew
     """
 
     s: torch.Tensor
@@ -295,13 +296,14 @@ def fold_tail_(state: DecodeState, *, degree: int = 2, full_only: bool = False) 
     """Fold the tail's tokens into (S, z), in place: S = e^{G} S + sum_j e^{G - G_j} phi(k_j) v_j^T
     (z likewise; G the running log-gate at the tail's last token).
 
-    full_only: only full tails, and the length stays TAIL (the step that follows reads a full
-    tail as folded: what a decode step does first). Otherwise every non-empty tail, and the
-    lengths become 0 (before a multi-token forward, or to read the state out).
+    full_only: only the tails that a decode step just filled (TAIL tokens), and the length stays
+    TAIL, which marks them folded (what a decode step does last). Otherwise every tail with tokens
+    not yet folded (1 to TAIL - 1), and the lengths become 0 (before a multi-token forward, or to
+    read the state out).
     """
     s, z, tail_k, tail_v, tail_g, tail_len = state
     cap = tail_k.shape[2]
-    fold = tail_len >= (cap if full_only else 1)  # [B, Hk]
+    fold = tail_len == cap if full_only else (tail_len >= 1) & (tail_len < cap)  # [B, Hk]
     if not torch.compiler.is_compiling() and not bool(fold.any()):
         # nothing to fold (63 steps in 64): skip the embedding of the whole tail (a compiled
         # step cannot branch on data, and computes the masked fold instead)
@@ -335,7 +337,8 @@ def power_attention_tail_decode_(
 
         y = [e^{G_m} phi(s q)^T S + sum_{j<=m} (s q.k_j)^p e^{G_m - G_j} v_j] / (same with z, 1 + eps)
 
-    over the m tokens of the tail and the new one at position m. A full tail is folded in first.
+    over the m tokens of the tail and the new one at position m. The step that fills the tail
+    folds it in (its length stays TAIL; the next step starts at m = 0).
     """
     check_degree(degree)
     _check_shapes(q, k, v, log_g)
@@ -344,10 +347,9 @@ def power_attention_tail_decode_(
     b, _, hq, d = q.shape
     hk = k.shape[2]
     scale = d**-0.5 if scale is None else scale
-    fold_tail_(state, degree=degree, full_only=True)
     s, z, tail_k, tail_v, tail_g, tail_len = state
     cdt = s.dtype
-    m = torch.where(tail_len == tail_k.shape[2], 0, tail_len)  # a full tail was just folded
+    m = torch.where(tail_len == tail_k.shape[2], 0, tail_len)  # a full tail is folded already
     g_m = torch.where(m > 0, _at(tail_g, (m - 1).clamp(min=0)), 0.0)
     if log_g is not None:
         g_m = g_m + log_g[:, 0].to(cdt)
@@ -366,6 +368,7 @@ def power_attention_tail_decode_(
     num = num + torch.einsum("bhgt,bhtd->bhgd", a, tail_v)
     den = den + a.sum(-1)
     tail_len.copy_(m + 1)
+    fold_tail_(state, degree=degree, full_only=True)
     return (num / (den + eps)[..., None]).reshape(b, 1, hq, d).to(v.dtype)
 
 

@@ -18,11 +18,13 @@ last program of a (batch row, kv head) to finish adds up the shares and writes y
 read and written once per call (decode_).
 
 With a tail (reference.DecodeState, what the model's cache carries), one token reads the state
-and does not write it: tail_decode_ first folds a full tail into the state (_fold_kernel: a
-program per row-block group that reads one number and ends unless its tail is full, so that
-every step is the same pair of launches, one CUDA graph), then _tail_step_kernel reads the
-state's row-blocks, attends over the tail and appends the token to it. The state is written
-once every TAIL tokens.
+and does not write it: _tail_step_kernel reads the state's row-blocks, attends over the tail and
+appends the token to it. The step that fills the tail folds it into the state, so the state is
+written once every TAIL tokens: with enough readers (FOLD_IN_STEP_READERS), each reader folds
+its own row-blocks and a step is one launch; else _fold_kernel runs after the step (a program per
+row-block group that reads one number and ends unless the step filled its tail, so that every
+step is the same launches, one CUDA graph). _fold_kernel also folds the pending tails when the
+state is read out (fold_tail_).
 """
 
 from __future__ import annotations
@@ -103,15 +105,16 @@ def finish_query(num, den, acc_s, acc_z, DEFER: tl.constexpr):
 
 
 @triton.jit
-def leave_share(PART_NUM, PART_DEN, COUNT, num, den, offs_r, offs_d, ROWS: tl.constexpr, SPLIT: tl.constexpr,
-                HEAD_DIM: tl.constexpr):
+def leave_share(PART_NUM, PART_DEN, COUNTER, ARRIVAL: tl.constexpr, num, den, offs_r, offs_d, ROWS: tl.constexpr,
+                SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Split over SPLIT programs (grid (B Hk, SPLIT)): store this program's share of the output
-    (num [ROWS, d], den [ROWS]) and arrive at COUNT[b h]. True for the last of the (b, h) to
-    arrive; the atomic is acq_rel, so every share is visible to it (add_up_shares)."""
+    (num [ROWS, d], den [ROWS]) and arrive at the (b, h)'s counter (add ARRIVAL to the int32 at
+    COUNTER). True for the last of the (b, h) to arrive; the atomic is acq_rel, so every share is
+    visible to it (add_up_shares)."""
     part = (tl.program_id(0) * SPLIT + tl.program_id(1)).to(tl.int64) * ROWS
     tl.store(PART_NUM + (part + offs_r)[:, None] * HEAD_DIM + offs_d[None, :], num)
     tl.store(PART_DEN + part + offs_r, den)
-    return tl.atomic_add(COUNT + tl.program_id(0), 1) == SPLIT - 1
+    return tl.atomic_add(COUNTER, ARRIVAL) // ARRIVAL == SPLIT - 1
 
 
 @triton.jit
@@ -171,7 +174,7 @@ def _decode_kernel(
     if SPLIT == 1:
         tl.store(y_ptr, num / (den + eps)[:, None], mask=r_ok[:, None])
     else:
-        if leave_share(PART_NUM, PART_DEN, COUNT, num, den, offs_r, offs_d, ROWS, SPLIT, HEAD_DIM):
+        if leave_share(PART_NUM, PART_DEN, COUNT + bh, 1, num, den, offs_r, offs_d, ROWS, SPLIT, HEAD_DIM):
             num, den = add_up_shares(PART_NUM, PART_DEN, offs_r, offs_d, ROWS, SPLIT, HEAD_DIM)
             tl.store(y_ptr, num / (den + eps)[:, None], mask=r_ok[:, None])
 
@@ -223,22 +226,39 @@ def decode_(q, k, v, log_g, s_state, z_state, scale: float, eps: float) -> torch
 
 
 @triton.jit
-def _fold_kernel(S, Z, TK, TV, TG, TLEN, COUNT, fold_at, HEAD_DIM: tl.constexpr, D: tl.constexpr, CT: tl.constexpr,
-                 SPLIT: tl.constexpr, PDL: tl.constexpr):
-    """The tail's n tokens into the state where n >= fold_at (else the program reads one number
-    and ends): S = e^{G} S + sum_j e^{G - G_j} phi(k_j) v_j^T, z likewise (G the running
-    log-gate of the tail's last token). Grid (B Hk, SPLIT), row-blocks interleaved. The length
-    is left as it is (a step reads a full one as folded; a flush zeroes it after this kernel).
-    One outer product per token in fp32 registers: as one tl.dot of [d, CT] x [CT, d] the fold
-    ran slower on the H100 (6.7 ms exact fp32, 0.32 ms tf32x3, 0.30 ms this way; 69 MB state;
-    benchmarks/explore_tail_decode.py at commit b9045cb).
-    COUNT [B Hk], the step's arrival counters, is zeroed here (saves the step a memset launch)."""
+def fold_row_block(s_i, z_i, i, TK, TV, TG, tail, n, g_last, offs_d, HEAD_DIM: tl.constexpr):
+    """Row-block i (s_i [d, d], z_i [d], fp32) with the first n tokens of a tail (starting at row
+    `tail` of TK, TV [rows, d] and TG) folded in: e^{g_last} s_i + sum_j e^{g_last - G_j} phi_i(k_j)
+    v_j^T, z likewise. One outer product per token in fp32 registers: as one tl.dot of [d, CT] x
+    [CT, d] the fold ran slower on the H100 (6.7 ms exact fp32, 0.32 ms tf32x3, 0.30 ms this way;
+    69 MB state; benchmarks/explore_tail_decode.py at commit b9045cb)."""
+    w = pair_weights(i, offs_d)
+    s_i *= tl.exp(g_last)
+    z_i *= tl.exp(g_last)
+    for j in range(n):
+        row = (tail + j) * HEAD_DIM
+        phik = tl.load(TK + row + offs_d) * (tl.load(TK + row + i) * tl.exp(g_last - tl.load(TG + tail + j))) * w
+        s_i += phik[:, None] * tl.load(TV + row + offs_d)[None, :]
+        z_i += phik
+    return s_i, z_i
+
+
+@triton.jit
+def _fold_kernel(S, Z, TK, TV, TG, TLEN, HEAD_DIM: tl.constexpr, D: tl.constexpr, CT: tl.constexpr,
+                 SPLIT: tl.constexpr, FILLED: tl.constexpr, PDL: tl.constexpr):
+    """Tails into the state (else the program reads one number and ends): S = e^{G} S + sum_j
+    e^{G - G_j} phi(k_j) v_j^T, z likewise (G the running log-gate of the tail's last token).
+    FILLED: the tails that the step just before filled (length CT, which then marks them folded);
+    else every tail with tokens not yet folded (1 to CT - 1). Grid (B Hk, SPLIT), row-blocks
+    interleaved. The lengths are left as they are (fold_tail_ zeroes them)."""
     wait_for_previous_kernel(PDL)
     bh = tl.program_id(0)
-    if tl.program_id(1) == 0:
-        tl.store(COUNT + bh, 0)
     n = tl.load(TLEN + bh)
-    if n >= fold_at:
+    if FILLED:
+        todo = n == CT
+    else:
+        todo = (n >= 1) & (n < CT)
+    if todo:
         offs_d = tl.arange(0, HEAD_DIM)
         tail = bh.to(tl.int64) * CT
         g_last = tl.load(TG + tail + n - 1)
@@ -247,61 +267,87 @@ def _fold_kernel(S, Z, TK, TV, TG, TLEN, COUNT, fold_at, HEAD_DIM: tl.constexpr,
         for mm in range(HEAD_DIM // SPLIT):
             i = tl.program_id(1) + mm * SPLIT
             s_ptr, z_ptr, row_ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
-            w = pair_weights(i, offs_d)
-            s_i *= tl.exp(g_last)
-            z_i *= tl.exp(g_last)
-            for j in range(n):
-                row = (tail + j) * HEAD_DIM
-                phik = tl.load(TK + row + offs_d) * (tl.load(TK + row + i) * tl.exp(g_last - tl.load(TG + tail + j))) * w
-                s_i += phik[:, None] * tl.load(TV + row + offs_d)[None, :]
-                z_i += phik
+            s_i, z_i = fold_row_block(s_i, z_i, i, TK, TV, TG, tail, n, g_last, offs_d, HEAD_DIM)
             tl.store(s_ptr, s_i, mask=row_ok[:, None])
             tl.store(z_ptr, z_i, mask=row_ok)
 
 
 @triton.jit
+def read_row_block(s_i, z_i, i, q, q_rows, r_ok, scale, offs_d, num, den, acc_s, acc_z, fold_now, s_base, z_base,
+                   TK, TV, TG, tail, m, g_m, k_new, K_ROW, v_new, HEAD_DIM: tl.constexpr, DEFER: tl.constexpr,
+                   FOLD: tl.constexpr):
+    """A tail step's use of row-block i (s_i, z_i) of the state: its part of phi(s q)^T S and phi(s q)^T z
+    (query_row_block), then, with FOLD where this step fills the tail (fold_now), the tail's m tokens and
+    the new one (k_new, v_new [d] fp32, K_ROW its key as stored) folded into the block, which is written
+    back."""
+    phiq = query_phi_rows(q, q_rows, i, r_ok, scale, offs_d)
+    num, den, acc_s, acc_z = query_row_block(phiq, s_i, z_i, num, den, acc_s, acc_z, DEFER)
+    if FOLD and fold_now:
+        s_i, z_i = fold_row_block(s_i, z_i, i, TK, TV, TG, tail, m, g_m, offs_d, HEAD_DIM)
+        phik = k_new * tl.load(K_ROW + i).to(tl.float32) * pair_weights(i, offs_d)  # the new token: e^0
+        s_i += phik[:, None] * v_new[None, :]
+        z_i += phik
+        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
+        tl.store(s_base + rows[:, None] * HEAD_DIM + offs_d[None, :], s_i, mask=row_ok[:, None])
+        tl.store(z_base + rows, z_i, mask=row_ok)
+    return num, den, acc_s, acc_z
+
+
+#: The tail step's arrival count lives in the high bits of the tail length (which never exceeds
+#: the tail's capacity): no counter to zero before a step, and the last program's write of the new
+#: length clears it.
+ARRIVAL = tl.constexpr(65536)
+
+
+@triton.jit
 def _tail_step_kernel(
-    Q, K, V, LG, S, Z, TK, TV, TG, TLEN, PART_NUM, PART_DEN, COUNT, Y,
+    Q, K, V, LG, S, Z, TK, TV, TG, TLEN, PART_NUM, PART_DEN, Y,
     HQ, HK, scale, eps,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
-    CT: tl.constexpr, TB: tl.constexpr, HAS_GATE: tl.constexpr, DEFER: tl.constexpr, PDL: tl.constexpr,
+    CT: tl.constexpr, TB: tl.constexpr, HAS_GATE: tl.constexpr, DEFER: tl.constexpr, FOLD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """One token per (batch row, kv head) against its state and tail, after _fold_kernel.
-    Grid (B Hk, SPLIT + 1): programs 0..SPLIT-1 read the state's row-blocks (not written);
-    program SPLIT attends over the tail (TB tokens at a time) and the new token, and appends the
-    token to the tail; the last to arrive adds up the shares, writes y and advances the length.
-    (Folding inside this kernel, by each state program for its own row-blocks, made every step
-    slower on the H100: 0.073 against 0.060 ms amortised at batch 8.)"""
-    wait_for_previous_kernel(PDL)  # the state may just have been folded, q/k/v just projected
+    """One token per (batch row, kv head) against its state and tail.
+    Grid (B Hk, SPLIT + 1): programs 0..SPLIT-1 read the state's row-blocks; program SPLIT attends
+    over the tail (TB tokens at a time) and the new token, and appends the token to the tail; the
+    last to arrive adds up the shares, writes y and the new length. The step that fills the tail
+    (m + 1 = CT) leaves the length CT, which marks the tail folded, and the next step starts at
+    m = 0. With FOLD this kernel folds it: each reader folds its own row-blocks after reading them
+    and writes them back. Without, _fold_kernel (FILLED) runs after it."""
     sp = tl.program_id(1)
-    bh, _b, _h, offs_d, offs_r, _tok, r_ok, row_off, q_rows, q = decode_program(Q, 1, HQ, HK, scale, HEAD_DIM, G, ROWS)
+    bh = tl.program_id(0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_base = S + bh.to(tl.int64) * D * HEAD_DIM
+    z_base = Z + bh.to(tl.int64) * D
+    wait_for_previous_kernel(PDL)  # q/k/v were just projected
+    _bh, _b, _h, _d, offs_r, _tok, r_ok, row_off, q_rows, q = decode_program(Q, 1, HQ, HK, scale, HEAD_DIM, G, ROWS)
 
-    # m tokens since the last fold (a full tail was folded just before); the new token goes at m
-    m = tl.load(TLEN + bh)
-    m = tl.where(m == CT, 0, m)
+    # m tokens since the last fold; the new token goes at m. The high bits count arrivals (ARRIVAL).
+    m_stored = tl.load(TLEN + bh) % ARRIVAL
+    m = tl.where(m_stored == CT, 0, m_stored)
+    fold_now = m + 1 == CT  # (with FOLD)
     tail = bh.to(tl.int64) * CT
     g_m = tl.load(TG + tail + tl.maximum(m - 1, 0), mask=m > 0, other=0.0)
     if HAS_GATE:
         g_m += tl.load(LG + bh).to(tl.float32)
+    kv = bh.to(tl.int64) * HEAD_DIM
+    k_new = tl.load(K + kv + offs_d).to(tl.float32)
+    v_new = tl.load(V + kv + offs_d).to(tl.float32)
     num = tl.zeros((ROWS, HEAD_DIM), dtype=tl.float32)
     den = tl.zeros((ROWS,), dtype=tl.float32)
     if sp < SPLIT:  # e^{G_m} phi(s q)^T S over this program's row-blocks
-        s_base = S + bh.to(tl.int64) * D * HEAD_DIM
-        z_base = Z + bh.to(tl.int64) * D
         acc_s = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)  # DEFER's terms (query_row_block)
         acc_z = tl.zeros((HEAD_DIM,), dtype=tl.float32)
         for mm in range(HEAD_DIM // SPLIT):
             i = sp + mm * SPLIT
             _s, _z, _ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
-            phiq = query_phi_rows(q, q_rows, i, r_ok, scale, offs_d)
-            num, den, acc_s, acc_z = query_row_block(phiq, s_i, z_i, num, den, acc_s, acc_z, DEFER)
+            num, den, acc_s, acc_z = read_row_block(s_i, z_i, i, q, q_rows, r_ok, scale, offs_d, num, den, acc_s, acc_z,
+                                                    fold_now, s_base, z_base, TK, TV, TG, tail, m, g_m, k_new, K + kv,
+                                                    v_new, HEAD_DIM, DEFER, FOLD)
         num, den = finish_query(num, den, acc_s, acc_z, DEFER)
         num *= tl.exp(g_m)
         den *= tl.exp(g_m)
     else:  # sum_{j<=m} (s q.k_j)^2 e^{G_m - G_j} v_j over the tail and the new token
-        kv = bh.to(tl.int64) * HEAD_DIM
-        k_new = tl.load(K + kv + offs_d).to(tl.float32)
-        v_new = tl.load(V + kv + offs_d).to(tl.float32)
         for t0 in range(0, m, TB):
             offs_t = t0 + tl.arange(0, TB)
             ok = offs_t < m
@@ -321,7 +367,7 @@ def _tail_step_kernel(
         tl.store(TV + (tail + m) * HEAD_DIM + offs_d, v_new)
         tl.store(TG + tail + m, g_m)
 
-    if leave_share(PART_NUM, PART_DEN, COUNT, num, den, offs_r, offs_d, ROWS, SPLIT + 1, HEAD_DIM):
+    if leave_share(PART_NUM, PART_DEN, TLEN + bh, ARRIVAL, num, den, offs_r, offs_d, ROWS, SPLIT + 1, HEAD_DIM):
         num, den = add_up_shares(PART_NUM, PART_DEN, offs_r, offs_d, ROWS, SPLIT + 1, HEAD_DIM)
         tl.store(Y + row_off[:, None] + offs_d[None, :], num / (den + eps)[:, None], mask=r_ok[:, None])
         tl.store(TLEN + bh, m + 1)
@@ -330,10 +376,10 @@ def _tail_step_kernel(
 #: Readers of the state a tail step aims for in all (each (batch row, kv head) has one more
 #: program for its tail), at most TAIL_STEP_MAX_READERS per (batch row, kv head): more readers
 #: each walk fewer row-blocks, yet past 8 the step got slower (why was not found: reading the
-#: shares as one tile, unrolling the walk, or loading each reader's next row-block while it uses
-#: one, changed nothing; RESULTS.md runs H and K). Graphed steps on the H100 (benchmarks/
-#: tune_tail_decode.py, RESULTS.md run H): batch 1 x 12 heads, 4 / 8 / 16 / 32 / 64 readers: 10.3 /
-#: 8.9 / 9.2 / 12.2 / 15.1 us; batch 8 x 16 heads, 1 / 2 / 4: 54.2 / 44.2 / 47.2 us.
+#: shares as one tile or unrolling the walk changed nothing; RESULTS.md runs H and K). Graphed
+#: fold + step on the H100, before the fold moved into the step (benchmarks/tune_tail_decode.py,
+#: RESULTS.md run H): batch 1 x 12 heads, 4 / 8 / 16 / 32 / 64 readers: 10.3 / 8.9 / 9.2 / 12.2 /
+#: 15.1 us; batch 8 x 16 heads, 1 / 2 / 4: 54.2 / 44.2 / 47.2 us.
 TAIL_STEP_READERS = 384
 TAIL_STEP_MAX_READERS = 8
 #: Warps per program of a tail step (None: 4 up to head size 64, else 8). One warp with 32
@@ -344,6 +390,12 @@ TAIL_STEP_WARPS = None
 #: count for every program of the step: at 8192 (64 a thread) the step took 43.9 us at batch 8 x
 #: 16 heads, at 2048 41.0; at batch 1 x 12 heads 8.4 and 8.8 (H100, with PDL, RESULTS.md run K).
 TAIL_BLOCK_ELEMENTS = 2048
+#: Readers per (batch row, kv head) from which a tail step folds a tail it fills itself, each
+#: reader its own row-blocks (one launch a step). With fewer, each reader would walk more
+#: row-blocks through the fold than _fold_kernel's programs do, and the fold runs as a launch of
+#: its own after the step. H100, batch 1 x 12 heads (8 readers): the graphed model step went from
+#: 0.332 to 0.306 ms (RESULTS.md, generation, run K).
+FOLD_IN_STEP_READERS = 8
 
 
 def _tail_split(pairs: int, head_dim: int) -> int:
@@ -352,36 +404,36 @@ def _tail_split(pairs: int, head_dim: int) -> int:
     return min(head_dim, TAIL_STEP_MAX_READERS, 1 << max(0, (TAIL_STEP_READERS // max(1, pairs)).bit_length() - 1))
 
 
-def _fold(state, fold_at: int) -> torch.Tensor:
-    """_fold_kernel over `state`; returns the zeroed arrival counters [B Hk] int32 for a step."""
+def _fold(state, filled: bool) -> None:
+    """_fold_kernel over `state` (FILLED: the tails the step just before filled)."""
     s, z, tail_k = state.s, state.z, state.tail_k
     bsz, hk, dim, d = s.shape
     split = min(8, d)
-    count = torch.empty(bsz * hk, dtype=torch.int32, device=s.device)
-    pdl = dependent_launch(s.device)
-    _fold_kernel[(bsz * hk, split)](s, z, tail_k, state.tail_v, state.tail_g, state.tail_len, count, fold_at,
-                                    HEAD_DIM=d, D=dim, CT=tail_k.shape[2], SPLIT=split, PDL=pdl,
+    pdl = filled and dependent_launch(s.device)
+    _fold_kernel[(bsz * hk, split)](s, z, tail_k, state.tail_v, state.tail_g, state.tail_len,
+                                    HEAD_DIM=d, D=dim, CT=tail_k.shape[2], SPLIT=split, FILLED=filled, PDL=pdl,
                                     **({} if interpreting() else {"num_warps": 4, **pdl_options(pdl)}))
-    return count
 
 
 def fold_tail_(state) -> None:
-    """Fold every non-empty tail of `state` (a reference.DecodeState) into (S, z); lengths -> 0."""
-    _fold(state, 1)
+    """Fold every tail of `state` (a reference.DecodeState) with tokens not yet folded into (S, z);
+    lengths -> 0."""
+    _fold(state, filled=False)
     state.tail_len.zero_()
 
 
 def tail_decode_(q, k, v, log_g, state, scale: float, eps: float) -> torch.Tensor:
     """One token q [B, 1, Hq, d], k/v [B, 1, Hk, d], log_g [B, 1, Hk] or None through `state` (a
-    reference.DecodeState, fp32, updated in place): a full tail is folded, then the step.
-    Returns y [B, 1, Hq, d]."""
+    reference.DecodeState, fp32, updated in place; a tail this step fills is folded): one launch
+    where each (batch row, kv head) has FOLD_IN_STEP_READERS readers or more, else two (the fold
+    after the step). Returns y [B, 1, Hq, d]."""
     bsz, _, hq, d = q.shape
     hk = k.shape[2]
     group = hq // hk
     cap = state.tail_k.shape[2]
     rows = _rows(1, group)
     split = _tail_split(bsz * hk, d)
-    count = _fold(state, cap)
+    fold_in_step = split >= min(d, FOLD_IN_STEP_READERS)
     y = torch.empty(bsz, 1, hq, d, dtype=v.dtype, device=q.device)
     part_num = torch.empty(bsz * hk * (split + 1) * rows, d, dtype=torch.float32, device=q.device)
     part_den = torch.empty(bsz * hk * (split + 1) * rows, dtype=torch.float32, device=q.device)
@@ -390,8 +442,10 @@ def tail_decode_(q, k, v, log_g, state, scale: float, eps: float) -> torch.Tenso
     pdl = dependent_launch(q.device)
     _tail_step_kernel[(bsz * hk, split + 1)](
         q, k, v, log_g if log_g is not None else k, state.s, state.z, state.tail_k, state.tail_v, state.tail_g,
-        state.tail_len, part_num, part_den, count, y, hq, hk, scale, eps,
+        state.tail_len, part_num, part_den, y, hq, hk, scale, eps,
         HEAD_DIM=d, D=expanded_dim(d, 2), G=group, ROWS=rows, SPLIT=split, CT=cap, TB=tb,
-        HAS_GATE=log_g is not None, DEFER=rows == 1, PDL=pdl,
+        HAS_GATE=log_g is not None, DEFER=rows == 1, FOLD=fold_in_step, PDL=pdl,
         **({} if interpreting() else {"num_warps": TAIL_STEP_WARPS or (4 if d <= 64 else 8), **pdl_options(pdl)}))
+    if not fold_in_step:
+        _fold(state, filled=True)
     return y
