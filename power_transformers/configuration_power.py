@@ -47,8 +47,8 @@ class PowerConfig(PreTrainedConfig):
             chunk numbers per token and key/value head) or recompute them. None: kept where they
             are small (head size 64 at chunk 128 yes, head size 128 no). The reference ignores it.
         fused_decode_step (`bool`, True): a one-token decode step of a power layer runs its norms,
-            projections, RoPE, gate and MLP through fused Triton kernels (six launches a layer with
-            the attention's two, instead of about eleven) where they can take it: the Triton backend, batch <= 8, no gradient, and
+            projections, RoPE, gate and MLP through fused Triton kernels (five launches a layer at
+            batch 1 with the attention's, instead of about eleven) where they can take it: the Triton backend, batch <= 8, no gradient, and
             the layer's own modules (plain nn.Linear, RMSNorm, SiLU-gated MLP; a PEFT adapter or a
             quantized linear keeps the modules' forward). False: always the modules' forward.
 

@@ -318,7 +318,7 @@ class PowerDecoderLayer(GradientCheckpointingLayer):
 
     def _fused_decode_step(self, kernels, hidden_states, position_embeddings, padding_mask, cache) -> torch.Tensor:
         """forward() of one token [B, 1, hidden] through the fused kernels (kernels.triton_decode_layer;
-        with the attention's fold and tail step, six launches): the same computation as the modules',
+        with the attention's tail step, five launches at batch 1): the same computation as the modules',
         each output rounded where theirs is."""
         attn, mlp = self.self_attn, self.mlp
         config = attn.config

@@ -2,9 +2,10 @@
 
 At batch 1 a decode step reads every weight once, and each launch costs a few microseconds
 whatever it reads. Under inductor a power layer's step was about 11 launches, most of them
-the norms, projections and RoPE around the attention. Here a power layer's step is six launches,
-two of them the attention's fold and tail step (triton_decode). On the H100 the benchmark
-model's batch-1 step went from 137 kernels and 0.496 ms to 84 kernels and 0.380 ms (RESULTS.md,
+the norms, projections and RoPE around the attention. Here a power layer's step is four launches
+and the attention's tail step (triton_decode; with a fold launch after it where the step has few
+readers). On the H100 the benchmark model's batch-1 step went from 137 kernels and 0.496 ms to 84
+kernels (the fold a launch of its own then) and 0.380 ms (RESULTS.md,
 generation, run J):
 
     qkvg     h = RMSNorm(x); q = RoPE(qnorm(h Wq^T)) [B, Hq, d], k = RoPE(knorm(h Wk^T)),
