@@ -393,8 +393,10 @@ TAIL_BLOCK_ELEMENTS = 2048
 #: Readers per (batch row, kv head) from which a tail step folds a tail it fills itself, each
 #: reader its own row-blocks (one launch a step). With fewer, each reader would walk more
 #: row-blocks through the fold than _fold_kernel's programs do, and the fold runs as a launch of
-#: its own after the step. H100, batch 1 x 12 heads (8 readers): the graphed model step went from
-#: 0.332 to 0.306 ms (RESULTS.md, generation, run K).
+#: its own after the step (an earlier version that folded inside the step with the rule's 2 readers
+#: at batch 8 took 0.073 ms a step amortised, against 0.060 with the fold kernel). H100, batch 1 x
+#: 12 heads (8 readers): the graphed model step went from 0.321 to 0.305 ms (RESULTS.md, generation,
+#: run K).
 FOLD_IN_STEP_READERS = 8
 
 
