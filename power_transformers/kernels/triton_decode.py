@@ -382,9 +382,10 @@ def _tail_step_kernel(
 #: 15.1 us; batch 8 x 16 heads, 1 / 2 / 4: 54.2 / 44.2 / 47.2 us.
 TAIL_STEP_READERS = 384
 TAIL_STEP_MAX_READERS = 8
-#: Warps per program of a tail step (None: 4 up to head size 64, else 8). One warp with 32
-#: readers took 7.9 us at batch 1 x 12 heads against 8.3 (benchmarks/tune_tail_decode.py --warps,
-#: RESULTS.md run K): not worth a rule of its own.
+#: Warps per program of a tail step (None: 4 up to head size 64, else 8). With the fold in the step,
+#: batch 1 x 12 heads: 8 / 16 / 32 readers took 7.2 / 7.1 / 9.9 us at 4 warps, 8.8 / 8.0 / 8.5 at 2
+#: and 20.4 / 14.5 / 15.6 at 1; the graphed model step 0.305 ms with the rule, 0.311 with 16 readers
+#: at 2 warps, 0.423 with 32 at 1 (benchmarks/tune_tail_decode.py --warps, RESULTS.md run K).
 TAIL_STEP_WARPS = None
 #: Numbers in the tail program's [rows, TB, d] product (TB tail tokens at a time). Its registers
 #: count for every program of the step: at 8192 (64 a thread) the step took 43.9 us at batch 8 x
