@@ -39,7 +39,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.append(os.path.join(os.path.dirname(__file__), ".."))  # after PYTHONPATH: a tree named there is the one imported
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.cache_utils import DynamicCache, StaticCache  # noqa: E402
 
@@ -159,15 +159,14 @@ def measure(kind: str, model, mode: str, batch: int, context: int) -> dict:
         seen = int(cache.get_seq_length())
         if seen != context + 5 + (1 + replays) * STEPS_PER_GRAPH:
             raise RuntimeError(f"the graphed steps did not advance the cache: {seen} tokens after {context}")
-        return dict(prefill_s=prefill_s, ms_per_step=per_token * 1e3, tokens_per_s=batch / per_token,
-                    peak_gb=torch.cuda.max_memory_allocated() / 1e9)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(DECODE_STEPS):
-        token = step(token, position).clone()
-        position += 1
-    torch.cuda.synchronize()
-    per_token = (time.perf_counter() - t0) / DECODE_STEPS
+    else:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(DECODE_STEPS):
+            token = step(token, position).clone()
+            position += 1
+        torch.cuda.synchronize()
+        per_token = (time.perf_counter() - t0) / DECODE_STEPS
     return dict(prefill_s=prefill_s, ms_per_step=per_token * 1e3, tokens_per_s=batch / per_token,
                 peak_gb=torch.cuda.max_memory_allocated() / 1e9)
 

@@ -29,7 +29,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainerCallback, TrainingArguments
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.append(os.path.join(os.path.dirname(__file__), ".."))  # after PYTHONPATH: a tree named there is the one imported
 import power_transformers  # noqa: E402
 from power_transformers import PowerConfig  # noqa: E402
 from power_transformers.data import load_text  # noqa: E402

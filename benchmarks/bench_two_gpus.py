@@ -27,7 +27,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.append(os.path.join(os.path.dirname(__file__), ".."))  # after PYTHONPATH: a tree named there is the one imported
 from power_transformers import PowerConfig  # noqa: E402
 from bench_trainer import SHAPE, SMOKE_SHAPE  # noqa: E402  (the trainer benchmark's model, beside this file)
 

@@ -21,7 +21,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.append(os.path.join(os.path.dirname(__file__), ".."))  # after PYTHONPATH: a tree named there is the one imported
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_attention import ceilings, graphed_ms  # noqa: E402
 

@@ -112,7 +112,8 @@ def main() -> int:
                               dict(HEAD_DIM=dd, D=dim, CT=64, SPLIT=2, FILLED=True, PDL=True),
                               {"num_warps": 4, "launch_pdl": True})
         ok &= compile_variant(f"fold d{dd} pending", td._fold_kernel,
-                              dict(HEAD_DIM=dd, D=dim, CT=64, SPLIT=2, FILLED=False, PDL=False), {"num_warps": 4})
+                              dict(HEAD_DIM=dd, D=dim, CT=64, SPLIT=2, FILLED=False, PDL=True),
+                              {"num_warps": 4, "launch_pdl": True})
 
     # the fused layer step (batch 1 and 8): every tensor bf16 but the log-gates
     bf16 = {n: "*bf16" for n in ("X", "NW", "WQ", "WK", "WV", "WG", "BQ", "BK_", "BV", "BG", "QNW", "KNW", "COS", "SIN",

@@ -89,14 +89,17 @@ def test_decode_updates_state_in_place():
     torch.testing.assert_close(torch.cat(ys, 1), power_attention_quadratic(q, k, v, log_g), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("degree, hq, gating", [(2, 4, True), (4, 2, True), (2, 2, False)])
-def test_tail_decode_equals_decode_across_folds(degree, hq, gating):
+@pytest.mark.parametrize("degree, hq, gating, steps", [(2, 4, True, 22), (4, 2, True, 22), (2, 2, False, 22),
+                                                     (2, 4, True, 20)])
+def test_tail_decode_equals_decode_across_folds(degree, hq, gating, steps):
     """One token at a time through a DecodeState (tail of 4): the outputs of folding every token
-    (Form 2) over five folds; a flush leaves (S, z) equal to Form 2's state and the tails empty."""
-    q, k, v, log_g = make_inputs(t=22, hq=hq, gating=gating)
+    (Form 2) over five folds; a flush leaves (S, z) equal to Form 2's state and the tails empty.
+    20 steps: the last step fills the tail and folds it (length 4, folded), so the flush must not
+    fold it again."""
+    q, k, v, log_g = make_inputs(t=steps, hq=hq, gating=gating)
     state, tailed = empty_state(2, 2, 8, degree, dtype=torch.float64), empty_decode_state(2, 2, 8, degree, dtype=torch.float64)
     pointers = [x.data_ptr() for x in tailed]
-    for i in range(22):
+    for i in range(steps):
         sl = slice(i, i + 1)
         y = power_attention_decode_(q[:, sl], k[:, sl], v[:, sl], None if log_g is None else log_g[:, sl], state, degree=degree)
         y_tail = power_attention_decode_(q[:, sl], k[:, sl], v[:, sl], None if log_g is None else log_g[:, sl], tailed,
@@ -104,7 +107,7 @@ def test_tail_decode_equals_decode_across_folds(degree, hq, gating):
         # 1e-8, not tighter: at degree 4, (q.k)^4 over a small normaliser amplifies fp64 rounding
         # (one CI run of fresh inputs reached 8.7e-10); a wrong decay or a lost token is ~1e-2
         assert_rel(y_tail, y, 1e-8)
-    assert tailed.tail_len.eq(22 - 20).all()  # 20 tokens in five folds, two in the tail
+    assert tailed.tail_len.eq((steps - 1) % 4 + 1).all()  # a full tail (4) is a folded one
     fold_tail_(tailed, degree=degree)
     assert tailed.tail_len.eq(0).all() and [x.data_ptr() for x in tailed] == pointers
     assert_rel(tailed.s, state[0], 1e-12)

@@ -273,13 +273,13 @@ def _fold_kernel(S, Z, TK, TV, TG, TLEN, HEAD_DIM: tl.constexpr, D: tl.constexpr
 
 
 @triton.jit
-def read_row_block(s_i, z_i, i, q, q_rows, r_ok, scale, offs_d, num, den, acc_s, acc_z, fold_now, s_base, z_base,
-                   TK, TV, TG, tail, m, g_m, k_new, K_ROW, v_new, HEAD_DIM: tl.constexpr, DEFER: tl.constexpr,
-                   FOLD: tl.constexpr):
-    """A tail step's use of row-block i (s_i, z_i) of the state: its part of phi(s q)^T S and phi(s q)^T z
-    (query_row_block), then, with FOLD where this step fills the tail (fold_now), the tail's m tokens and
-    the new one (k_new, v_new [d] fp32, K_ROW its key as stored) folded into the block, which is written
-    back."""
+def read_row_block(s_ptr, z_ptr, row_ok, s_i, z_i, i, q, q_rows, r_ok, scale, offs_d, num, den, acc_s, acc_z,
+                   fold_now, TK, TV, TG, tail, m, g_m, k_new, K_ROW, v_new, HEAD_DIM: tl.constexpr,
+                   DEFER: tl.constexpr, FOLD: tl.constexpr):
+    """A tail step's use of row-block i of the state (load_row_block's pointers, mask and rows s_i,
+    z_i): its part of phi(s q)^T S and phi(s q)^T z (query_row_block), then, with FOLD where this step
+    fills the tail (fold_now), the tail's m tokens and the new one (k_new, v_new [d] fp32, K_ROW its
+    key as stored) folded into the block, which is written back."""
     phiq = query_phi_rows(q, q_rows, i, r_ok, scale, offs_d)
     num, den, acc_s, acc_z = query_row_block(phiq, s_i, z_i, num, den, acc_s, acc_z, DEFER)
     if FOLD and fold_now:
@@ -287,9 +287,8 @@ def read_row_block(s_i, z_i, i, q, q_rows, r_ok, scale, offs_d, num, den, acc_s,
         phik = k_new * tl.load(K_ROW + i).to(tl.float32) * pair_weights(i, offs_d)  # the new token: e^0
         s_i += phik[:, None] * v_new[None, :]
         z_i += phik
-        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
-        tl.store(s_base + rows[:, None] * HEAD_DIM + offs_d[None, :], s_i, mask=row_ok[:, None])
-        tl.store(z_base + rows, z_i, mask=row_ok)
+        tl.store(s_ptr, s_i, mask=row_ok[:, None])
+        tl.store(z_ptr, z_i, mask=row_ok)
     return num, den, acc_s, acc_z
 
 
@@ -314,13 +313,9 @@ def _tail_step_kernel(
     (m + 1 = CT) leaves the length CT, which marks the tail folded, and the next step starts at
     m = 0. With FOLD this kernel folds it: each reader folds its own row-blocks after reading them
     and writes them back. Without, _fold_kernel (FILLED) runs after it."""
-    sp = tl.program_id(1)
-    bh = tl.program_id(0)
-    offs_d = tl.arange(0, HEAD_DIM)
-    s_base = S + bh.to(tl.int64) * D * HEAD_DIM
-    z_base = Z + bh.to(tl.int64) * D
     wait_for_previous_kernel(PDL)  # q/k/v were just projected
-    _bh, _b, _h, _d, offs_r, _tok, r_ok, row_off, q_rows, q = decode_program(Q, 1, HQ, HK, scale, HEAD_DIM, G, ROWS)
+    sp = tl.program_id(1)
+    bh, _b, _h, offs_d, offs_r, _tok, r_ok, row_off, q_rows, q = decode_program(Q, 1, HQ, HK, scale, HEAD_DIM, G, ROWS)
 
     # m tokens since the last fold; the new token goes at m. The high bits count arrivals (ARRIVAL).
     m_stored = tl.load(TLEN + bh) % ARRIVAL
@@ -336,14 +331,16 @@ def _tail_step_kernel(
     num = tl.zeros((ROWS, HEAD_DIM), dtype=tl.float32)
     den = tl.zeros((ROWS,), dtype=tl.float32)
     if sp < SPLIT:  # e^{G_m} phi(s q)^T S over this program's row-blocks
+        s_base = S + bh.to(tl.int64) * D * HEAD_DIM
+        z_base = Z + bh.to(tl.int64) * D
         acc_s = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)  # DEFER's terms (query_row_block)
         acc_z = tl.zeros((HEAD_DIM,), dtype=tl.float32)
         for mm in range(HEAD_DIM // SPLIT):
             i = sp + mm * SPLIT
-            _s, _z, _ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
-            num, den, acc_s, acc_z = read_row_block(s_i, z_i, i, q, q_rows, r_ok, scale, offs_d, num, den, acc_s, acc_z,
-                                                    fold_now, s_base, z_base, TK, TV, TG, tail, m, g_m, k_new, K + kv,
-                                                    v_new, HEAD_DIM, DEFER, FOLD)
+            s_ptr, z_ptr, row_ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
+            num, den, acc_s, acc_z = read_row_block(s_ptr, z_ptr, row_ok, s_i, z_i, i, q, q_rows, r_ok, scale, offs_d,
+                                                    num, den, acc_s, acc_z, fold_now, TK, TV, TG, tail, m, g_m, k_new,
+                                                    K + kv, v_new, HEAD_DIM, DEFER, FOLD)
         num, den = finish_query(num, den, acc_s, acc_z, DEFER)
         num *= tl.exp(g_m)
         den *= tl.exp(g_m)
@@ -412,7 +409,7 @@ def _fold(state, filled: bool) -> None:
     s, z, tail_k = state.s, state.z, state.tail_k
     bsz, hk, dim, d = s.shape
     split = min(8, d)
-    pdl = filled and dependent_launch(s.device)
+    pdl = dependent_launch(s.device)
     _fold_kernel[(bsz * hk, split)](s, z, tail_k, state.tail_v, state.tail_g, state.tail_len,
                                     HEAD_DIM=d, D=dim, CT=tail_k.shape[2], SPLIT=split, FILLED=filled, PDL=pdl,
                                     **({} if interpreting() else {"num_warps": 4, **pdl_options(pdl)}))

@@ -25,8 +25,8 @@ inside run in fp32 (RoPE too, where the eager model rounds each of its products)
 On Hopper the kernels launch with programmatic dependent launch (triton_common.dependent_launch):
 a program loads its first weight tiles (nothing in a step writes them), then waits for the kernel
 before it, so that the weights stream in while the previous launch finishes. H100, a layer's four
-launches at batch 1: 18.0 us without, 13.6 with; the benchmark model's step at 64k context 0.373
-against 0.339 ms (RESULTS.md, generation, run K).
+launches at batch 1: 18.0 us without, 13.6 with; the benchmark model's compiled step at 64k
+context 0.364 against 0.340 ms (RESULTS.md, generation, run K, call 3).
 
 The products are matrix-vector products: batch rows times weight tiles as a broadcast product
 [BB, BN, BK] summed over K once at the end, not tl.dot (M would be the batch, 1 to 8, under
