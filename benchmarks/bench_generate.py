@@ -1,6 +1,6 @@
 """Generation end to end on the GPU: a power model against a Llama of the same shape.
 
-    python benchmarks/bench_generate.py [--parts table,floor,fit,profile] [--contexts 4096,16384,65536,131072]
+    python benchmarks/bench_generate.py [--parts table,floor,fit,profile,timeline] [--contexts 4096,16384,65536,131072]
                                         [--batches 1,8] [--out DIR]
 
 Both models: 12 layers, hidden 768, 12 heads of 64, vocab 32k, random weights, bf16.
@@ -26,6 +26,10 @@ Also (--parts):
              context (its state has one size; the table's rows show it), so its search prefills
              4k tokens; --confirm-fit then runs the batch it finds with the whole 64k prefill.
     profile  the GPU kernels of one compiled power decode step at batch 1 (torch.profiler)
+    timeline where a graphed power decode step's time goes at batch 1: each kernel's share of the
+             critical path (how far its end moved past every earlier kernel's end), by kernel and
+             its place in the layer. With programmatic dependent launch a kernel starts while the one
+             before runs, so its own duration (the profile part's figure) counts that wait too.
 Prints markdown; writes it under --out.
 """
 
@@ -228,6 +232,54 @@ def profile_step(model, context: int = 4096, steps: int = 5) -> list[str]:
     return lines
 
 
+@torch.no_grad()
+def timeline_step(model, context: int = 4096, replays: int = 4) -> list[str]:
+    """The timeline part (module docstring): kernels of `replays` replays of STEPS_PER_GRAPH graphed
+    steps at batch 1, sorted by start; each kernel's advance is its end minus the latest end before
+    it (0 if it ended earlier), its gap the idle time before its start. Summed per kernel name and
+    its occurrence since the layer's first kernel (_qkvg_kernel), per step."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = make_cache("power", model, True, 1, context + (replays + 8) * STEPS_PER_GRAPH + 16)
+    token = prefill(model, cache, 1, context)
+    step = torch.compile(decode_step_fn(model, cache), mode=WITHOUT_GRAPHS[COMPILE_MODE], fullgraph=False)
+    position = torch.full((1, 1), context, device="cuda", dtype=torch.long)
+    for _ in range(4):
+        token = step(token, position).clone()
+        position += 1
+    graph = capture_steps(step, token, position, STEPS_PER_GRAPH)
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    steps = replays * STEPS_PER_GRAPH
+    rows: dict[str, list[float]] = {}  # name -> [count, advance, gap, duration]
+    latest, seen = events[0].time_range.start, 0
+    for e in events:
+        if e.name == "_qkvg_kernel":
+            seen = 0
+        label = e.name if e.name in ("_qkvg_kernel", "_tail_step_kernel", "_fold_kernel") else f"{e.name[:70]} #{seen}"
+        seen += 1
+        r = rows.setdefault(label, [0, 0.0, 0.0, 0.0])
+        r[0] += 1
+        r[1] += max(0.0, e.time_range.end - latest)
+        r[2] += max(0.0, e.time_range.start - latest)
+        r[3] += e.time_range.end - e.time_range.start
+        latest = max(latest, e.time_range.end)
+    span = (latest - events[0].time_range.start) / steps
+    lines = [f"Graphed power decode step, batch 1, {context} context ({steps} steps profiled): {span:.1f} us a step "
+             f"from first start to last end, {len(events) / steps:.0f} kernels a step", "",
+             "| kernel (#n: its place after the layer's first kernel) | per step | advance us per step | of which idle before it | duration us (with waits) |",
+             "|---|---|---|---|---|"]
+    for label, (n, adv, gap, dur) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"| {label} | {n / steps:.0f} | {adv / steps:.1f} | {gap / steps:.1f} | {dur / steps:.1f} |")
+    return lines
+
+
 def floor_ms(kind: str, model, batch: int, context: int, bandwidth: float) -> float:
     """Fewest bytes a decode step must read: the weights, plus each layer's state / KV once."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -345,6 +397,10 @@ def main():
         write()
     if "profile" in parts:
         lines = profile_step(models["power"])
+        out += [""] + lines
+        print("\n".join(lines), flush=True)
+    if "timeline" in parts:
+        lines = timeline_step(models["power"])
         out += [""] + lines
         print("\n".join(lines), flush=True)
     print(write())

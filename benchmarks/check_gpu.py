@@ -131,9 +131,10 @@ def check_decode(case, b, t_prefill, t_decode, hq, hk, d, dtype=torch.bfloat16, 
 
 
 @survives
-def check_fused_step(case, batch, dtype, **overrides):
+def check_fused_step(case, batch, dtype, offset=0, **overrides):
     """A model's one-token steps through the fused layer kernels (config.fused_decode_step) against
-    the same steps through its modules: 300 prompt tokens, then 40 one at a time (teacher forced).
+    the same steps through its modules: 300 prompt tokens, then 40 one at a time (teacher forced),
+    at positions from `offset` (RoPE's angles, made in the fused kernel, at long contexts).
     fp32: the two agree to 2e-5. bf16/fp16: against the fp32 model, the fused steps' error is at
     most 1.5x the modules' own (each module's output is rounded where the modules round it)."""
     from power_transformers import PowerCache, PowerConfig, PowerForCausalLM
@@ -152,9 +153,10 @@ def check_fused_step(case, batch, dtype, **overrides):
         m.config.fused_decode_step = fused
         cache = PowerCache(m.config)
         with torch.no_grad():
-            m(ids[:, :300], use_cache=True, **{CACHE_NAME: cache})
-            return torch.cat([m(ids[:, t:t + 1], use_cache=True, **{CACHE_NAME: cache}).logits
-                              for t in range(300, 340)], 1).float()
+            positions = offset + torch.arange(340, device="cuda")[None].expand(batch, -1)
+            m(ids[:, :300], position_ids=positions[:, :300], use_cache=True, **{CACHE_NAME: cache})
+            return torch.cat([m(ids[:, t:t + 1], position_ids=positions[:, t:t + 1], use_cache=True,
+                                **{CACHE_NAME: cache}).logits for t in range(300, 340)], 1).float()
 
     plain32 = logits(model, False)
     if dtype == torch.float32:
@@ -169,6 +171,7 @@ def fused_step_checks() -> None:
     check_fused_step("fused step fp32 B1 H12/12", 1, torch.float32)
     check_fused_step("fused step fp32 B5 H12/4 qk-norm, biases", 5, torch.float32, num_key_value_heads=4, qk_norm=True,
                      attention_bias=True, mlp_bias=True)
+    check_fused_step("fused step fp32 B2 H12/12 positions from 131000", 2, torch.float32, offset=131_000)
     check_fused_step("fused step bf16 B1 H12/12 vs fp32", 1, torch.bfloat16)
     check_fused_step("fused step bf16 B8 H12/12 vs fp32", 8, torch.bfloat16)
 

@@ -63,11 +63,12 @@ def main():
     for batch in [int(x) for x in args.batches.split(",")]:
         x = torch.randn(batch, HIDDEN, device="cuda", dtype=torch.bfloat16)
         a = torch.randn(batch, MLP, device="cuda", dtype=torch.bfloat16)
-        cos = torch.randn(batch, 1, D, device="cuda", dtype=torch.bfloat16)
-        sin = torch.randn(batch, 1, D, device="cuda", dtype=torch.bfloat16)
+        positions = torch.randint(0, 65536, (batch,), device="cuda")
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, D, 2, device="cuda") / D)
         launches = {
             "qkvg": lambda w: tp.decode_qkvg(x, w["norm"], 1e-6, w["wq"], w["wk"], w["wv"], w["wg"], None, None, None,
-                                             w["bg"], None, None, 0.0, cos, sin, HEADS, HEADS),
+                                             w["bg"], None, None, 0.0, positions, inv_freq, 1.0, HEADS,
+                                             HEADS),
             "o + residual": lambda w: tp.decode_linear(x, w["wo"], residual=x),
             "norm + gate/up": lambda w: tp.decode_linear(x, w["gate"], norm_weight=w["norm"], eps=1e-6, w2=w["up"]),
             "down + residual": lambda w: tp.decode_linear(a, w["down"], residual=x),

@@ -270,12 +270,15 @@ class PowerDecoderLayer(GradientCheckpointingLayer):
         padding_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: PowerCache | None = None,
+        rotary: tuple | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """rotary: (position_ids, inv_freq, attention_scaling) of PowerRotaryEmbedding, from which the
+        fused one-token step makes RoPE's tables itself (position_embeddings holds them made)."""
         if self.layer_type == POWER_LAYER and cache is not None:
             kernels = self._fused_decode_kernels(hidden_states)
             if kernels is not None:
-                return self._fused_decode_step(kernels, hidden_states, position_embeddings, padding_mask, cache)
+                return self._fused_decode_step(kernels, hidden_states, rotary, padding_mask, cache)
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         if self.layer_type == POWER_LAYER:
@@ -316,14 +319,15 @@ class PowerDecoderLayer(GradientCheckpointingLayer):
             return None
         return kernels
 
-    def _fused_decode_step(self, kernels, hidden_states, position_embeddings, padding_mask, cache) -> torch.Tensor:
+    def _fused_decode_step(self, kernels, hidden_states, rotary, padding_mask, cache) -> torch.Tensor:
         """forward() of one token [B, 1, hidden] through the fused kernels (kernels.triton_decode_layer;
         with the attention's tail step, five launches at batch 1): the same computation as the modules',
-        each output rounded where theirs is."""
+        each output rounded where theirs is. RoPE's tables are made in the q/k/v kernel from `rotary`
+        (forward()), so that a compiled step whose layers all take this path makes none."""
         attn, mlp = self.self_attn, self.mlp
         config = attn.config
         x = hidden_states.reshape(hidden_states.shape[0], -1).contiguous()
-        cos, sin = position_embeddings if position_embeddings is not None else (None, None)
+        positions, inv_freq, rope_scale = rotary if rotary is not None else (None, None, 1.0)
         gate = attn.g_proj if config.use_gating else None
         qk_norm = (None, None, 0.0)
         if config.qk_norm:  # one eps for both: both norms take config.rms_norm_eps
@@ -332,7 +336,7 @@ class PowerDecoderLayer(GradientCheckpointingLayer):
             x, self.input_layernorm.weight, self.input_layernorm.variance_epsilon,
             attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, None if gate is None else gate.weight,
             attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias, None if gate is None else gate.bias,
-            *qk_norm, cos, sin, attn.num_heads, attn.num_key_value_heads,
+            *qk_norm, positions, inv_freq, rope_scale, attn.num_heads, attn.num_key_value_heads,
         )
         y = attn.attend_cached(q, *mask_padding(k, v, log_g, padding_mask), cache)
         h = kernels.decode_linear(y.reshape(x.shape[0], -1), attn.o_proj.weight, attn.o_proj.bias, residual=x)
@@ -462,7 +466,10 @@ class PowerModel(PowerPreTrainedModel):
         hidden_states = inputs_embeds
         if self.config.position_embedding_type == "learned":
             hidden_states = hidden_states + self.embed_positions(position_ids)
-        position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.rotary_emb is not None else None
+        position_embeddings = rotary = None
+        if self.rotary_emb is not None:
+            position_embeddings = self.rotary_emb(hidden_states, position_ids)
+            rotary = (position_ids, self.rotary_emb.inv_freq, self.rotary_emb.attention_scaling)
 
         padding_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -485,6 +492,7 @@ class PowerModel(PowerPreTrainedModel):
                 padding_mask=padding_mask,
                 attention_mask=softmax_mask,
                 cache=cache,
+                rotary=rotary,
             )
         if cache is not None:
             cache.end_step(length)

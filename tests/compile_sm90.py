@@ -22,8 +22,8 @@ from power_transformers.kernels import triton_decode as td
 from power_transformers.kernels import triton_decode_layer as tdl
 
 INTS = {"rows", "T", "t", "T_PAD", "NUM_CHUNKS", "HX", "HK", "HQ", "SLOT", "fold_at", "B", "N", "KDIM", "stride_x",
-        "stride_cos"}
-FLOATS = {"scale", "eps", "qk_eps"}
+        "stride_pos"}
+FLOATS = {"scale", "eps", "qk_eps", "rope_scale"}
 # tensors in the operand dtype (bf16 inputs): inputs, outputs and the stored chunk states
 BF16 = {"DY", "X", "Y", "Q", "K", "V", "OUT", "STATES", "FSTATES", "DSTATES", "DO", "DQ", "DK", "DV"}
 INT_POINTERS = {"FLAGS", "COUNT", "TLEN"}
@@ -106,7 +106,8 @@ def main() -> int:
             ok &= compile_variant(f"tail step d{dd} rows {rows} readers {split}{' folding' if fold else ''}",
                                   td._tail_step_kernel,
                                   dict(HEAD_DIM=dd, D=dim, G=group, ROWS=rows, SPLIT=split, CT=64, TB=tb, HAS_GATE=True,
-                                       DEFER=rows == 1, FOLD=fold, PDL=True), {"num_warps": warps, "launch_pdl": True},
+                                       DEFER=rows == 1, FOLD=fold, PDL=True, PREFETCH=True, LINES=max(1, dd // 32)),
+                                  {"num_warps": warps, "launch_pdl": True},
                                   types)
         ok &= compile_variant(f"fold d{dd} after a step", td._fold_kernel,
                               dict(HEAD_DIM=dd, D=dim, CT=64, SPLIT=2, FILLED=True, PDL=True),
@@ -116,12 +117,13 @@ def main() -> int:
                               {"num_warps": 4, "launch_pdl": True})
 
     # the fused layer step (batch 1 and 8): every tensor bf16 but the log-gates
-    bf16 = {n: "*bf16" for n in ("X", "NW", "WQ", "WK", "WV", "WG", "BQ", "BK_", "BV", "BG", "QNW", "KNW", "COS", "SIN",
-                                "Q", "K_OUT", "V", "W", "BIAS", "W2", "BIAS2", "R", "OUT")}
+    bf16 = {n: "*bf16" for n in ("X", "NW", "WQ", "WK", "WV", "WG", "BQ", "BK_", "BV", "BG", "QNW", "KNW", "Q", "K_OUT",
+                                "V", "W", "BIAS", "W2", "BIAS2", "R", "OUT")}
     for bb, bp, qk_norm in ((1, 4, False), (8, 32, True)):
         ok &= compile_variant(f"fused step qkvg batch block {bb}", tdl._qkvg_kernel,
                               dict(KDIM=768, HEAD_DIM=64, BP=bp, BB=bb, BK=1024, HAS_BIAS=qk_norm, HAS_GATE=True, QK_NORM=qk_norm,
-                                   HAS_ROPE=True, PDL=True), tdl._launch_options(bb, True), bf16)
+                                   HAS_ROPE=True, PDL=True), tdl._launch_options(bb, True),
+                              dict(bf16, POS="*i64", INV_FREQ="*fp32"))
     for name, bb, bn, flags in (
             ("norm + gated", 1, 4, dict(K=768, BK=1024, NORM=True, GATED=True, HAS_BIAS=False, HAS_BIAS2=False,
                                             RESIDUAL=False)),

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from helpers import tiny_model
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from power_transformers import PowerCache
+from power_transformers import PowerCache, PowerConfig
 from power_transformers.compat import CACHE_NAME
-from power_transformers.modeling_power import PowerRMSNorm
+from power_transformers.modeling_power import PowerRMSNorm, PowerRotaryEmbedding
 
 pytest.importorskip("triton")
 
@@ -30,11 +30,14 @@ def rms_norm(x, weight, eps):
     return norm(x)
 
 
-def rope_tables(positions, d):
-    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
-    angles = positions[:, None].float() * inv[None]
-    emb = torch.cat([angles, angles], -1)[:, None]  # [B, 1, d]
-    return emb.cos(), emb.sin()
+def rope_tables(positions, batch, d, scale):
+    """PowerRotaryEmbedding's cos, sin [B, 1, d] at positions [B] or [1] (then the same for every row),
+    with inv_freq [d/2] and the attention scaling `scale` (in the model the rope type sets both)."""
+    config = PowerConfig(head_dim=d, hidden_size=4 * d, num_attention_heads=4)
+    rotary = PowerRotaryEmbedding(config)
+    rotary.attention_scaling = scale
+    cos, sin = rotary(torch.zeros(1), positions.expand(batch)[:, None])
+    return cos, sin, rotary.inv_freq
 
 
 @pytest.mark.parametrize("bias, qk_norm, rope, gated, b, hq, hk, d", [
@@ -42,8 +45,12 @@ def rope_tables(positions, d):
     (True, True, True, True, 3, 4, 2, 32),
     (True, False, False, False, 2, 2, 1, 64),
     (False, True, False, True, 5, 6, 3, 16),
+    (False, False, "one position", False, 3, 2, 2, 16),
 ])
 def test_qkvg_matches_the_modules(bias, qk_norm, rope, gated, b, hq, hk, d):
+    """Against the modules (PowerRMSNorm, nn.Linear, the q/k norm, PowerRotaryEmbedding's tables and
+    apply_rotary_pos_emb, logsigmoid). RoPE at positions up to 140k, with an attention scaling;
+    "one position": one position for every row, as a static cache's step passes it."""
     g = torch.Generator().manual_seed(hash((bias, qk_norm, rope, gated, b)) % 2**31)
     k_dim = 96
     x = torch.randn(b, k_dim, generator=g)
@@ -52,7 +59,9 @@ def test_qkvg_matches_the_modules(bias, qk_norm, rope, gated, b, hq, hk, d):
     bs = [torch.randn(h * d, generator=g) for h in (hq, hk, hk)] if bias else [None] * 3
     wg, bg = (torch.randn(hk, k_dim, generator=g), torch.randn(hk, generator=g)) if gated else (None, None)
     qn, kn = (torch.rand(d, generator=g) + 0.5, torch.rand(d, generator=g) + 0.5) if qk_norm else (None, None)
-    cos, sin = rope_tables(torch.randint(0, 5000, (b,), generator=g), d) if rope else (None, None)
+    positions = torch.randint(0, 140_000, (1 if rope == "one position" else b,), generator=g)
+    scale = 0.5 + torch.rand(1, generator=g).item()
+    cos, sin, inv_freq = rope_tables(positions, b, d, scale) if rope else (None, None, None)
 
     h = rms_norm(x, norm_w, 1e-6)
     q, k, v = (F.linear(h, w, bb).view(b, 1, -1, d) for w, bb in zip(ws, bs))
@@ -60,7 +69,8 @@ def test_qkvg_matches_the_modules(bias, qk_norm, rope, gated, b, hq, hk, d):
         q, k = rms_norm(q, qn, 1e-5), rms_norm(k, kn, 1e-5)
     if rope:
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
-    got = tp.decode_qkvg(x, norm_w, 1e-6, *ws, wg, *bs, bg, qn, kn, 1e-5, cos, sin, hq, hk)
+    got = tp.decode_qkvg(x, norm_w, 1e-6, *ws, wg, *bs, bg, qn, kn, 1e-5, positions[:, None] if rope else None,
+                         inv_freq, scale, hq, hk)
     for want, have in zip((q, k, v), got[:3]):
         torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
     if gated:
@@ -134,17 +144,27 @@ def test_bad_inputs_name_the_problem():
         tp.decode_linear(x, w.double())
     with pytest.raises(ValueError, match="head size 24"):
         tp.decode_qkvg(x, torch.ones(32), 1e-6, torch.randn(48, 32), torch.randn(48, 32), torch.randn(48, 32),
-                       None, None, None, None, None, None, None, 1e-6, None, None, 2, 2)
+                       None, None, None, None, None, None, None, 1e-6, None, None, 1.0, 2, 2)
     with pytest.raises(ValueError, match="bias2 is the bias of w2"):
         tp.decode_linear(x, w, bias2=torch.randn(16))
     with pytest.raises(ValueError, match="must be contiguous"):
         tp.decode_linear(x, torch.randn(32, 16).t())
     with pytest.raises(ValueError, match="bq, bk and bv go together"):
         tp.decode_qkvg(x, torch.ones(32), 1e-6, torch.randn(32, 32), torch.randn(32, 32), torch.randn(32, 32),
-                       None, torch.randn(32), None, None, None, None, None, 1e-6, None, None, 2, 2)
+                       None, torch.randn(32), None, None, None, None, None, 1e-6, None, None, 1.0, 2, 2)
+    w3 = [torch.randn(32, 32) for _ in range(3)]
+    with pytest.raises(ValueError, match="positions must be integers, one per row"):
+        tp.decode_qkvg(x, torch.ones(32), 1e-6, *w3, None, None, None, None, None, None, None, 1e-6,
+                       torch.zeros(3, dtype=torch.long), torch.ones(8), 1.0, 2, 2)
+    with pytest.raises(ValueError, match="positions must be integers"):
+        tp.decode_qkvg(x, torch.ones(32), 1e-6, *w3, None, None, None, None, None, None, None, 1e-6,
+                       torch.zeros(2), torch.ones(8), 1.0, 2, 2)
+    with pytest.raises(ValueError, match=r"RoPE needs inv_freq \[8\]"):
+        tp.decode_qkvg(x, torch.ones(32), 1e-6, *w3, None, None, None, None, None, None, None, 1e-6,
+                       torch.zeros(2, dtype=torch.long), torch.ones(16), 1.0, 2, 2)
     with pytest.raises(ValueError, match="wk has shape"):
         tp.decode_qkvg(x, torch.ones(32), 1e-6, torch.randn(32, 32), torch.randn(16, 32), torch.randn(32, 32),
-                       None, None, None, None, None, None, None, 1e-6, None, None, 2, 2)
+                       None, None, None, None, None, None, None, 1e-6, None, None, 1.0, 2, 2)
 
 
 def decode_logits(model, ids, steps):

@@ -79,6 +79,19 @@ def wait_for_previous_kernel(PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
+@triton.jit
+def prefetch_l2(ptrs, ok):
+    """Ask for the lines holding `ptrs` (a tensor of pointers, one per 128-byte line wanted) to be
+    brought into L2 where `ok`, without waiting for them (PTX prefetch.global.L2; sm_90 kernels
+    launched with PDL only, as wait_for_previous_kernel: not under the interpreter). A kernel that
+    starts before the one ahead of it finishes can so have the memory it will read stream in while
+    it waits, without holding it in registers; L2 is where every SM reads through, so a line
+    prefetched before a write elsewhere is not a stale copy."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
 def dot_dtype(torch_dtype):
     """The operand type of tl.dot for inputs of `torch_dtype`.
 

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from .reference import expanded_dim
-from .triton_common import (dependent_launch, interpreting, pair_weights, pdl_options, phi_rows, row_block_rows,
-                            wait_for_previous_kernel)
+from .triton_common import (dependent_launch, interpreting, pair_weights, pdl_options, phi_rows, prefetch_l2,
+                            row_block_rows, wait_for_previous_kernel)
 
 
 @triton.jit
@@ -67,6 +67,18 @@ def load_row_block(s_base, z_base, i, offs_d, HEAD_DIM: tl.constexpr):
     z_ptr = z_base + rows
     return (s_ptr, z_ptr, row_ok, tl.load(s_ptr, mask=row_ok[:, None], other=0.0),
             tl.load(z_ptr, mask=row_ok, other=0.0))
+
+
+@triton.jit
+def prefetch_row_blocks(s_base, z_base, first, STEP: tl.constexpr, HEAD_DIM: tl.constexpr, LINES: tl.constexpr):
+    """Have row-blocks first, first + STEP, ... of one head's state (S [D, d], z [D] fp32) brought
+    into L2 (prefetch_l2): LINES 128-byte lines a row of S (d / 32, at least 1), every row of z."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_l = tl.arange(0, LINES) * 32
+    for mm in range(HEAD_DIM // STEP):
+        rows, row_ok = row_block_rows(first + mm * STEP, offs_d, HEAD_DIM)
+        prefetch_l2(s_base + rows[:, None] * HEAD_DIM + offs_l[None, :], row_ok[:, None] & (offs_l < HEAD_DIM)[None, :])
+        prefetch_l2(z_base + rows, row_ok)
 
 
 @triton.jit
@@ -304,7 +316,7 @@ def _tail_step_kernel(
     HQ, HK, scale, eps,
     HEAD_DIM: tl.constexpr, D: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
     CT: tl.constexpr, TB: tl.constexpr, HAS_GATE: tl.constexpr, DEFER: tl.constexpr, FOLD: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr,
 ):
     """One token per (batch row, kv head) against its state and tail.
     Grid (B Hk, SPLIT + 1): programs 0..SPLIT-1 read the state's row-blocks; program SPLIT attends
@@ -313,8 +325,13 @@ def _tail_step_kernel(
     (m + 1 = CT) leaves the length CT, which marks the tail folded, and the next step starts at
     m = 0. With FOLD this kernel folds it: each reader folds its own row-blocks after reading them
     and writes them back. Without, _fold_kernel (FILLED) runs after it."""
-    wait_for_previous_kernel(PDL)  # q/k/v were just projected
     sp = tl.program_id(1)
+    s_base = S + tl.program_id(0).to(tl.int64) * D * HEAD_DIM
+    z_base = Z + tl.program_id(0).to(tl.int64) * D
+    if PDL and PREFETCH and sp < SPLIT:
+        # launched while q/k/v are projected: the reader's row-blocks stream into L2 meanwhile
+        prefetch_row_blocks(s_base, z_base, sp, SPLIT, HEAD_DIM, LINES)
+    wait_for_previous_kernel(PDL)  # q/k/v were just projected
     bh, _b, _h, offs_d, offs_r, _tok, r_ok, row_off, q_rows, q = decode_program(Q, 1, HQ, HK, scale, HEAD_DIM, G, ROWS)
 
     # m tokens since the last fold; the new token goes at m. The high bits count arrivals (ARRIVAL).
@@ -331,8 +348,6 @@ def _tail_step_kernel(
     num = tl.zeros((ROWS, HEAD_DIM), dtype=tl.float32)
     den = tl.zeros((ROWS,), dtype=tl.float32)
     if sp < SPLIT:  # e^{G_m} phi(s q)^T S over this program's row-blocks
-        s_base = S + bh.to(tl.int64) * D * HEAD_DIM
-        z_base = Z + bh.to(tl.int64) * D
         acc_s = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)  # DEFER's terms (query_row_block)
         acc_z = tl.zeros((HEAD_DIM,), dtype=tl.float32)
         for mm in range(HEAD_DIM // SPLIT):
@@ -398,6 +413,15 @@ TAIL_BLOCK_ELEMENTS = 2048
 FOLD_IN_STEP_READERS = 8
 
 
+#: With PDL, each reader of a tail step has its row-blocks of the state prefetched into L2
+#: (prefetch_row_blocks) before it waits for the q/k/v projection.
+#: H100, the benchmark model's graphed step at 64k context, default compile: 0.292 / 0.294 ms without,
+#: 0.290 / 0.286 with (RESULTS.md, generation, run L, call 2). Loading the walk's next row-blocks
+#: into shared memory instead (Triton's pipelining, tl.range num_stages 2 / 3 / 4) made the step
+#: slower: 0.297 / 0.300 / 0.317 ms against 0.289 without (call 3).
+TAIL_STEP_PREFETCH = True
+
+
 def _tail_split(pairs: int, head_dim: int) -> int:
     """Readers per (batch row, kv head) of a tail step: a power of two, about TAIL_STEP_READERS in
     all, at most TAIL_STEP_MAX_READERS and one per row-block."""
@@ -444,7 +468,8 @@ def tail_decode_(q, k, v, log_g, state, scale: float, eps: float) -> torch.Tenso
         q, k, v, log_g if log_g is not None else k, state.s, state.z, state.tail_k, state.tail_v, state.tail_g,
         state.tail_len, part_num, part_den, y, hq, hk, scale, eps,
         HEAD_DIM=d, D=expanded_dim(d, 2), G=group, ROWS=rows, SPLIT=split, CT=cap, TB=tb,
-        HAS_GATE=log_g is not None, DEFER=rows == 1, FOLD=fold_in_step, PDL=pdl,
+        HAS_GATE=log_g is not None, DEFER=rows == 1, FOLD=fold_in_step, PDL=pdl, PREFETCH=TAIL_STEP_PREFETCH,
+        LINES=max(1, d // 32),
         **({} if interpreting() else {"num_warps": TAIL_STEP_WARPS or (4 if d <= 64 else 8), **pdl_options(pdl)}))
     if not fold_in_step:
         _fold(state, filled=True)

@@ -9,7 +9,11 @@ kernels (the fold a launch of its own then) and 0.380 ms (RESULTS.md,
 generation, run J):
 
     qkvg     h = RMSNorm(x); q = RoPE(qnorm(h Wq^T)) [B, Hq, d], k = RoPE(knorm(h Wk^T)),
-             v = h Wv^T [B, Hk, d], log_g = logsigmoid(h Wg^T + bg) [B, Hk] fp32
+             v = h Wv^T [B, Hk, d], log_g = logsigmoid(h Wg^T + bg) [B, Hk] fp32. RoPE's angles
+             come from the positions and inverse frequencies, as PowerRotaryEmbedding makes its
+             tables: made by inductor, those tables were seven small launches a step (H100, the
+             benchmark model's graphed batch-1 step at 64k context: 0.307 ms with them, 0.292 /
+             0.294 without; RESULTS.md, generation, run L)
     linear   y = x W^T (+ b), optionally with RMSNorm before it, a SiLU-gated pair
              silu(x W1^T) * (x W2^T), and a residual added after it. A layer uses it three
              times: o_proj + residual, norm + gate/up, down + residual.
@@ -119,6 +123,18 @@ def rounded(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def rope_tables(POS, INV_FREQ, offs_b, b_ok, stride_pos, j, scale, DT: tl.constexpr):
+    """RoPE's cos and sin [BB, BP] at columns j (and j + d/2: the same angle) for the rows offs_b,
+    as PowerRotaryEmbedding computes them: angle = float(position) * inv_freq[j] in fp32, times the
+    attention scaling, rounded to DT. POS [B] integer positions (stride_pos 0: one for every row),
+    INV_FREQ [d/2] (any float type). tl.cos and tl.sin are libdevice's (full range reduction, as
+    torch's), not the approximate instructions."""
+    pos = tl.load(POS + offs_b * stride_pos, mask=b_ok, other=0).to(tl.float32)
+    angle = pos[:, None] * tl.load(INV_FREQ + j).to(tl.float32)[None, :]
+    return rounded(tl.cos(angle) * scale, DT), rounded(tl.sin(angle) * scale, DT)
+
+
+@triton.jit
 def store_log_gates(LG, BG, g, rows, offs_b, b_ok, HK, DT: tl.constexpr):
     """LG [B, HK] at (offs_b, rows) = logsigmoid(g + BG[rows]), g [BB, BP] the gate projection."""
     ok = rows < HK
@@ -129,8 +145,8 @@ def store_log_gates(LG, BG, g, rows, offs_b, b_ok, HK, DT: tl.constexpr):
 
 @triton.jit
 def _qkvg_kernel(
-    X, NW, WQ, WK, WV, WG, BQ, BK_, BV, BG, QNW, KNW, COS, SIN, Q, K_OUT, V, LG,
-    B, HQ, HK, stride_cos, eps, qk_eps,
+    X, NW, WQ, WK, WV, WG, BQ, BK_, BV, BG, QNW, KNW, POS, INV_FREQ, Q, K_OUT, V, LG,
+    B, HQ, HK, stride_pos, eps, qk_eps, rope_scale,
     KDIM: tl.constexpr, HEAD_DIM: tl.constexpr, BP: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, QK_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -169,13 +185,8 @@ def _qkvg_kernel(
                 lo = rounded(tl.load(NORM_W + j).to(tl.float32)[None, :] * rounded(lo * r, DT), DT)
                 hi = rounded(tl.load(NORM_W + HALF + j).to(tl.float32)[None, :] * rounded(hi * r, DT), DT)
             if HAS_ROPE:  # x cos + rotate_half(x) sin, rotate_half(x) = (-x_hi, x_lo)
-                c = offs_b[:, None] * stride_cos + j[None, :]
-                m = b_ok[:, None]
-                cos_lo = tl.load(COS + c, mask=m, other=0.0).to(tl.float32)
-                cos_hi = tl.load(COS + c + HALF, mask=m, other=0.0).to(tl.float32)
-                sin_lo = tl.load(SIN + c, mask=m, other=0.0).to(tl.float32)
-                sin_hi = tl.load(SIN + c + HALF, mask=m, other=0.0).to(tl.float32)
-                lo, hi = lo * cos_lo - hi * sin_lo, hi * cos_hi + lo * sin_hi
+                cos, sin = rope_tables(POS, INV_FREQ, offs_b, b_ok, stride_pos, j, rope_scale, DT)
+                lo, hi = lo * cos - hi * sin, hi * cos + lo * sin
         out = OUT + ((offs_b * heads + h) * HEAD_DIM)[:, None] + j[None, :]
         tl.store(out, lo, mask=b_ok[:, None])
         tl.store(out + HALF, hi, mask=b_ok[:, None])
@@ -256,10 +267,11 @@ def _launch_options(batch_block: int, pdl: bool) -> dict:
 
 
 def project_qkvg(x, norm_weight, eps, wq, wk, wv, wg, bq, bk, bv, bg, q_norm_weight, k_norm_weight, qk_eps,
-                 cos, sin, num_heads: int, num_kv_heads: int):
+                 positions, inv_freq, rope_scale, num_heads: int, num_kv_heads: int):
     """x [B, K] -> q [B, 1, Hq, d], k, v [B, 1, Hk, d] (x's dtype), log_g [B, 1, Hk] fp32 (empty without
-    wg). bq/bk/bv: the attention biases or None; q/k_norm_weight: per-head RMSNorm or None; cos/sin
-    [B or 1, 1, d] (RoPE) or None."""
+    wg). bq/bk/bv: the attention biases or None; q/k_norm_weight: per-head RMSNorm or None; RoPE:
+    positions [B] or [1] (integers, contiguous), inv_freq [d/2] and its scale (rope_tables), or
+    positions None for none."""
     bsz, kdim = x.shape
     d = wq.shape[0] // num_heads
     half = d // 2
@@ -279,11 +291,11 @@ def project_qkvg(x, norm_weight, eps, wq, wk, wv, wg, bq, bk, bv, bg, q_norm_wei
         x, norm_weight, wq, wk, wv, wg if wg is not None else dummy,
         bq if bq is not None else dummy, bk if bk is not None else dummy, bv if bv is not None else dummy,
         bg if bg is not None else dummy, q_norm_weight if qk_norm else dummy, k_norm_weight if qk_norm else dummy,
-        cos if cos is not None else dummy, sin if sin is not None else dummy, q, k, v, log_g,
-        bsz, num_heads, num_kv_heads, cos.stride(0) if cos is not None and cos.shape[0] > 1 else 0,
-        float(eps), float(qk_eps),
+        positions if positions is not None else dummy, inv_freq if positions is not None else dummy, q, k, v, log_g,
+        bsz, num_heads, num_kv_heads, 1 if positions is not None and positions.shape[0] > 1 else 0,
+        float(eps), float(qk_eps), float(rope_scale),
         KDIM=kdim, HEAD_DIM=d, BP=bp, BB=bb, BK=bk_, HAS_BIAS=bq is not None, HAS_GATE=wg is not None, QK_NORM=qk_norm,
-        HAS_ROPE=cos is not None, PDL=pdl, **_launch_options(bb, pdl),
+        HAS_ROPE=positions is not None, PDL=pdl, **_launch_options(bb, pdl),
     )
     return q, k, v, log_g
 

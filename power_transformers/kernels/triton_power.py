@@ -298,18 +298,18 @@ def _(state_s, state_z, tail_k, tail_v, tail_g, tail_len):
 def _decode_qkvg_op(
     x: Tensor, norm_weight: Tensor, eps: float, wq: Tensor, wk: Tensor, wv: Tensor, wg: Optional[Tensor],
     bq: Optional[Tensor], bk: Optional[Tensor], bv: Optional[Tensor], bg: Optional[Tensor],
-    q_norm_weight: Optional[Tensor], k_norm_weight: Optional[Tensor], qk_eps: float, cos: Optional[Tensor],
-    sin: Optional[Tensor], num_heads: int, num_kv_heads: int,
+    q_norm_weight: Optional[Tensor], k_norm_weight: Optional[Tensor], qk_eps: float, positions: Optional[Tensor],
+    inv_freq: Optional[Tensor], rope_scale: float, num_heads: int, num_kv_heads: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(q [B,1,Hq,d], k, v [B,1,Hk,d], log_g [B,1,Hk] fp32, empty without wg) from x [B, hidden]."""
     with _on_device_of(x):
         return project_qkvg(x, norm_weight, eps, wq, wk, wv, wg, bq, bk, bv, bg, q_norm_weight, k_norm_weight, qk_eps,
-                            cos, sin, num_heads, num_kv_heads)
+                            positions, inv_freq, rope_scale, num_heads, num_kv_heads)
 
 
 @_decode_qkvg_op.register_fake
-def _(x, norm_weight, eps, wq, wk, wv, wg, bq, bk, bv, bg, q_norm_weight, k_norm_weight, qk_eps, cos, sin,
-      num_heads, num_kv_heads):
+def _(x, norm_weight, eps, wq, wk, wv, wg, bq, bk, bv, bg, q_norm_weight, k_norm_weight, qk_eps, positions, inv_freq,
+      rope_scale, num_heads, num_kv_heads):
     b, d = x.shape[0], wq.shape[0] // num_heads
     return (x.new_empty(b, 1, num_heads, d), x.new_empty(b, 1, num_kv_heads, d), x.new_empty(b, 1, num_kv_heads, d),
             x.new_empty(b, 1, num_kv_heads if wg is not None else 0, dtype=torch.float32))
@@ -474,13 +474,27 @@ def _check_decode_layer_inputs(x: Tensor, tensors: dict, head_dim: Optional[int]
 def decode_qkvg(x: Tensor, norm_weight: Tensor, eps: float, wq: Tensor, wk: Tensor, wv: Tensor, wg: Optional[Tensor],
                 bq: Optional[Tensor], bk: Optional[Tensor], bv: Optional[Tensor], bg: Optional[Tensor],
                 q_norm_weight: Optional[Tensor], k_norm_weight: Optional[Tensor], qk_eps: float,
-                cos: Optional[Tensor], sin: Optional[Tensor], num_heads: int, num_kv_heads: int
-                ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+                positions: Optional[Tensor], inv_freq: Optional[Tensor], rope_scale: float, num_heads: int,
+                num_kv_heads: int) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """A power layer's one-token inputs from its hidden states x [B, K]: RMSNorm (norm_weight, eps),
-    q/k/v projections (weights [H d, K], biases or None), q/k RMSNorm per head (or None), RoPE (cos,
-    sin [B or 1, 1, d], or None), log_g = logsigmoid(x' wg^T + bg) (None without wg).
+    q/k/v projections (weights [H d, K], biases or None), q/k RMSNorm per head (or None), RoPE at
+    integer `positions` ([B, 1], [B], or one for every row) with inverse frequencies inv_freq [d/2]
+    and scale rope_scale, as PowerRotaryEmbedding's tables (positions None: no RoPE),
+    log_g = logsigmoid(x' wg^T + bg) (None without wg).
     Returns q [B, 1, Hq, d], k, v [B, 1, Hk, d] in x's dtype and log_g [B, 1, Hk] fp32 or None."""
     d = wq.shape[0] // num_heads
+    if positions is not None:
+        positions = positions.reshape(-1)
+        if positions.dtype.is_floating_point or positions.dtype.is_complex or positions.numel() not in (1, x.shape[0]):
+            raise ValueError(f"positions must be integers, one per row of x or one for all ({x.shape[0]} rows), got "
+                             f"{positions.dtype} {tuple(positions.shape)}")
+        if inv_freq is None or not inv_freq.dtype.is_floating_point or tuple(inv_freq.shape) != (d // 2,):
+            raise ValueError(f"RoPE needs inv_freq [{d // 2}] (floating point), got "
+                             f"{None if inv_freq is None else (inv_freq.dtype, tuple(inv_freq.shape))}")
+        for name, t in (("positions", positions), ("inv_freq", inv_freq)):
+            if t.device != x.device:
+                raise ValueError(f"{name} is on {t.device} but the hidden states are on {x.device}")
+        positions, inv_freq = positions.contiguous(), inv_freq.contiguous()
     for name, w, rows in (("wq", wq, num_heads * d), ("wk", wk, num_kv_heads * d), ("wv", wv, num_kv_heads * d),
                           ("wg", wg, num_kv_heads)):
         if w is not None and tuple(w.shape) != (rows, x.shape[-1]):
@@ -492,9 +506,10 @@ def decode_qkvg(x: Tensor, norm_weight: Tensor, eps: float, wq: Tensor, wk: Tens
     if wg is not None and bg is None:
         raise ValueError("the gate projection needs its bias bg")
     _check_decode_layer_inputs(x, dict(x=x, norm_weight=norm_weight, wq=wq, wk=wk, wv=wv, wg=wg, bq=bq, bk=bk, bv=bv, bg=bg,
-                                       q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight, cos=cos, sin=sin), d)
+                                       q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight), d)
     q, k, v, log_g = _decode_qkvg_op(x, norm_weight, float(eps), wq, wk, wv, wg, bq, bk, bv, bg, q_norm_weight,
-                                     k_norm_weight, float(qk_eps), cos, sin, int(num_heads), int(num_kv_heads))
+                                     k_norm_weight, float(qk_eps), positions, inv_freq, float(rope_scale), int(num_heads),
+                                     int(num_kv_heads))
     return q, k, v, (log_g if wg is not None else None)
 
 
