@@ -49,12 +49,16 @@ from transformers.cache_utils import DynamicCache, StaticCache  # noqa: E402
 
 from power_transformers import PowerCache, PowerConfig, PowerForCausalLM  # noqa: E402
 from power_transformers.compat import CACHE_NAME  # noqa: E402
+from power_transformers.kernels.reference import DECODE_TAIL  # noqa: E402
 from power_transformers.kernels.triton_common import dependent_launch  # noqa: E402
 
 SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
              num_key_value_heads=12, head_dim=64, max_position_embeddings=140_000)
 PREFILL_TOKENS = 32768  # tokens per prefill forward (batch x chunk), chunks of 128 to 4096
-DECODE_STEPS = 32
+# Decode steps timed: one fold cycle. A power layer's step folds its tail into the state once
+# every DECODE_TAIL tokens (the step that fills it); a timed window of fewer steps could miss that
+# step (32 steps after a prefill, which leaves the tail empty, did: runs before L left it out).
+DECODE_STEPS = DECODE_TAIL
 COMPILE_MODE = "reduce-overhead"  # of the static rows' decode step (--compile-mode)
 STEPS_PER_GRAPH = 8  # decode steps per CUDA graph in the graphed rows (--steps-per-graph)
 WITHOUT_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
@@ -233,14 +237,15 @@ def profile_step(model, context: int = 4096, steps: int = 5) -> list[str]:
 
 
 @torch.no_grad()
-def timeline_step(model, context: int = 4096, replays: int = 4) -> list[str]:
+def timeline_step(model, context: int = 4096, replays: int | None = None) -> list[str]:
     """The timeline part (module docstring): kernels of `replays` replays of STEPS_PER_GRAPH graphed
-    steps at batch 1, sorted by start; each kernel's advance is its end minus the latest end before
+    steps at batch 1 (by default a fold cycle), sorted by start; each kernel's advance is its end minus the latest end before
     it (0 if it ended earlier), its gap the idle time before its start. Summed per kernel name and
     its occurrence since the layer's first kernel (_qkvg_kernel), per step."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
+    replays = replays or -(-DECODE_TAIL // STEPS_PER_GRAPH)
     cache = make_cache("power", model, True, 1, context + (replays + 8) * STEPS_PER_GRAPH + 16)
     token = prefill(model, cache, 1, context)
     step = torch.compile(decode_step_fn(model, cache), mode=WITHOUT_GRAPHS[COMPILE_MODE], fullgraph=False)
