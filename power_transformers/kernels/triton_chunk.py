@@ -59,6 +59,7 @@ import triton.language as tl
 
 from .triton_common import (
     chunk_gates,
+    dot_f32,
     load_gates,
     dot_dtype,
     interpreting,
@@ -79,16 +80,6 @@ from .reference import expanded_dim
 # ----------------------------------------------------------------------------------
 
 
-# fp32 products at about fp32 accuracy on the GPU (three tf32 passes); the interpreter is exact anyway
-_F32_PRECISION = tl.constexpr("ieee" if interpreting() else "tf32x3")
-
-
-@triton.jit
-def _dot_f32(a, b):
-    """a @ b for fp32 operands at about fp32 accuracy (the denominators: one small product per chunk)."""
-    return tl.dot(a, b, input_precision=_F32_PRECISION)
-
-
 @triton.jit
 def _share_z(X, ZW, w_base, head0, t0, T, HX, stride_t, offs_c, offs_d,
              HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr, HAS_ZW: tl.constexpr):
@@ -102,7 +93,7 @@ def _share_z(X, ZW, w_base, head0, t0, T, HX, stride_t, offs_c, offs_d,
         wz = tl.load(w_base + (src % SUB) * BLOCK + offs_c)
         if HAS_ZW:
             wz = wz * tl.load(ZW + head0 + g + (tb + offs_c) * HX, mask=tb + offs_c < T, other=0.0)
-        zmat += _dot_f32(tl.trans(x), x * wz[:, None])
+        zmat += dot_f32(tl.trans(x), x * wz[:, None])
     return zmat
 
 
@@ -347,7 +338,7 @@ def _chunk_fwd_kernel(
     qdec = tl.exp(bcum)
     num = qdec[:, None] * _query_full_tiles(q.to(OP), q_base, st_base, t0, T, HQ * HEAD_DIM, scale, offs_c,
                                             offs_d, HEAD_DIM, False, OP)
-    den = qdec * tl.sum(_dot_f32(q, load_sym_matrix(z_base, HEAD_DIM)) * q, axis=1)
+    den = qdec * tl.sum(dot_f32(q, load_sym_matrix(z_base, HEAD_DIM)) * q, axis=1)
 
     # Chunk-local attention: the chunk's blocks up to this one.
     for sp in range(s + 1):
@@ -386,7 +377,7 @@ def _chunk_bwd_q_kernel(
     # sum_ij q_i q_j R_i[j] + delta_t q^T Z q) has gradient 2 e^{b_t} U_t with
     # U = sum_i q_i (do @ R_i^T) + delta (q @ Z), and its b_t-derivative is e^{b_t} q_t . U_t.
     u = _query_full_tiles(do, q_base, st_base, t0, T, HQ * HEAD_DIM, scale, offs_c, offs_d, HEAD_DIM, True, OP)
-    u += delta[:, None] * _dot_f32(q, load_sym_matrix(z_base, HEAD_DIM))
+    u += delta[:, None] * dot_f32(q, load_sym_matrix(z_base, HEAD_DIM))
     qdec = tl.exp(bcum)
     dqs = (2.0 * qdec)[:, None] * u  # the gradient with respect to s q
     db = qdec * tl.sum(q * u, axis=1)
@@ -449,7 +440,7 @@ def _chunk_bwd_kv_kernel(
         dv += (c * ki)[:, None] * tl.dot(kop, dr_i)
         v2 += ki[:, None] * tl.dot(vop, tl.trans(dr_i))
     k = load_rows(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
-    v2 += _dot_f32(k, load_sym_matrix(DZSTATES + slot * D, HEAD_DIM))
+    v2 += dot_f32(k, load_sym_matrix(DZSTATES + slot * D, HEAD_DIM))
     dk = (2.0 * c)[:, None] * v2
     db = -c * tl.sum(k * v2, axis=1)  # (the loop below reads k in the operand dtype only: fewer live registers)
     # every term of R_{n+1} carries e^beta (b_j held fixed): dL/dbeta = <dR_{n+1}, R_{n+1}>

@@ -117,6 +117,17 @@ def operand_torch_dtype(op):
     return {tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}.get(op, torch.float32)
 
 
+# fp32 products at about fp32 accuracy on the GPU (three tf32 passes); the interpreter is exact anyway
+_F32_PRECISION = tl.constexpr("ieee" if interpreting() else "tf32x3")
+
+
+@triton.jit
+def dot_f32(a, b, acc=None):
+    """(acc +) a @ b for fp32 operands at about fp32 accuracy (the chunk kernels' denominators, the
+    decode tail's fold)."""
+    return tl.dot(a, b, acc, input_precision=_F32_PRECISION)
+
+
 @triton.jit
 def pair_weights(i, offs_d):
     """[d] weights of the pairs (i, j): sqrt(2) for j > i, 1 for j == i, 0 for j < i (no such pair)."""

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from .reference import expanded_dim
-from .triton_common import (dependent_launch, interpreting, pair_weights, pdl_options, phi_rows, prefetch_l2,
-                            row_block_rows, wait_for_previous_kernel)
+from .triton_common import (dependent_launch, dot_f32, interpreting, pair_weights, pdl_options, phi_rows,
+                            prefetch_l2, row_block_rows, wait_for_previous_kernel)
 
 
 @triton.jit
@@ -237,22 +237,59 @@ def decode_(q, k, v, log_g, s_state, z_state, scale: float, eps: float) -> torch
 # ----------------------------------------------------------------------------------
 
 
+#: Tokens per product of a fold (fold_row_blocks): [FOLD_TOKENS, d] fp32 tiles of keys and values
+#: live beside the row-block. ptxas (Triton 3.6, sm_90) spills 352 bytes a thread of the folding
+#: tail step at 4 warps with 32, 2068 with 64 (468 when it folded token by token).
+FOLD_TOKENS = tl.constexpr(32)
+
+
 @triton.jit
-def fold_row_block(s_i, z_i, i, TK, TV, TG, tail, n, g_last, offs_d, HEAD_DIM: tl.constexpr):
-    """Row-block i (s_i [d, d], z_i [d], fp32) with the first n tokens of a tail (starting at row
-    `tail` of TK, TV [rows, d] and TG) folded in: e^{g_last} s_i + sum_j e^{g_last - G_j} phi_i(k_j)
-    v_j^T, z likewise. One outer product per token in fp32 registers: as one tl.dot of [d, CT] x
-    [CT, d] the fold ran slower on the H100 (6.7 ms exact fp32, 0.32 ms tf32x3, 0.30 ms this way;
-    69 MB state; benchmarks/explore_tail_decode.py at commit b9045cb)."""
-    w = pair_weights(i, offs_d)
-    s_i *= tl.exp(g_last)
-    z_i *= tl.exp(g_last)
-    for j in range(n):
-        row = (tail + j) * HEAD_DIM
-        phik = tl.load(TK + row + offs_d) * (tl.load(TK + row + i) * tl.exp(g_last - tl.load(TG + tail + j))) * w
-        s_i += phik[:, None] * tl.load(TV + row + offs_d)[None, :]
-        z_i += phik
-    return s_i, z_i
+def tail_tiles(TK, TV, TG, tail, t0, n, g_last, k_new, v_new, new_at, offs_d, TB: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """Tokens t0 .. t0 + TB - 1 of a tail (from row `tail` of TK, TV [rows, d] and TG, fp32) as tiles:
+    keys and values [TB, d] and each token's decay to the fold, e^{g_last - G_j} [TB]; 0 at n and
+    past it. The token at new_at (a step's own token, -1 for none) is k_new, v_new [d] with decay 1:
+    the step's tail program writes it to the tail meanwhile, so it is not read back."""
+    offs_t = t0 + tl.arange(0, TB)
+    ok = offs_t < n
+    new = offs_t == new_at
+    rows = (tail + offs_t)[:, None] * HEAD_DIM + offs_d[None, :]
+    k = tl.load(TK + rows, mask=(ok & ~new)[:, None], other=0.0)
+    v = tl.load(TV + rows, mask=(ok & ~new)[:, None], other=0.0)
+    decay = tl.where(ok, tl.exp(g_last - tl.load(TG + tail + offs_t, mask=ok & ~new, other=0.0)), 0.0)
+    k = tl.where(new[:, None], k_new[None, :], k)
+    v = tl.where(new[:, None], v_new[None, :], v)
+    return k, v, tl.where(new, 1.0, decay)
+
+
+@triton.jit
+def fold_row_blocks(s_base, z_base, first, STEP: tl.constexpr, TK, TV, TG, tail, n, g_last, k_new, v_new, new_at,
+                    offs_d, CT: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Row-blocks first, first + STEP, ... of one head's state (S [D, d], z [D] fp32) with the first
+    n tokens of its tail folded in (tail_tiles), each read and written back once:
+    S_i = e^{g_last} S_i + phi_i(K)^T diag(decay) V, z likewise, one product (dot_f32: tensor
+    cores, about fp32 accuracy) per FOLD_TOKENS tokens over tiles read once. Token by token, with a
+    load per token, each reader's fold was a chain of dependent reads; the benchmark model's graphed
+    step (64 steps timed, 64k context, default compile, H100) went from 0.305 to 0.301 ms at batch 1
+    and from 0.813 to 0.805 at batch 8 (RESULTS.md, generation, run L, call 6). A large batch's
+    fold, bound by its bytes, ran as fast either way (tf32x3 0.32 ms, token by token 0.30; 69 MB of
+    state; benchmarks/explore_tail_decode.py at commit b9045cb)."""
+    TB: tl.constexpr = FOLD_TOKENS if FOLD_TOKENS < CT else CT
+    g = tl.exp(g_last)
+    for mm in range(HEAD_DIM // STEP):
+        i = first + mm * STEP
+        s_ptr, z_ptr, row_ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
+        s_i *= g
+        z_i *= g
+        w = pair_weights(i, offs_d)
+        for t0 in range(0, n, TB):
+            k, v, decay = tail_tiles(TK, TV, TG, tail, t0, n, g_last, k_new, v_new, new_at, offs_d, TB, HEAD_DIM)
+            ki = tl.sum(tl.where(offs_d[None, :] == i, k, 0.0), axis=1)  # column i of the keys
+            phik = k * (ki * decay)[:, None] * w[None, :]  # [TB, d]: phi_i(k_j) e^{g_last - G_j}
+            s_i = dot_f32(tl.trans(phik), v, s_i)
+            z_i += tl.sum(phik, axis=0)
+        tl.store(s_ptr, s_i, mask=row_ok[:, None])
+        tl.store(z_ptr, z_i, mask=row_ok)
 
 
 @triton.jit
@@ -274,34 +311,9 @@ def _fold_kernel(S, Z, TK, TV, TG, TLEN, HEAD_DIM: tl.constexpr, D: tl.constexpr
         offs_d = tl.arange(0, HEAD_DIM)
         tail = bh.to(tl.int64) * CT
         g_last = tl.load(TG + tail + n - 1)
-        s_base = S + bh.to(tl.int64) * D * HEAD_DIM
-        z_base = Z + bh.to(tl.int64) * D
-        for mm in range(HEAD_DIM // SPLIT):
-            i = tl.program_id(1) + mm * SPLIT
-            s_ptr, z_ptr, row_ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
-            s_i, z_i = fold_row_block(s_i, z_i, i, TK, TV, TG, tail, n, g_last, offs_d, HEAD_DIM)
-            tl.store(s_ptr, s_i, mask=row_ok[:, None])
-            tl.store(z_ptr, z_i, mask=row_ok)
-
-
-@triton.jit
-def read_row_block(s_ptr, z_ptr, row_ok, s_i, z_i, i, q, q_rows, r_ok, scale, offs_d, num, den, acc_s, acc_z,
-                   fold_now, TK, TV, TG, tail, m, g_m, k_new, K_ROW, v_new, HEAD_DIM: tl.constexpr,
-                   DEFER: tl.constexpr, FOLD: tl.constexpr):
-    """A tail step's use of row-block i of the state (load_row_block's pointers, mask and rows s_i,
-    z_i): its part of phi(s q)^T S and phi(s q)^T z (query_row_block), then, with FOLD where this step
-    fills the tail (fold_now), the tail's m tokens and the new one (k_new, v_new [d] fp32, K_ROW its
-    key as stored) folded into the block, which is written back."""
-    phiq = query_phi_rows(q, q_rows, i, r_ok, scale, offs_d)
-    num, den, acc_s, acc_z = query_row_block(phiq, s_i, z_i, num, den, acc_s, acc_z, DEFER)
-    if FOLD and fold_now:
-        s_i, z_i = fold_row_block(s_i, z_i, i, TK, TV, TG, tail, m, g_m, offs_d, HEAD_DIM)
-        phik = k_new * tl.load(K_ROW + i).to(tl.float32) * pair_weights(i, offs_d)  # the new token: e^0
-        s_i += phik[:, None] * v_new[None, :]
-        z_i += phik
-        tl.store(s_ptr, s_i, mask=row_ok[:, None])
-        tl.store(z_ptr, z_i, mask=row_ok)
-    return num, den, acc_s, acc_z
+        none = tl.zeros((HEAD_DIM,), dtype=tl.float32)
+        fold_row_blocks(S + bh.to(tl.int64) * D * HEAD_DIM, Z + bh.to(tl.int64) * D, tl.program_id(1), SPLIT,
+                        TK, TV, TG, tail, n, g_last, none, none, -1, offs_d, CT, HEAD_DIM)
 
 
 #: The tail step's arrival count lives in the high bits of the tail length (which never exceeds
@@ -352,13 +364,16 @@ def _tail_step_kernel(
         acc_z = tl.zeros((HEAD_DIM,), dtype=tl.float32)
         for mm in range(HEAD_DIM // SPLIT):
             i = sp + mm * SPLIT
-            s_ptr, z_ptr, row_ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
-            num, den, acc_s, acc_z = read_row_block(s_ptr, z_ptr, row_ok, s_i, z_i, i, q, q_rows, r_ok, scale, offs_d,
-                                                    num, den, acc_s, acc_z, fold_now, TK, TV, TG, tail, m, g_m, k_new,
-                                                    K + kv, v_new, HEAD_DIM, DEFER, FOLD)
+            _s_ptr, _z_ptr, _row_ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
+            phiq = query_phi_rows(q, q_rows, i, r_ok, scale, offs_d)
+            num, den, acc_s, acc_z = query_row_block(phiq, s_i, z_i, num, den, acc_s, acc_z, DEFER)
         num, den = finish_query(num, den, acc_s, acc_z, DEFER)
         num *= tl.exp(g_m)
         den *= tl.exp(g_m)
+        if FOLD:
+            if fold_now:  # the tail's m tokens and this one (at m), into the row-blocks just read (in L2 now)
+                fold_row_blocks(s_base, z_base, sp, SPLIT, TK, TV, TG, tail, m + 1, g_m, k_new, v_new, m, offs_d,
+                                CT, HEAD_DIM)
     else:  # sum_{j<=m} (s q.k_j)^2 e^{G_m - G_j} v_j over the tail and the new token
         for t0 in range(0, m, TB):
             offs_t = t0 + tl.arange(0, TB)
