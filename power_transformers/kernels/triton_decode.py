@@ -406,7 +406,10 @@ def _tail_step_kernel(
 #: shares as one tile or unrolling the walk changed nothing; RESULTS.md runs H and K). Graphed
 #: fold + step on the H100, before the fold moved into the step (benchmarks/tune_tail_decode.py,
 #: RESULTS.md run H): batch 1 x 12 heads, 4 / 8 / 16 / 32 / 64 readers: 10.3 / 8.9 / 9.2 / 12.2 /
-#: 15.1 us; batch 8 x 16 heads, 1 / 2 / 4: 54.2 / 44.2 / 47.2 us.
+#: 15.1 us; batch 8 x 16 heads, 1 / 2 / 4: 54.2 / 44.2 / 47.2 us. With the state prefetched into
+#: L2 (TAIL_STEP_PREFETCH), the model's graphed step at batch 1 took 0.291 / 0.287 ms with 8
+#: readers, 0.286 / 0.285 with 16, 0.320 with 32, and an unrolled walk changed nothing beyond that
+#: spread (RESULTS.md, generation, run L, call 4).
 TAIL_STEP_READERS = 384
 TAIL_STEP_MAX_READERS = 8
 #: Warps per program of a tail step (None: 4 up to head size 64, else 8). With the fold in the step,
@@ -430,10 +433,11 @@ FOLD_IN_STEP_READERS = 8
 
 #: With PDL, each reader of a tail step has its row-blocks of the state prefetched into L2
 #: (prefetch_row_blocks) before it waits for the q/k/v projection.
-#: H100, the benchmark model's graphed step at 64k context, default compile: 0.292 / 0.294 ms without,
-#: 0.290 / 0.286 with (RESULTS.md, generation, run L, call 2). Loading the walk's next row-blocks
-#: into shared memory instead (Triton's pipelining, tl.range num_stages 2 / 3 / 4) made the step
-#: slower: 0.297 / 0.300 / 0.317 ms against 0.289 without (call 3).
+#: H100, the benchmark model's graphed step at 64k context, default compile, 32 steps timed: 0.292 /
+#: 0.294 ms without, 0.290 / 0.286 with (RESULTS.md, generation, run L, call 2). Loading the walk's
+#: next row-blocks into shared memory instead (Triton's pipelining, tl.range num_stages 2 / 3 / 4)
+#: made the step slower: 0.297 / 0.300 / 0.317 ms against 0.289 without (call 3). The tail program
+#: prefetching its tail as well made batch 8 7% slower (call 5).
 TAIL_STEP_PREFETCH = True
 
 
