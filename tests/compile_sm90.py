@@ -115,6 +115,13 @@ def main() -> int:
         ok &= compile_variant(f"fold d{dd} pending", td._fold_kernel,
                               dict(HEAD_DIM=dd, D=dim, CT=64, SPLIT=2, FILLED=False, PDL=True),
                               {"num_warps": 4, "launch_pdl": True})
+    # a tail shorter than tl.dot's 16 rows (the kernels take any power of two >= 2), in the step and after it
+    ok &= compile_variant("tail step d16, a tail of 4, folding", td._tail_step_kernel,
+                          dict(HEAD_DIM=16, D=136, G=1, ROWS=1, SPLIT=16, CT=4, TB=4, HAS_GATE=True, DEFER=True,
+                               FOLD=True, PDL=True, PREFETCH=True, LINES=1), {"num_warps": 4, "launch_pdl": True},
+                          {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Y": "*bf16"})
+    ok &= compile_variant("fold d16, a tail of 4", td._fold_kernel,
+                          dict(HEAD_DIM=16, D=136, CT=4, SPLIT=2, FILLED=False, PDL=False), {"num_warps": 4})
 
     # the fused layer step (batch 1 and 8): every tensor bf16 but the log-gates
     bf16 = {n: "*bf16" for n in ("X", "NW", "WQ", "WK", "WV", "WG", "BQ", "BK_", "BV", "BG", "QNW", "KNW", "Q", "K_OUT",

@@ -274,7 +274,7 @@ def fold_row_blocks(s_base, z_base, first, STEP: tl.constexpr, TK, TV, TG, tail,
     and from 0.813 to 0.805 at batch 8 (RESULTS.md, generation, run L, call 6). A large batch's
     fold, bound by its bytes, ran as fast either way (tf32x3 0.32 ms, token by token 0.30; 69 MB of
     state; benchmarks/explore_tail_decode.py at commit b9045cb)."""
-    TB: tl.constexpr = FOLD_TOKENS if FOLD_TOKENS < CT else CT
+    TB: tl.constexpr = FOLD_TOKENS if FOLD_TOKENS < CT else (CT if CT >= 16 else 16)  # tl.dot takes >= 16
     g = tl.exp(g_last)
     for mm in range(HEAD_DIM // STEP):
         i = first + mm * STEP
