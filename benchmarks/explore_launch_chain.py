@@ -1,0 +1,145 @@
+"""Exploration (GPU; written after run L's device time was spent, not yet run): what a kernel
+boundary costs in a chain like a one-token decode step, and what a counter between the stages of
+one launch would cost instead.
+
+    python benchmarks/explore_launch_chain.py [--stages 60] [--dim 1024] [--rows 8] [--warps 4]
+    TRITON_INTERPRET=1 python benchmarks/explore_launch_chain.py --check-only --stages 4 --dim 64 --rows 16
+
+A batch-1 decode step of the benchmark model is a chain of about 60 dependent launches, each 2 to 4
+us past its bytes even with programmatic dependent launch (RESULTS.md, generation, run L: a layer
+is 21 us in five launches against floors of 7). Fewer, larger launches would need a stage to wait
+for the one before inside a launch. This times a chain of `stages` matrix-vector products
+y_s = W_s y_{s-1} ([dim, dim] bf16 weights per stage, more than L2 holds in all; `rows` output rows
+per program), graphed, two ways:
+
+    launches   one launch per stage; on Hopper with programmatic dependent launch, as the fused
+               step launches: a program loads its weight tile, waits for the launch before, then
+               reads y_{s-1}
+    counters   one launch for the whole chain, program ids ordered by stage: a program loads its
+               weight tile, spins until the counter of stage s - 1 says all that stage's programs
+               stored their rows, reads y_{s-1} from L2, stores its rows of y_s, and raises stage
+               s's counter. The GPU starts a launch's programs in the order of their ids (what
+               single-pass scans rely on), so every program a stage waits for has started. The
+               counters are zeroed by a memset inside the graph (counted in the time).
+
+and prints both against the floor (the weights read once at the copy bandwidth measured here).
+Both chains must give the same numbers, bit for bit (the same products in the same order): a
+stage that read y_{s-1} before it was complete would not. Both are also compared with torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.append(os.path.join(os.path.dirname(__file__), ".."))  # after PYTHONPATH: a tree named there is the one imported
+from power_transformers.kernels.triton_common import (  # noqa: E402
+    dependent_launch, interpreting, pdl_options, wait_for_previous_kernel)
+
+
+@triton.jit
+def stage_rows(W, XS, s, part, DIM: tl.constexpr, ROWS: tl.constexpr):
+    """Stage s's weight tile for the rows part * ROWS.. ([ROWS, DIM], as stored) and those rows."""
+    rows = part * ROWS + tl.arange(0, ROWS)
+    w = tl.load(W + s.to(tl.int64) * DIM * DIM + rows[:, None] * DIM + tl.arange(0, DIM)[None, :])
+    return w, rows
+
+
+@triton.jit
+def store_product(XS, s, w, rows, DIM: tl.constexpr):
+    """XS[s + 1, rows] = w @ XS[s] (fp32 sums, stored in XS's dtype); XS[s] read from L2 (.cg: an
+    earlier replay's copy may sit in this SM's L1)."""
+    x = tl.load(XS + s * DIM + tl.arange(0, DIM), cache_modifier=".cg").to(tl.float32)
+    y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    tl.store(XS + (s + 1) * DIM + rows, y.to(XS.dtype.element_ty))
+
+
+@triton.jit
+def _stage_kernel(W, XS, s, DIM: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    """One stage: grid (DIM / ROWS,)."""
+    w, rows = stage_rows(W, XS, s, tl.program_id(0), DIM, ROWS)
+    wait_for_previous_kernel(PDL)
+    store_product(XS, s, w, rows, DIM)
+
+
+@triton.jit
+def _chain_kernel(W, XS, COUNT, DIM: tl.constexpr, ROWS: tl.constexpr):
+    """Every stage: grid (stages * DIM / ROWS,), stage s the programs s * P .. (s + 1) * P - 1."""
+    P: tl.constexpr = DIM // ROWS
+    s = tl.program_id(0) // P
+    w, rows = stage_rows(W, XS, s, tl.program_id(0) % P, DIM, ROWS)
+    if s > 0:
+        while tl.atomic_add(COUNT + s - 1, 0, sem="acquire") < P:
+            pass
+    store_product(XS, s, w, rows, DIM)
+    tl.debug_barrier()  # every thread's stores issued before the release below
+    tl.atomic_add(COUNT + s, 1, sem="release")
+
+
+def run_launches(w, xs, rows, warps):
+    stages, dim = w.shape[0], w.shape[1]
+    pdl = dependent_launch(xs.device)
+    opts = {} if interpreting() else {"num_warps": warps, **pdl_options(pdl)}
+    for s in range(stages):
+        _stage_kernel[(dim // rows,)](w, xs, s, DIM=dim, ROWS=rows, PDL=pdl, **opts)
+
+
+def run_counters(w, xs, count, rows, warps):
+    stages, dim = w.shape[0], w.shape[1]
+    count.zero_()
+    _chain_kernel[(stages * dim // rows,)](w, xs, count, DIM=dim, ROWS=rows,
+                                           **({} if interpreting() else {"num_warps": warps}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stages", type=int, default=60)
+    parser.add_argument("--dim", type=int, default=1024, help="a power of two")
+    parser.add_argument("--rows", type=int, default=8, help="output rows per program")
+    parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--check-only", action="store_true", help="no timing (the interpreter)")
+    args = parser.parse_args()
+    device = "cpu" if interpreting() else "cuda"
+    g = torch.Generator(device=device).manual_seed(0)
+    w = (torch.randn(args.stages, args.dim, args.dim, generator=g, device=device) / args.dim**0.5).to(torch.bfloat16)
+    x0 = torch.randn(args.dim, generator=g, device=device).to(torch.bfloat16)
+    xs = {name: torch.zeros(args.stages + 1, args.dim, dtype=torch.bfloat16, device=device) for name in ("l", "c")}
+    for buf in xs.values():
+        buf[0] = x0
+    count = torch.zeros(args.stages, dtype=torch.int32, device=device)
+    run_launches(w, xs["l"], args.rows, args.warps)
+    run_counters(w, xs["c"], count, args.rows, args.warps)
+    ref = x0.float()
+    for s in range(args.stages):
+        ref = (w[s].float() @ ref).to(torch.bfloat16).float()
+    same = torch.equal(xs["l"], xs["c"])
+    err = ((xs["c"][-1].float() - ref).norm() / ref.norm()).item()
+    # (against torch the roundings of 60 stages drift apart: printed, not a condition)
+    print(f"launches and counters bit for bit the same: {same}; last stage against torch: {err:.2e}", flush=True)
+    if not same:
+        return 1
+    if args.check_only:
+        return 0
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from bench_attention import ceilings, graphed_ms
+
+    _, copy_tbs = ceilings()
+    floor_us = w.numel() * w.element_size() / (copy_tbs * 1e12) * 1e6
+    t_launch = graphed_ms(lambda: run_launches(w, xs["l"], args.rows, args.warps), 4) * 1e3
+    t_count = graphed_ms(lambda: run_counters(w, xs["c"], count, args.rows, args.warps), 4) * 1e3
+    print(f"{torch.cuda.get_device_name()}; {args.stages} stages of [{args.dim}, {args.dim}] bf16, {args.rows} rows a "
+          f"program, {args.warps} warps; PDL {dependent_launch(xs['l'].device)}; copy {copy_tbs:.2f} TB/s")
+    print("| chain | us | us a stage | floor us a stage |\n|---|---|---|---|")
+    for name, t in (("launches", t_launch), ("counters", t_count)):
+        print(f"| {name} | {t:.1f} | {t / args.stages:.2f} | {floor_us / args.stages:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
