@@ -5,6 +5,9 @@ one launch would cost instead.
     python benchmarks/explore_launch_chain.py [--stages 60] [--dim 1024] [--rows 8] [--warps 4]
     TRITON_INTERPRET=1 python benchmarks/explore_launch_chain.py --check-only --stages 4 --dim 64 --rows 16
 
+(On the GPU run it under `timeout`: the counters chain spins, and a wrong assumption about the
+order in which programs start would hang it.)
+
 A batch-1 decode step of the benchmark model is a chain of about 60 dependent launches, each 2 to 4
 us past its bytes even with programmatic dependent launch (RESULTS.md, generation, run L: a layer
 is 21 us in five launches against floors of 7). Fewer, larger launches would need a stage to wait
