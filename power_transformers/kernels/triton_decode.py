@@ -249,7 +249,8 @@ def tail_tiles(TK, TV, TG, tail, t0, n, g_last, k_new, v_new, new_at, offs_d, TB
     """Tokens t0 .. t0 + TB - 1 of a tail (from row `tail` of TK, TV [rows, d] and TG, fp32) as tiles:
     keys and values [TB, d] and each token's decay to the fold, e^{g_last - G_j} [TB]; 0 at n and
     past it. The token at new_at (a step's own token, -1 for none) is k_new, v_new [d] with decay 1:
-    the step's tail program writes it to the tail meanwhile, so it is not read back."""
+    the step's tail program writes it to the tail meanwhile, so a fold in the step does not read it
+    back. (The tail program itself reads the tail this way, without its new token.)"""
     offs_t = t0 + tl.arange(0, TB)
     ok = offs_t < n
     new = offs_t == new_at
@@ -376,12 +377,7 @@ def _tail_step_kernel(
                                 CT, HEAD_DIM)
     else:  # sum_{j<=m} (s q.k_j)^2 e^{G_m - G_j} v_j over the tail and the new token
         for t0 in range(0, m, TB):
-            offs_t = t0 + tl.arange(0, TB)
-            ok = offs_t < m
-            rows = (tail + offs_t)[:, None] * HEAD_DIM + offs_d[None, :]
-            tk = tl.load(TK + rows, mask=ok[:, None], other=0.0)
-            tv = tl.load(TV + rows, mask=ok[:, None], other=0.0)
-            decay = tl.where(ok, tl.exp(g_m - tl.load(TG + tail + offs_t, mask=ok, other=0.0)), 0.0)
+            tk, tv, decay = tail_tiles(TK, TV, TG, tail, t0, m, g_m, k_new, v_new, -1, offs_d, TB, HEAD_DIM)
             sc = tl.sum(q[:, None, :] * tk[None, :, :], axis=2)  # [ROWS, TB]
             a = sc * sc * decay[None, :]
             num += tl.sum(a[:, :, None] * tv[None, :, :], axis=1)
