@@ -134,6 +134,23 @@ def capture_steps(step, token: torch.Tensor, position: torch.Tensor, n: int) -> 
     return graph
 
 
+def warmed_up(model, cache, token: torch.Tensor, batch: int, context: int, mode: str):
+    """After a prompt of `context` tokens: the decode step for `mode` ("eager"; "static": compiled
+    with COMPILE_MODE; "graphed": compiled without CUDA graphs, and STEPS_PER_GRAPH steps then
+    captured as one graph, capture_steps) run 4 times (compilation, graph capture). Returns the
+    step, the graph (None unless graphed), the last token and the position tensor."""
+    step = decode_step_fn(model, cache)
+    if mode != "eager":
+        step = torch.compile(step, mode=COMPILE_MODE if mode == "static" else WITHOUT_GRAPHS[COMPILE_MODE],
+                             fullgraph=False)
+    position = torch.full((batch, 1), context, device="cuda", dtype=torch.long)
+    for _ in range(4):
+        token = step(token, position).clone()
+        position += 1
+    graph = capture_steps(step, token, position, STEPS_PER_GRAPH) if mode == "graphed" else None
+    return step, graph, token, position
+
+
 @torch.no_grad()
 def measure(kind: str, model, mode: str, batch: int, context: int) -> dict:
     """Prefill and DECODE_STEPS decode steps; mode "eager", "static" or "graphed" (the module docstring)."""
@@ -145,16 +162,8 @@ def measure(kind: str, model, mode: str, batch: int, context: int) -> dict:
     token = prefill(model, cache, batch, context)
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - t0
-    step = decode_step_fn(model, cache)
-    if mode != "eager":
-        step = torch.compile(step, mode=COMPILE_MODE if mode == "static" else WITHOUT_GRAPHS[COMPILE_MODE],
-                             fullgraph=False)
-    position = torch.full((batch, 1), context, device="cuda", dtype=torch.long)
-    for _ in range(4):  # warm-up (compilation, graph capture)
-        token = step(token, position).clone()
-        position += 1
+    step, graph, token, position = warmed_up(model, cache, token, batch, context, mode)
     if mode == "graphed":
-        graph = capture_steps(step, token, position, STEPS_PER_GRAPH)
         replays = -(-DECODE_STEPS // STEPS_PER_GRAPH)
         graph.replay()  # warm-up
         torch.cuda.synchronize()
@@ -212,11 +221,7 @@ def profile_step(model, context: int = 4096, steps: int = 5) -> list[str]:
 
     cache = make_cache("power", model, True, 1, context + 64)
     token = prefill(model, cache, 1, context)
-    step = torch.compile(decode_step_fn(model, cache), mode=COMPILE_MODE, fullgraph=False)
-    position = torch.full((1, 1), context, device="cuda", dtype=torch.long)
-    for _ in range(4):
-        token = step(token, position).clone()
-        position += 1
+    step, _, token, position = warmed_up(model, cache, token, 1, context, "static")
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -239,21 +244,16 @@ def profile_step(model, context: int = 4096, steps: int = 5) -> list[str]:
 @torch.no_grad()
 def timeline_step(model, context: int = 4096, replays: int | None = None) -> list[str]:
     """The timeline part (module docstring): kernels of `replays` replays of STEPS_PER_GRAPH graphed
-    steps at batch 1 (by default a fold cycle), sorted by start; each kernel's advance is its end minus the latest end before
-    it (0 if it ended earlier), its gap the idle time before its start. Summed per kernel name and
-    its occurrence since the layer's first kernel (_qkvg_kernel), per step."""
+    steps at batch 1 (by default a fold cycle), sorted by start; each kernel's advance is its end
+    minus the latest end before it (0 if it ended earlier), its gap the idle time before its start.
+    Summed per kernel name and its occurrence since the layer's first kernel (_qkvg_kernel), per step."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     replays = replays or -(-DECODE_TAIL // STEPS_PER_GRAPH)
     cache = make_cache("power", model, True, 1, context + (replays + 8) * STEPS_PER_GRAPH + 16)
     token = prefill(model, cache, 1, context)
-    step = torch.compile(decode_step_fn(model, cache), mode=WITHOUT_GRAPHS[COMPILE_MODE], fullgraph=False)
-    position = torch.full((1, 1), context, device="cuda", dtype=torch.long)
-    for _ in range(4):
-        token = step(token, position).clone()
-        position += 1
-    graph = capture_steps(step, token, position, STEPS_PER_GRAPH)
+    _, graph, _, _ = warmed_up(model, cache, token, 1, context, "graphed")
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
