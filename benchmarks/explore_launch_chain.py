@@ -49,7 +49,9 @@ from power_transformers.kernels.triton_common import (  # noqa: E402
 def stage_rows(W, XS, s, part, DIM: tl.constexpr, ROWS: tl.constexpr):
     """Stage s's weight tile for the rows part * ROWS.. ([ROWS, DIM], as stored) and those rows."""
     rows = part * ROWS + tl.arange(0, ROWS)
-    w = tl.load(W + s.to(tl.int64) * DIM * DIM + rows[:, None] * DIM + tl.arange(0, DIM)[None, :])
+    # (int32 offsets: stages * DIM * DIM < 2**31 is checked on the host; s may be the literal 0 or 1,
+    # which Triton passes as a constant with no .to)
+    w = tl.load(W + s * DIM * DIM + rows[:, None] * DIM + tl.arange(0, DIM)[None, :])
     return w, rows
 
 
@@ -71,14 +73,28 @@ def _stage_kernel(W, XS, s, DIM: tl.constexpr, ROWS: tl.constexpr, PDL: tl.const
 
 
 @triton.jit
-def _chain_kernel(W, XS, COUNT, DIM: tl.constexpr, ROWS: tl.constexpr):
-    """Every stage: grid (stages * DIM / ROWS,), stage s the programs s * P .. (s + 1) * P - 1."""
+def acquire_load(ptr):
+    """The int32 at ptr, read at gpu scope with acquire semantics (PTX ld.acquire.gpu): a plain
+    read of L2, where polling by atomic_add(ptr, 0) is a read-modify-write that the L2 slice
+    serializes."""
+    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
+def _chain_kernel(W, XS, COUNT, DIM: tl.constexpr, ROWS: tl.constexpr, POLL_LOAD: tl.constexpr):
+    """Every stage: grid (stages * DIM / ROWS,), stage s the programs s * P .. (s + 1) * P - 1.
+    POLL_LOAD: spin on acquire_load rather than on atomic_add(count, 0)."""
     P: tl.constexpr = DIM // ROWS
     s = tl.program_id(0) // P
     w, rows = stage_rows(W, XS, s, tl.program_id(0) % P, DIM, ROWS)
     if s > 0:
-        while tl.atomic_add(COUNT + s - 1, 0, sem="acquire") < P:
-            pass
+        if POLL_LOAD:
+            while acquire_load(COUNT + s - 1) < P:
+                pass
+        else:
+            while tl.atomic_add(COUNT + s - 1, 0, sem="acquire") < P:
+                pass
     store_product(XS, s, w, rows, DIM)
     tl.debug_barrier()  # every thread's stores issued before the release below
     tl.atomic_add(COUNT + s, 1, sem="release")
@@ -92,10 +108,10 @@ def run_launches(w, xs, rows, warps):
         _stage_kernel[(dim // rows,)](w, xs, s, DIM=dim, ROWS=rows, PDL=pdl, **opts)
 
 
-def run_counters(w, xs, count, rows, warps):
+def run_counters(w, xs, count, rows, warps, poll_load=False):
     stages, dim = w.shape[0], w.shape[1]
     count.zero_()
-    _chain_kernel[(stages * dim // rows,)](w, xs, count, DIM=dim, ROWS=rows,
+    _chain_kernel[(stages * dim // rows,)](w, xs, count, DIM=dim, ROWS=rows, POLL_LOAD=poll_load and not interpreting(),
                                            **({} if interpreting() else {"num_warps": warps}))
 
 
@@ -108,22 +124,25 @@ def main() -> int:
     parser.add_argument("--check-only", action="store_true", help="no timing (the interpreter)")
     args = parser.parse_args()
     device = "cpu" if interpreting() else "cuda"
+    if args.stages * args.dim * args.dim >= 2**31:
+        parser.error("stages * dim * dim must be below 2**31 (the kernels' int32 offsets)")
     g = torch.Generator(device=device).manual_seed(0)
     w = (torch.randn(args.stages, args.dim, args.dim, generator=g, device=device) / args.dim**0.5).to(torch.bfloat16)
     x0 = torch.randn(args.dim, generator=g, device=device).to(torch.bfloat16)
-    xs = {name: torch.zeros(args.stages + 1, args.dim, dtype=torch.bfloat16, device=device) for name in ("l", "c")}
+    xs = {name: torch.zeros(args.stages + 1, args.dim, dtype=torch.bfloat16, device=device) for name in ("l", "c", "p")}
     for buf in xs.values():
         buf[0] = x0
     count = torch.zeros(args.stages, dtype=torch.int32, device=device)
     run_launches(w, xs["l"], args.rows, args.warps)
     run_counters(w, xs["c"], count, args.rows, args.warps)
+    run_counters(w, xs["p"], count, args.rows, args.warps, poll_load=True)
     ref = x0.float()
     for s in range(args.stages):
         ref = (w[s].float() @ ref).to(torch.bfloat16).float()
-    same = torch.equal(xs["l"], xs["c"])
+    same = torch.equal(xs["l"], xs["c"]) and torch.equal(xs["l"], xs["p"])
     err = ((xs["c"][-1].float() - ref).norm() / ref.norm()).item()
     # (against torch the roundings of 60 stages drift apart: printed, not a condition)
-    print(f"launches and counters bit for bit the same: {same}; last stage against torch: {err:.2e}", flush=True)
+    print(f"launches and both counter chains bit for bit the same: {same}; last stage against torch: {err:.2e}", flush=True)
     if not same:
         return 1
     if args.check_only:
@@ -136,10 +155,12 @@ def main() -> int:
     floor_us = w.numel() * w.element_size() / (copy_tbs * 1e12) * 1e6
     t_launch = graphed_ms(lambda: run_launches(w, xs["l"], args.rows, args.warps), 4) * 1e3
     t_count = graphed_ms(lambda: run_counters(w, xs["c"], count, args.rows, args.warps), 4) * 1e3
+    t_poll = graphed_ms(lambda: run_counters(w, xs["p"], count, args.rows, args.warps, poll_load=True), 4) * 1e3
     print(f"{torch.cuda.get_device_name()}; {args.stages} stages of [{args.dim}, {args.dim}] bf16, {args.rows} rows a "
           f"program, {args.warps} warps; PDL {dependent_launch(xs['l'].device)}; copy {copy_tbs:.2f} TB/s")
     print("| chain | us | us a stage | floor us a stage |\n|---|---|---|---|")
-    for name, t in (("launches", t_launch), ("counters", t_count)):
+    for name, t in (("launches", t_launch), ("counters, polled by atomic_add", t_count),
+                    ("counters, polled by ld.acquire", t_poll)):
         print(f"| {name} | {t:.1f} | {t / args.stages:.2f} | {floor_us / args.stages:.2f} |")
     return 0
 
