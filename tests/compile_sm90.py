@@ -102,12 +102,14 @@ def main() -> int:
                               dict(HEAD_DIM=dd, D=dim, G=group, ROWS=rows, SPLIT=4, HAS_GATE=True, DEFER=rows == 1),
                               {"num_warps": warps}, types)
         tb = min(64, triton.next_power_of_2(td.TAIL_BLOCK_ELEMENTS // (rows * dd)))
-        for split, fold in ((2, False), (8, True)):  # the fold a launch of its own, or in the step
-            ok &= compile_variant(f"tail step d{dd} rows {rows} readers {split}{' folding' if fold else ''}",
+        # the fold a launch of its own, or in the step; at d 64 also with the 8 warps of a step with
+        # one program per SM or fewer (triton_decode._tail_step_warps)
+        for split, fold, w in ((2, False, warps), (8, True, warps)) + (((8, True, 8),) if dd <= 64 else ()):
+            ok &= compile_variant(f"tail step d{dd} rows {rows} readers {split}{' folding' if fold else ''} warps {w}",
                                   td._tail_step_kernel,
                                   dict(HEAD_DIM=dd, D=dim, G=group, ROWS=rows, SPLIT=split, CT=64, TB=tb, HAS_GATE=True,
                                        DEFER=rows == 1, FOLD=fold, PDL=True, PREFETCH=True, LINES=max(1, dd // 32)),
-                                  {"num_warps": warps, "launch_pdl": True},
+                                  {"num_warps": w, "launch_pdl": True},
                                   types)
         ok &= compile_variant(f"fold d{dd} after a step", td._fold_kernel,
                               dict(HEAD_DIM=dd, D=dim, CT=64, SPLIT=2, FILLED=True, PDL=True),

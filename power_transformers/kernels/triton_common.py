@@ -48,6 +48,14 @@ def _hopper_or_later(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device_index: int) -> int:
+    """SMs of the CUDA device `device_index`."""
+    import torch
+
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def dependent_launch(device) -> bool:
     """Whether the one-token decode kernels on `device` (a torch.device) launch with programmatic
     dependent launch (PDL): on CUDA GPUs of compute capability 9.0 or later, not under the

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from .reference import expanded_dim
-from .triton_common import (dependent_launch, dot_f32, interpreting, pair_weights, pdl_options, phi_rows,
-                            prefetch_l2, row_block_rows, wait_for_previous_kernel)
+from .triton_common import (dependent_launch, dot_f32, interpreting, multiprocessors, pair_weights, pdl_options,
+                            phi_rows, prefetch_l2, row_block_rows, wait_for_previous_kernel)
 
 
 @triton.jit
@@ -408,10 +408,14 @@ def _tail_step_kernel(
 #: spread (RESULTS.md, generation, run L, call 4).
 TAIL_STEP_READERS = 384
 TAIL_STEP_MAX_READERS = 8
-#: Warps per program of a tail step (None: 4 up to head size 64, else 8). With the fold in the step,
-#: batch 1 x 12 heads: 8 / 16 / 32 readers took 7.2 / 7.1 / 9.9 us at 4 warps, 8.8 / 8.0 / 8.5 at 2
-#: and 20.4 / 14.5 / 15.6 at 1; the graphed model step 0.305 ms with the rule, 0.311 with 16 readers
-#: at 2 warps, 0.423 with 32 at 1 (benchmarks/tune_tail_decode.py --warps, RESULTS.md run K).
+#: Warps per program of a tail step (None: 4 up to head size 64, else 8; 8 too where the step has at
+#: most one program per SM, whose walk then has more loads in flight). With the fold in the
+#: step, batch 1 x 12 heads: 8 / 16 / 32 readers took 7.2 / 7.1 / 9.9 us at 4 warps, 8.8 / 8.0 / 8.5
+#: at 2 and 20.4 / 14.5 / 15.6 at 1; the graphed model step 0.305 ms with the rule, 0.311 with 16
+#: readers at 2 warps, 0.423 with 32 at 1 (benchmarks/tune_tail_decode.py --warps, RESULTS.md run K).
+#: 8 warps: 8 readers 6.5 against 6.9 us at 4 (16 readers 9.1 against 7.0); batch 8 x 12 heads (480
+#: programs), 2 / 4 / 8 readers 39.8 / 37.8 / 46.6 against 35.0 / 29.7 / 34.6 (RESULTS.md, generation,
+#: run M, call 4).
 TAIL_STEP_WARPS = None
 #: Numbers in the tail program's [rows, TB, d] product (TB tail tokens at a time). Its registers
 #: count for every program of the step: at 8192 (64 a thread) the step took 43.9 us at batch 8 x
@@ -441,6 +445,15 @@ def _tail_split(pairs: int, head_dim: int) -> int:
     """Readers per (batch row, kv head) of a tail step: a power of two, about TAIL_STEP_READERS in
     all, at most TAIL_STEP_MAX_READERS and one per row-block."""
     return min(head_dim, TAIL_STEP_MAX_READERS, 1 << max(0, (TAIL_STEP_READERS // max(1, pairs)).bit_length() - 1))
+
+
+def _tail_step_warps(programs: int, head_dim: int, device) -> int:
+    """num_warps of a tail step of `programs` programs (TAIL_STEP_WARPS)."""
+    if TAIL_STEP_WARPS:
+        return TAIL_STEP_WARPS
+    if head_dim > 64:
+        return 8
+    return 8 if programs <= multiprocessors(device.index if device.index is not None else 0) else 4
 
 
 def _fold(state, filled: bool) -> None:
@@ -485,7 +498,8 @@ def tail_decode_(q, k, v, log_g, state, scale: float, eps: float) -> torch.Tenso
         HEAD_DIM=d, D=expanded_dim(d, 2), G=group, ROWS=rows, SPLIT=split, CT=cap, TB=tb,
         HAS_GATE=log_g is not None, DEFER=rows == 1, FOLD=fold_in_step, PDL=pdl, PREFETCH=TAIL_STEP_PREFETCH,
         LINES=max(1, d // 32),
-        **({} if interpreting() else {"num_warps": TAIL_STEP_WARPS or (4 if d <= 64 else 8), **pdl_options(pdl)}))
+        **({} if interpreting() else {"num_warps": _tail_step_warps(bsz * hk * (split + 1), d, q.device),
+                                      **pdl_options(pdl)}))
     if not fold_in_step:
         _fold(state, filled=True)
     return y
