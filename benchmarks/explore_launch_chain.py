@@ -1,6 +1,9 @@
-"""Exploration (GPU; written after run L's device time was spent, not yet run): what a kernel
-boundary costs in a chain like a one-token decode step, and what a counter between the stages of
-one launch would cost instead.
+"""Exploration (GPU): what a kernel boundary costs in a chain like a one-token decode step, and what
+a counter between the stages of one launch would cost instead.
+
+Answer (H100, RESULTS.md, generation, run M): 60 stages of [1024, 1024] took 1.94 us a stage as
+launches with PDL, 3.73 as counters polled by atomic_add and 9.53 polled by ld.acquire, against a
+floor of 0.70; so the decode step keeps its launches.
 
     python benchmarks/explore_launch_chain.py [--stages 60] [--dim 1024] [--rows 8] [--warps 4]
     TRITON_INTERPRET=1 python benchmarks/explore_launch_chain.py --check-only --stages 4 --dim 64 --rows 16
