@@ -194,13 +194,13 @@ def test_tail_step_readers_fill_the_gpu_at_any_batch():
     assert _tail_split(1, 4) == 4
 
 
-def test_tail_step_warps_double_where_the_step_has_one_program_per_sm(monkeypatch):
+def test_tail_step_takes_8_warps_where_it_has_one_program_per_sm(monkeypatch):
     """8 warps for a tail step of at most one program per SM (batch 1 x 12 heads x 9 programs on an
     H100's 132 SMs: 6.5 against 6.9 us), 4 past that (batch 8 x 12 x 5: 29.7 against 37.8), 8 at
     d = 128 (RESULTS.md, generation, run M)."""
     from power_transformers.kernels import triton_decode as td
 
-    monkeypatch.setattr(td, "multiprocessors", lambda index: 132)
+    monkeypatch.setattr(td, "multiprocessors", lambda device: 132)
     cuda = torch.device("cuda", 0)
     assert [td._tail_step_warps(n, 64, cuda) for n in (12 * 9, 132, 133, 96 * 5)] == [8, 8, 4, 4]
     assert td._tail_step_warps(1000, 128, cuda) == 8

@@ -49,11 +49,20 @@ def _hopper_or_later(device_index: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def multiprocessors(device_index: int) -> int:
-    """SMs of the CUDA device `device_index`."""
+def _multiprocessors(device_index: int) -> int:
     import torch
 
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _index(device) -> int:
+    """The index of a CUDA torch.device ("cuda" alone: 0)."""
+    return device.index if device.index is not None else 0
+
+
+def multiprocessors(device) -> int:
+    """SMs of the CUDA device `device` (a torch.device)."""
+    return _multiprocessors(_index(device))
 
 
 def dependent_launch(device) -> bool:
@@ -67,7 +76,7 @@ def dependent_launch(device) -> bool:
     wait_for_previous_kernel for the one before to finish."""
     if interpreting() or device.type != "cuda" or os.environ.get("POWER_PDL", "1") == "0":
         return False
-    return _hopper_or_later(device.index if device.index is not None else 0)
+    return _hopper_or_later(_index(device))
 
 
 def pdl_options(pdl: bool) -> dict:

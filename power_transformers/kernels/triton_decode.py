@@ -453,7 +453,7 @@ def _tail_step_warps(programs: int, head_dim: int, device) -> int:
         return TAIL_STEP_WARPS
     if head_dim > 64:
         return 8
-    return 8 if programs <= multiprocessors(device.index if device.index is not None else 0) else 4
+    return 8 if programs <= multiprocessors(device) else 4
 
 
 def _fold(state, filled: bool) -> None:
