@@ -146,6 +146,12 @@ def dot_f32(a, b, acc=None):
 
 
 @triton.jit
+def column(x, i, offs_d):
+    """Column i of a register tile x [M, d] (offs_d = arange(d)): [M], without a load from memory."""
+    return tl.sum(tl.where(offs_d[None, :] == i, x, 0.0), axis=1)
+
+
+@triton.jit
 def pair_weights(i, offs_d):
     """[d] weights of the pairs (i, j): sqrt(2) for j > i, 1 for j == i, 0 for j < i (no such pair)."""
     return tl.where(offs_d > i, 1.4142135623730951, tl.where(offs_d == i, 1.0, 0.0))

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .reference import expanded_dim
-from .triton_common import (dependent_launch, dot_f32, interpreting, multiprocessors, pair_weights, pdl_options,
+from .triton_common import (column, dependent_launch, dot_f32, interpreting, multiprocessors, pair_weights, pdl_options,
                             phi_rows, prefetch_l2, row_block_rows, wait_for_previous_kernel)
 
 
@@ -43,8 +43,7 @@ def decode_program(Q, t, HQ, HK, scale, HEAD_DIM: tl.constexpr, G: tl.constexpr,
     """This program's (batch row, kv head) bh = b Hk + h of grid axis 0, and its query rows: the t
     tokens' G query heads of the group, row r = token * G + g (ROWS >= t G, the rest masked).
     Returns bh, b, h, offs_d, offs_r, r_tok [ROWS] (each row's token), r_ok [ROWS], row_off
-    [ROWS] (the rows' offsets, the same in q and y), q_rows (Q + row_off) and q [ROWS, d] fp32,
-    scaled."""
+    [ROWS] (the rows' offsets, the same in q and y) and q [ROWS, d] fp32, scaled."""
     bh = tl.program_id(0)
     b = bh // HK
     h = bh % HK
@@ -53,9 +52,8 @@ def decode_program(Q, t, HQ, HK, scale, HEAD_DIM: tl.constexpr, G: tl.constexpr,
     r_tok = offs_r // G
     r_ok = r_tok < t
     row_off = ((b * t + r_tok) * HQ + h * G + offs_r % G).to(tl.int64) * HEAD_DIM
-    q_rows = Q + row_off
-    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32) * scale
-    return bh, b, h, offs_d, offs_r, r_tok, r_ok, row_off, q_rows, q
+    q = tl.load(Q + row_off[:, None] + offs_d[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32) * scale
+    return bh, b, h, offs_d, offs_r, r_tok, r_ok, row_off, q
 
 
 @triton.jit
@@ -82,10 +80,12 @@ def prefetch_row_blocks(s_base, z_base, first, STEP: tl.constexpr, HEAD_DIM: tl.
 
 
 @triton.jit
-def query_phi_rows(q, q_rows, i, r_ok, scale, offs_d):
-    """Row-block i of phi(s q) [ROWS, d] for the scaled queries q [ROWS, d] (fp32) whose rows start
-    at the pointers q_rows [ROWS] (column i is read from there)."""
-    qi = tl.load(q_rows + i, mask=r_ok, other=0.0).to(tl.float32) * scale
+def query_phi_rows(q, i, offs_d):
+    """Row-block i of phi(s q) [ROWS, d] for the scaled queries q [ROWS, d] (fp32). Column i is
+    taken from q in registers: read from memory, it was a load in every row-block that the
+    program waited for (H100, the benchmark model's graphed step at batch 1: RESULTS.md,
+    generation, run N)."""
+    qi = column(q, i, offs_d)
     return phi_rows(q, qi, i, offs_d)
 
 
@@ -150,7 +150,7 @@ def _decode_kernel(
     HAS_GATE: tl.constexpr, DEFER: tl.constexpr,
 ):
     sp = tl.program_id(1)
-    bh, b, h, offs_d, offs_r, r_tok, r_ok, row_off, q_rows, q = decode_program(Q, t, HQ, HK, scale, HEAD_DIM, G, ROWS)
+    bh, b, h, offs_d, offs_r, r_tok, r_ok, row_off, q = decode_program(Q, t, HQ, HK, scale, HEAD_DIM, G, ROWS)
 
     s_base = S + bh.to(tl.int64) * D * HEAD_DIM
     z_base = Z + bh.to(tl.int64) * D
@@ -162,12 +162,12 @@ def _decode_kernel(
     for m in range(HEAD_DIM // SPLIT):
         i = sp + m * SPLIT
         s_ptr, z_ptr, row_ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
-        phiq_all = query_phi_rows(q, q_rows, i, r_ok, scale, offs_d)  # [ROWS, d]
+        phiq_all = query_phi_rows(q, i, offs_d)  # [ROWS, d]
         w = pair_weights(i, offs_d)
         for tok in range(t):
             kv_off = ((b * t + tok) * HK + h).to(tl.int64) * HEAD_DIM
             k = tl.load(K + kv_off + offs_d).to(tl.float32)
-            ki = tl.load(K + kv_off + i).to(tl.float32)
+            ki = column(k[None, :], i, offs_d)
             v = tl.load(V + kv_off + offs_d).to(tl.float32)
             if HAS_GATE:
                 a = tl.exp(tl.load(LG + (b * t + tok).to(tl.int64) * HK + h).to(tl.float32))
@@ -267,9 +267,11 @@ def tail_tiles(TK, TV, TG, tail, t0, n, g_last, k_new, v_new, new_at, offs_d, TB
 def fold_row_blocks(s_base, z_base, first, STEP: tl.constexpr, TK, TV, TG, tail, n, g_last, k_new, v_new, new_at,
                     offs_d, CT: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Row-blocks first, first + STEP, ... of one head's state (S [D, d], z [D] fp32) with the first
-    n tokens of its tail folded in (tail_tiles), each read and written back once:
-    S_i = e^{g_last} S_i + phi_i(K)^T diag(decay) V, z likewise, one product (dot_f32: tensor
-    cores, about fp32 accuracy) per FOLD_TOKENS tokens over tiles read once. Token by token, with a
+    n tokens of its tail folded in (tail_tiles), each read and written back once (once per 2
+    FOLD_TOKENS tokens of a longer tail): S_i = e^{g_last} S_i + phi_i(K)^T diag(decay) V, z
+    likewise, one product (dot_f32: tensor cores, about fp32 accuracy) per FOLD_TOKENS tokens. The
+    tail's tiles are read once, before the row-blocks: read again for every row-block, they were a
+    chain of reads that the fold waited on (RESULTS.md, generation, run N). Token by token, with a
     load per token, each reader's fold was a chain of dependent reads; the benchmark model's graphed
     step (64 steps timed, 64k context, default compile, H100) went from 0.305 to 0.301 ms at batch 1
     and from 0.813 to 0.805 at batch 8 (RESULTS.md, generation, run L, call 6). A large batch's
@@ -277,20 +279,26 @@ def fold_row_blocks(s_base, z_base, first, STEP: tl.constexpr, TK, TV, TG, tail,
     state; benchmarks/explore_tail_decode.py at commit b9045cb)."""
     TB: tl.constexpr = FOLD_TOKENS if FOLD_TOKENS < CT else (CT if CT >= 16 else 16)  # tl.dot takes >= 16
     g = tl.exp(g_last)
-    for mm in range(HEAD_DIM // STEP):
-        i = first + mm * STEP
-        s_ptr, z_ptr, row_ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
-        s_i *= g
-        z_i *= g
-        w = pair_weights(i, offs_d)
-        for t0 in range(0, n, TB):
-            k, v, decay = tail_tiles(TK, TV, TG, tail, t0, n, g_last, k_new, v_new, new_at, offs_d, TB, HEAD_DIM)
-            ki = tl.sum(tl.where(offs_d[None, :] == i, k, 0.0), axis=1)  # column i of the keys
-            phik = k * (ki * decay)[:, None] * w[None, :]  # [TB, d]: phi_i(k_j) e^{g_last - G_j}
-            s_i = dot_f32(tl.trans(phik), v, s_i)
-            z_i += tl.sum(phik, axis=0)
-        tl.store(s_ptr, s_i, mask=row_ok[:, None])
-        tl.store(z_ptr, z_i, mask=row_ok)
+    for p0 in range(0, n, 2 * TB):  # one pass for a tail of up to 2 TB tokens (the default: 64, 32)
+        ka, va, da = tail_tiles(TK, TV, TG, tail, p0, n, g_last, k_new, v_new, new_at, offs_d, TB, HEAD_DIM)
+        kb, vb, db = tail_tiles(TK, TV, TG, tail, p0 + TB, n, g_last, k_new, v_new, new_at, offs_d, TB, HEAD_DIM)
+        own = tl.where(p0 == 0, g, 1.0)  # the state's own decay, once
+        for mm in range(HEAD_DIM // STEP):
+            i = first + mm * STEP
+            s_ptr, z_ptr, row_ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
+            w = pair_weights(i, offs_d)
+            s_i, z_i = fold_tile(s_i * own, z_i * own, ka, va, da, i, w, offs_d)
+            s_i, z_i = fold_tile(s_i, z_i, kb, vb, db, i, w, offs_d)
+            tl.store(s_ptr, s_i, mask=row_ok[:, None])
+            tl.store(z_ptr, z_i, mask=row_ok)
+
+
+@triton.jit
+def fold_tile(s_i, z_i, k, v, decay, i, w, offs_d):
+    """Row-block i (s_i [d, d], z_i [d]) plus one tile of tail tokens (tail_tiles: k, v [TB, d] and
+    decay [TB]; w = pair_weights(i))."""
+    phik = k * (column(k, i, offs_d) * decay)[:, None] * w[None, :]  # [TB, d]: phi_i(k_j) e^{g_last - G_j}
+    return dot_f32(tl.trans(phik), v, s_i), z_i + tl.sum(phik, axis=0)
 
 
 @triton.jit
@@ -345,7 +353,7 @@ def _tail_step_kernel(
         # launched while q/k/v are projected: the reader's row-blocks stream into L2 meanwhile
         prefetch_row_blocks(s_base, z_base, sp, SPLIT, HEAD_DIM, LINES)
     wait_for_previous_kernel(PDL)  # q/k/v were just projected
-    bh, _b, _h, offs_d, offs_r, _tok, r_ok, row_off, q_rows, q = decode_program(Q, 1, HQ, HK, scale, HEAD_DIM, G, ROWS)
+    bh, _b, _h, offs_d, offs_r, _tok, r_ok, row_off, q = decode_program(Q, 1, HQ, HK, scale, HEAD_DIM, G, ROWS)
 
     # m tokens since the last fold; the new token goes at m. The high bits count arrivals (ARRIVAL).
     m_stored = tl.load(TLEN + bh) % ARRIVAL
@@ -366,7 +374,7 @@ def _tail_step_kernel(
         for mm in range(HEAD_DIM // SPLIT):
             i = sp + mm * SPLIT
             _s_ptr, _z_ptr, _row_ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
-            phiq = query_phi_rows(q, q_rows, i, r_ok, scale, offs_d)
+            phiq = query_phi_rows(q, i, offs_d)
             num, den, acc_s, acc_z = query_row_block(phiq, s_i, z_i, num, den, acc_s, acc_z, DEFER)
         num, den = finish_query(num, den, acc_s, acc_z, DEFER)
         num *= tl.exp(g_m)
