@@ -81,10 +81,9 @@ def prefetch_row_blocks(s_base, z_base, first, STEP: tl.constexpr, HEAD_DIM: tl.
 
 @triton.jit
 def query_phi_rows(q, i, offs_d):
-    """Row-block i of phi(s q) [ROWS, d] for the scaled queries q [ROWS, d] (fp32). Column i is
-    taken from q in registers: read from memory, it was a load in every row-block that the
-    program waited for (H100, the benchmark model's graphed step at batch 1: RESULTS.md,
-    generation, run N)."""
+    """Row-block i of phi(s q) [ROWS, d] for the scaled queries q [ROWS, d] (fp32). Column i comes
+    from q in registers, not from a load in every row-block (on the H100 no measurable difference
+    in the model's step: RESULTS.md, generation, run N)."""
     qi = column(q, i, offs_d)
     return phi_rows(q, qi, i, offs_d)
 
@@ -237,9 +236,10 @@ def decode_(q, k, v, log_g, s_state, z_state, scale: float, eps: float) -> torch
 # ----------------------------------------------------------------------------------
 
 
-#: Tokens per product of a fold (fold_row_blocks): [FOLD_TOKENS, d] fp32 tiles of keys and values
-#: live beside the row-block. ptxas (Triton 3.6, sm_90) spills 352 bytes a thread of the folding
-#: tail step at 4 warps with 32, 2068 with 64 (468 when it folded token by token).
+#: Tokens per product of a fold (fold_row_blocks): two [FOLD_TOKENS, d] fp32 tiles of keys and two
+#: of values live beside the row-block. ptxas (Triton 3.6, sm_90), the folding tail step with 32:
+#: no spills at 8 warps, 88 bytes a thread at 4 (with the tiles read again for every row-block:
+#: 20 and 352; with 64 then: 2068 at 4 warps).
 FOLD_TOKENS = tl.constexpr(32)
 
 
