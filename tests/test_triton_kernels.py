@@ -335,22 +335,27 @@ def test_decode_one_query_row_sums_its_terms_once(split, monkeypatch):
     assert rel(state[0], state_ref[0]) < 1e-5 and rel(state[1], state_ref[1]) < 1e-5
 
 
-@pytest.mark.parametrize("hq, hk, d, tail, gated, readers, steps", [
-    (2, 2, 32, 8, True, None, 19), (8, 2, 16, 4, False, 2, 11), (16, 1, 64, 16, True, None, 35),
-    (2, 2, 32, 8, True, 32, 16), (2, 2, 32, 8, True, 4, 16)])
-def test_tail_decode_matches_reference_across_folds(hq, hk, d, tail, gated, readers, steps, monkeypatch):
+@pytest.mark.parametrize("hq, hk, d, tail, gated, readers, steps, fold_tokens", [
+    (2, 2, 32, 8, True, None, 19, None), (8, 2, 16, 4, False, 2, 11, None), (16, 1, 64, 16, True, None, 35, None),
+    (2, 2, 32, 8, True, 32, 16, None), (2, 2, 32, 8, True, 4, 16, None),
+    (2, 2, 16, 64, True, None, 66, 16), (2, 2, 16, 64, True, 2, 66, 16)])
+def test_tail_decode_matches_reference_across_folds(hq, hk, d, tail, gated, readers, steps, fold_tokens, monkeypatch):
     """One token at a time through a DecodeState: the kernels (a step that reads the state and
     attends over the tail; the step that fills the tail folds it) against the reference's tail
     decoding in fp64, over several folds. (16, 1, 64, 16): 16 query rows, so the tail is attended 8
     tokens at a time. Then a flush (fold_tail_) and the state against the reference's. readers: the
     step's state readers per (row, kv head). None (the rule's, 8 here) and 32: the step's readers fold
     the tail (FOLD_IN_STEP_READERS); 2 and 4: _fold_kernel folds it after the step. steps 16 with a
-    tail of 8: the last step fills the tail and folds it, so the flush must leave it alone."""
+    tail of 8: the last step fills the tail and folds it, so the flush must leave it alone.
+    fold_tokens 16 with a tail of 64: the fold takes the tail in two passes of two 16-token tiles
+    (fold_row_blocks), in the step and in _fold_kernel."""
     from power_transformers.kernels import triton_decode
     from power_transformers.kernels.reference import empty_decode_state
 
     if readers is not None:
         monkeypatch.setattr(triton_decode, "_tail_split", lambda pairs, head_dim: readers)
+    if fold_tokens is not None:
+        monkeypatch.setattr(triton_decode, "FOLD_TOKENS", triton_decode.tl.constexpr(fold_tokens))
 
     q, k, v, log_g = make_inputs(2, steps, hq, hk, d, gated=gated, seed=13)
     s, z = random_state(2, hk, d)
