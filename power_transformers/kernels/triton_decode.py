@@ -267,11 +267,13 @@ def tail_tiles(TK, TV, TG, tail, t0, n, g_last, k_new, v_new, new_at, offs_d, TB
 def fold_row_blocks(s_base, z_base, first, STEP: tl.constexpr, TK, TV, TG, tail, n, g_last, k_new, v_new, new_at,
                     offs_d, CT: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Row-blocks first, first + STEP, ... of one head's state (S [D, d], z [D] fp32) with the first
-    n tokens of its tail folded in (tail_tiles), each read and written back once (once per 2
-    FOLD_TOKENS tokens of a longer tail): S_i = e^{g_last} S_i + phi_i(K)^T diag(decay) V, z
-    likewise, one product (dot_f32: tensor cores, about fp32 accuracy) per FOLD_TOKENS tokens. The
-    tail's tiles are read once, before the row-blocks: read again for every row-block, they were a
-    chain of reads that the fold waited on (RESULTS.md, generation, run N). Token by token, with a
+    n tokens of its tail folded in (tail_tiles), each read and written back once (a tail longer
+    than 2 x FOLD_TOKENS: once per 2 x FOLD_TOKENS tokens): S_i = e^{g_last} S_i + phi_i(K)^T
+    diag(decay) V, z likewise, one product (dot_f32: tensor cores, about fp32 accuracy) per
+    FOLD_TOKENS tokens. The tail's tiles are read once, before the row-blocks. Read again for every
+    row-block, they were a chain of reads that the fold waited on: the benchmark model's graphed
+    step at batch 8 went from 0.806 to 0.784 ms, and batch 64 (folded in _fold_kernel) from 1.93x
+    to 1.87x its memory floor (H100, RESULTS.md, generation, run N). Token by token, with a
     load per token, each reader's fold was a chain of dependent reads; the benchmark model's graphed
     step (64 steps timed, 64k context, default compile, H100) went from 0.305 to 0.301 ms at batch 1
     and from 0.813 to 0.805 at batch 8 (RESULTS.md, generation, run L, call 6). A large batch's
@@ -279,7 +281,7 @@ def fold_row_blocks(s_base, z_base, first, STEP: tl.constexpr, TK, TV, TG, tail,
     state; benchmarks/explore_tail_decode.py at commit b9045cb)."""
     TB: tl.constexpr = FOLD_TOKENS if FOLD_TOKENS < CT else (CT if CT >= 16 else 16)  # tl.dot takes >= 16
     g = tl.exp(g_last)
-    for p0 in range(0, n, 2 * TB):  # one pass for a tail of up to 2 TB tokens (the default: 64, 32)
+    for p0 in range(0, n, 2 * TB):  # one pass for a tail of up to 2 TB tokens (the default tail: 64, TB 32)
         ka, va, da = tail_tiles(TK, TV, TG, tail, p0, n, g_last, k_new, v_new, new_at, offs_d, TB, HEAD_DIM)
         kb, vb, db = tail_tiles(TK, TV, TG, tail, p0 + TB, n, g_last, k_new, v_new, new_at, offs_d, TB, HEAD_DIM)
         own = tl.where(p0 == 0, g, 1.0)  # the state's own decay, once
