@@ -37,10 +37,14 @@ Kernels (phi(q), phi(k) built row-block by row-block on chip, never stored; see 
 The backward reads the forward's chunk states when the forward kept them (keep_states), else
 recomputes them with a third state pass.
 
-Longer chunks (C = 256 ... 1024, several blocks) store fewer states, but on the H100 they did not
-pay (64k tokens, d = 64, states kept, benchmarks/RESULTS.md run G): the share kernel then reads its
+Longer chunks (C = 256 ... 1024, several blocks) store fewer states. Until run K they did not pay
+(64k tokens, d = 64, states kept, benchmarks/RESULTS.md runs G and I): the share kernel read its
 chunk a block at a time for every row-block, 4.1 ms a pass against 2.2 at C = 128 (as one
-[256, d] tile: 3.6, spilling), and the chunk-local work grows; C = 128 stays the default.
+[256, d] tile: 3.6, spilling). Now it holds the two blocks of a 256-token chunk (d <= 64), and a
+scratch copy of that kernel made C = 256 the faster chunk in one profile (H100, forward + backward
+at 64k: 16.12 ms against 17.48 at C = 128, the share kernel about 4.4 ms at either; run K). This
+kernel as written here has not run on a GPU yet, so C = 128 stays the default until the GPU check
+and the benchmark table have run at C = 256.
 
 Backward (y = num / (den + eps)): with do_t = dy_t / (den_t + eps) and delta_t = -do_t . y_t,
 num and den are an unnormalised power attention over values [v, 1] with output gradient
@@ -137,26 +141,57 @@ def _chunk_share_kernel(
     tl.store(ZOUT + slot * D + z_off, zmat, mask=z_ok)
 
     SOURCES: tl.constexpr = G * (CHUNK // BLOCK)  # a source: one query head of the group, one block of the chunk
-    if SOURCES == 1:  # the operands every row-block shares, read once
-        xt = tl.trans(load_tile(X + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d).to(OP))  # [d, M]
-        y = load_tile(Y + head0 * HEAD_DIM, t0, T, stride_t, offs_c, offs_d)
-        w = tl.load(w_base + offs_c)
+    # One head's chunk of up to two blocks (d <= 64): its operands are read once and held for every
+    # row-block. Read again for every row-block (from cache), the two blocks of a 256-token chunk
+    # took 8.30 ms against 4.36 held (H100, 64k tokens, d = 64: RESULTS.md, attention kernels, run
+    # K). Other sources are read again; held, they spilled more and were not timed (ptxas, sm_90,
+    # bytes a thread: a group of two heads at C = 128 1632 against 1064, two blocks of 64 at d = 128
+    # 644 against none).
+    HELD: tl.constexpr = SOURCES == 1 or (SOURCES == 2 and G == 1 and HEAD_DIM <= 64)
+    if HELD:
+        xt0, y0, w0, x0, ok0 = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, 0, HEAD_DIM,
+                                             CHUNK, BLOCK, OP)
+        xt1, y1, w1, x1, ok1 = xt0, y0, w0, x0, ok0
+        if SOURCES == 2:
+            xt1, y1, w1, x1, ok1 = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, 1, HEAD_DIM,
+                                                 CHUNK, BLOCK, OP)
     for i in range(HEAD_DIM):
         # row-block i as a full [d, d] tile: sum over the sources of x^T @ ((w x_i) y)
         acc = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
-        for src in range(SOURCES):
-            g = src // (CHUNK // BLOCK)
-            tb = t0 + (src % (CHUNK // BLOCK)) * BLOCK
-            if SOURCES > 1:  # read again for every row-block, from cache
-                xt = tl.trans(load_tile(X + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d).to(OP))
-                y = load_tile(Y + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)
-                w = tl.load(w_base + (src % (CHUNK // BLOCK)) * BLOCK + offs_c)
-            xi = tl.load(X + (head0 + g) * HEAD_DIM + (tb + offs_c) * stride_t + i, mask=tb + offs_c < T,
-                         other=0.0).to(tl.float32)
-            # (y stays in its stored dtype until here: half the registers for 16-bit inputs)
-            acc += tl.dot(xt, ((w * xi)[:, None] * y.to(tl.float32)).to(OP))
+        if HELD:
+            acc = _row_block_share(acc, xt0, y0, w0, x0, ok0, i, OP)
+            if SOURCES == 2:
+                acc = _row_block_share(acc, xt1, y1, w1, x1, ok1, i, OP)
+        else:
+            for src in range(SOURCES):
+                xt, y, w, x_rows, ok = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, src,
+                                                     HEAD_DIM, CHUNK, BLOCK, OP)
+                acc = _row_block_share(acc, xt, y, w, x_rows, ok, i, OP)
         rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
         tl.store(OUT + slot * D * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, src, HEAD_DIM: tl.constexpr,
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr, OP: tl.constexpr):
+    """Source `src` of a chunk's share (query head src // (CHUNK / BLOCK) of the group, block src %
+    (CHUNK / BLOCK) of the chunk): x^T [d, M] in the product dtype OP, y [M, d] as stored, the
+    weights w [M], and its x rows' pointers [M] with their mask (for the columns x_i)."""
+    g = src // (CHUNK // BLOCK)
+    tb = t0 + (src % (CHUNK // BLOCK)) * BLOCK
+    x_head = X + (head0 + g) * HEAD_DIM
+    xt = tl.trans(load_tile(x_head, tb, T, stride_t, offs_c, offs_d).to(OP))
+    y = load_tile(Y + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)
+    w = tl.load(w_base + (src % (CHUNK // BLOCK)) * BLOCK + offs_c)
+    return xt, y, w, x_head + (tb + offs_c) * stride_t, tb + offs_c < T
+
+
+@triton.jit
+def _row_block_share(acc, xt, y, w, x_rows, ok, i, OP: tl.constexpr):
+    """acc [d, d] + x^T @ ((w x_i) y), row-block i of one source's share (_share_source)."""
+    xi = tl.load(x_rows + i, mask=ok, other=0.0).to(tl.float32)
+    # (y stays in its stored dtype until here: half the registers for 16-bit inputs)
+    return tl.dot(xt, ((w * xi)[:, None] * y.to(tl.float32)).to(OP), acc)
 
 
 @triton.jit
