@@ -27,10 +27,12 @@ class PowerConfig(PreTrainedConfig):
         degree (`int`, 2): the even power p of the scores (s q.k)^p. The state per key/value head has
             C(head_dim + p - 1, p) x head_dim entries.
         chunk_size (`int`, 128): tokens per chunk of the chunked form (training and prefill). It
-            changes only rounding. 128 is the Triton kernels' fastest at head size 64 (H100, 64k
+            changes only rounding. 128 was the Triton kernels' fastest at head size 64 (H100, 64k
             tokens forward+backward: 23.4 ms against 34.8 at 64, run E; with the states kept, 19.3
-            against 22.2 at 256 and 23.6 at 512, run G; benchmarks/RESULTS.md); at head size 128 the
-            kernels use 64.
+            against 22.2 at 256 and 23.6 at 512, run G; benchmarks/RESULTS.md). Since the share
+            kernel holds a 256-token chunk's two blocks, 256 was faster in one profile (16.12 against
+            17.48 ms, run K), not yet checked on the GPU in its committed form, so 128 stays the
+            default. At head size 128 the kernels use 64.
         attention_scale (`float`, None): s in (s q.k)^p; None means 1/sqrt(head_dim).
         attention_eps (`float`, 1e-6): added to the normaliser, y = sum A v / (sum A + eps).
         use_gating (`bool`, True): a learned per-token, per-key/value-head forget gate
