@@ -85,16 +85,22 @@ from .reference import expanded_dim
 
 
 @triton.jit
+def _source_at(src, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Source `src` of a chunk (a source: one query head of the group, one block of the chunk): the
+    head's index g in the group, and the block's first token counted from the chunk's start."""
+    return src // (CHUNK // BLOCK), (src % (CHUNK // BLOCK)) * BLOCK
+
+
+@triton.jit
 def _share_z(X, ZW, w_base, head0, t0, T, HX, stride_t, offs_c, offs_d,
              HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr, HAS_ZW: tl.constexpr):
     """The chunk's Z share as a [d, d] matrix, sum_g sum_t w_t zw_t x_t x_t^T (fp32 products)."""
-    SUB: tl.constexpr = CHUNK // BLOCK
     zmat = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
-    for src in range(G * SUB):
-        g = src // SUB
-        tb = t0 + (src % SUB) * BLOCK
+    for src in range(G * (CHUNK // BLOCK)):
+        g, off = _source_at(src, CHUNK, BLOCK)
+        tb = t0 + off
         x = load_rows(X + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)
-        wz = tl.load(w_base + (src % SUB) * BLOCK + offs_c)
+        wz = tl.load(w_base + off + offs_c)
         if HAS_ZW:
             wz = wz * tl.load(ZW + head0 + g + (tb + offs_c) * HX, mask=tb + offs_c < T, other=0.0)
         zmat += dot_f32(tl.trans(x), x * wz[:, None])
@@ -174,15 +180,14 @@ def _chunk_share_kernel(
 @triton.jit
 def _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, src, HEAD_DIM: tl.constexpr,
                   CHUNK: tl.constexpr, BLOCK: tl.constexpr, OP: tl.constexpr):
-    """Source `src` of a chunk's share (query head src // (CHUNK / BLOCK) of the group, block src %
-    (CHUNK / BLOCK) of the chunk): x^T [d, M] in the product dtype OP, y [M, d] as stored, the
-    weights w [M], and its x rows' pointers [M] with their mask (for the columns x_i)."""
-    g = src // (CHUNK // BLOCK)
-    tb = t0 + (src % (CHUNK // BLOCK)) * BLOCK
+    """Source `src` of a chunk's share (_source_at): x^T [d, M] in the product dtype OP, y [M, d] as
+    stored, the weights w [M], and its x rows' pointers [M] with their mask (for the columns x_i)."""
+    g, off = _source_at(src, CHUNK, BLOCK)
+    tb = t0 + off
     x_head = X + (head0 + g) * HEAD_DIM
     xt = tl.trans(load_tile(x_head, tb, T, stride_t, offs_c, offs_d).to(OP))
     y = load_tile(Y + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)
-    w = tl.load(w_base + (src % (CHUNK // BLOCK)) * BLOCK + offs_c)
+    w = tl.load(w_base + off + offs_c)
     return xt, y, w, x_head + (tb + offs_c) * stride_t, tb + offs_c < T
 
 
