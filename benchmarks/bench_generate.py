@@ -69,7 +69,7 @@ def build(kind: str):
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**SHAPE, attn_implementation="sdpa"))
     else:
-        model = PowerForCausalLM(PowerConfig(**SHAPE, chunk_size=128))
+        model = PowerForCausalLM(PowerConfig(**SHAPE))
     return model.to("cuda", torch.bfloat16).eval()
 
 

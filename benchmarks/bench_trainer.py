@@ -124,7 +124,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--backend", default="triton", choices=("triton", "auto", "reference"))
-    parser.add_argument("--chunk-size", type=int, default=128, help="the power model's chunk (128: PowerConfig's default)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="the power model's chunk (default: PowerConfig's, the kernels' choice for the head size)")
     parser.add_argument("--models", default="llama,power", help="in this order (the baseline first)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, for checking the script (CPU too)")
     parser.add_argument("--out", default=None)
@@ -139,7 +140,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     header = (f"{device}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
               f"transformers {__import__('transformers').__version__}; power_transformers {power_transformers.__version__}; "
-              f"seq {args.seq_len}, batch 1, power chunk {args.chunk_size}, bf16, gradient checkpointing, {args.warmup} warm-up + {args.steps} measured steps")
+              f"seq {args.seq_len}, batch 1, power chunk {args.chunk_size or 'default'}, bf16, gradient checkpointing, {args.warmup} warm-up + {args.steps} measured steps")
     print(header, flush=True)
     results = []
     for kind in args.models.split(","):

@@ -25,7 +25,7 @@ from power_transformers import PowerConfig, PowerForCausalLM  # noqa: E402
 
 def main():
     config = PowerConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=12, head_dim=64, max_position_embeddings=140_000, chunk_size=128)
+                         num_attention_heads=12, head_dim=64, max_position_embeddings=140_000)
     torch.manual_seed(0)
     model = PowerForCausalLM(config).cuda().eval()
     ids = torch.randint(100, 32000, (2, 4096), device="cuda")

@@ -188,6 +188,8 @@ def main() -> int:
     check_training("bf16 d64 T4096 B2 H8/4 gated C128", 2, 4096, 8, 4, 64)
     check_training("bf16 d64 T4096 B2 H8/4 gated, attention form", 2, 4096, 8, 4, 64, form="attention")
     check_training("bf16 d64 T5000 B2 H8/4 gated C512 (4 blocks a chunk)", 2, 5000, 8, 4, 64, chunk=512)
+    # one head's two blocks held by the share kernel for every row-block (its C = 256 path at d <= 64)
+    check_training("bf16 d64 T5000 B2 H8/8 gated C256 (two blocks held)", 2, 5000, 8, 8, 64, chunk=256)
     if "--quick" in sys.argv:  # one case of each kind: after a kernel change, on little device time
         check_training("fp32 d64 T1000 B1 H2/2 gated C64 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=64,
                        ref_dtype=torch.float64)
@@ -221,6 +223,8 @@ def main() -> int:
     check_training("bf16 d64 T16384 B1 H4/2 gated, attention form", 1, 16384, 4, 2, 64, form="attention")
     check_training("bf16 d64 T65536 B1 H2/1 gated C128 (fwd)", 1, 65536, 2, 1, 64, grads=False)
     check_training("bf16 d64 T65536 B1 H2/1 gated C512 (fwd)", 1, 65536, 2, 1, 64, grads=False, chunk=512)
+    check_training("bf16 d64 T65536 B1 H2/2 gated C256 (two blocks held)", 1, 65536, 2, 2, 64, chunk=256)
+    check_training("bf16 d64 T3000 B2 H4/2 gated C256 (a GQA group of two)", 2, 3000, 4, 2, 64, chunk=256)
     check_decode("decode bf16 d64 B4 H8/4, 1000 + 64 tokens", 4, 1000, 64, 8, 4, 64)
     check_decode("decode bf16 d64 B8 H16/16, 1000 + 64 tokens (one query row: one sum per program)", 8, 1000, 64, 16, 16, 64)
     check_decode("decode fp32 d128 B2 H4/4, 300 + 16 tokens (one query row: one sum per program)", 2, 300, 16, 4, 4, 128,

@@ -1,10 +1,11 @@
 """Per-kernel GPU times of our chunked forward + backward (torch.profiler), for tuning.
 
-    python benchmarks/profile_kernels.py [T] [C,...] [LAUNCH ...]
+    python benchmarks/profile_kernels.py [T] [C,...] [LAUNCH ...] [--heads=N] [--kv-heads=N] [--head-dim=d]
 
 C the chunk. The backward reads the forward's chunk states where power_attention would keep them
 (triton_power.KEEP_STATES_MAX_D_PER_CHUNK, POWER_TRITON_KEEP_STATES), else recomputes them.
-16 heads, d = 64, bf16, gating, 64k tokens. Each LAUNCH is a set of launch options for
+16 query heads (--heads; --kv-heads: fewer key/value heads, GQA), d = 64 (--head-dim), bf16, gating, 64k
+tokens. Each LAUNCH is a set of launch options for
 triton_chunk.LAUNCH, `kernel=warps:stages` joined by commas (`share=4:2,fwd=8:3`), or
 `default`; every chunk runs with every set. Prints one line per configuration and the fastest
 last.
@@ -20,18 +21,21 @@ from power_transformers.kernels import triton_chunk as tc
 from power_transformers.kernels import triton_common
 from power_transformers.kernels import triton_power as tp
 
-T = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
-CHUNKS = [int(c) for c in (sys.argv[2] if len(sys.argv) > 2 else "128,64").split(",")]
-LAUNCHES = sys.argv[3:] or ["default"]
-B, H, D = 65536 // T, 16, 64
+OPTIONS = dict(a[2:].split("=") for a in sys.argv[1:] if a.startswith("--"))
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
+T = int(ARGS[0]) if ARGS else 65536
+CHUNKS = [int(c) for c in (ARGS[1] if len(ARGS) > 1 else "128,64").split(",")]
+LAUNCHES = ARGS[2:] or ["default"]
+B, H, D = 65536 // T, int(OPTIONS.get("heads", 16)), int(OPTIONS.get("head-dim", 64))
+HK = int(OPTIONS.get("kv-heads", H))
 KERNELS = ["_chunk_share_kernel", "_state_scan_kernel", "_chunk_fwd_kernel", "_chunk_bwd_q_kernel",
            "_chunk_bwd_kv_kernel", "_output_grads_kernel"]
 
 
 def run(chunk, reps=3):
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
-    lg = F.logsigmoid(torch.randn(B, T, H, device="cuda", generator=g) + 3)
+    q, k, v = (torch.randn(B, T, h, D, device="cuda", generator=g, dtype=torch.bfloat16) for h in (H, HK, HK))
+    lg = F.logsigmoid(torch.randn(B, T, HK, device="cuda", generator=g) + 3)
     s = D**-0.5
     keep = tp._keep_states(D, chunk, None)
     y, den, _, _, kept = tc.chunk_forward(q, k, v, lg, None, None, s, 1e-6, chunk, keep)
@@ -63,7 +67,7 @@ def registers():
 
 
 if __name__ == "__main__":
-    print(torch.cuda.get_device_name(), f"T={T} B={B} H={H} d={D}; ms per forward+backward "
+    print(torch.cuda.get_device_name(), f"T={T} B={B} H={H}/{HK} d={D}; ms per forward+backward "
           "(the state kernels run twice where the states are kept: the forward and dL/dR; three times where "
           "the backward recomputes them)", flush=True)
     best = None

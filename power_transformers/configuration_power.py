@@ -26,13 +26,12 @@ class PowerConfig(PreTrainedConfig):
 
         degree (`int`, 2): the even power p of the scores (s q.k)^p. The state per key/value head has
             C(head_dim + p - 1, p) x head_dim entries.
-        chunk_size (`int`, 128): tokens per chunk of the chunked form (training and prefill). It
-            changes only rounding. 128 was the Triton kernels' fastest at head size 64 (H100, 64k
-            tokens forward+backward: 23.4 ms against 34.8 at 64, run E; with the states kept, 19.3
-            against 22.2 at 256 and 23.6 at 512, run G; benchmarks/RESULTS.md). Since the share
-            kernel holds a 256-token chunk's two blocks, 256 was faster in one profile (16.12 against
-            17.48 ms, run K), not yet checked on the GPU in its committed form, so 128 stays the
-            default. At head size 128 the kernels use 64.
+        chunk_size (`int`, None): tokens per chunk of the chunked form (training and prefill). It
+            changes only rounding, not the result. None: the Triton kernels run the chunk that was
+            fastest for the head size and the query heads per key/value head
+            (`triton_chunk.default_chunk`: 256 at head size 64 with one or two, 128 with more and at
+            head size 32, 512 at head size 128; H100, 64k tokens forward+backward, benchmarks/RESULTS.md, attention
+            kernels, run L), and the reference runs 64.
         attention_scale (`float`, None): s in (s q.k)^p; None means 1/sqrt(head_dim).
         attention_eps (`float`, 1e-6): added to the normaliser, y = sum A v / (sum A + eps).
         use_gating (`bool`, True): a learned per-token, per-key/value-head forget gate
@@ -47,7 +46,7 @@ class PowerConfig(PreTrainedConfig):
         keep_chunk_states (`bool`, None): whether the Triton kernels keep each layer's chunk states
             from the forward for the backward (faster training, more activation memory: D head_dim /
             chunk numbers per token and key/value head) or recompute them. None: kept where they
-            are small (head size 64 at chunk 128 yes, head size 128 no). The reference ignores it.
+            are small (head size 64 at chunk 128 or more, head size 128 at 512 or more). The reference ignores it.
         fused_decode_step (`bool`, True): a one-token decode step of a power layer runs its norms,
             projections, RoPE, gate and MLP through fused Triton kernels (five launches a layer at
             batch 1 with the attention's, instead of about eleven) where they can take it: the Triton backend, batch <= 8, no gradient, and
@@ -99,7 +98,7 @@ class PowerConfig(PreTrainedConfig):
     mlp_bias: bool = False
     # power attention
     degree: int = 2
-    chunk_size: int = 128
+    chunk_size: int | None = None
     attention_scale: float | None = None
     attention_eps: float = 1e-6
     use_gating: bool = True
@@ -135,7 +134,7 @@ class PowerConfig(PreTrainedConfig):
         """Plain ValueErrors naming the field, raised at construction (strict validators raise other types)."""
         if not isinstance(self.degree, int) or self.degree < 2 or self.degree % 2:
             raise ValueError(f"degree must be a positive even integer (odd degrees make scores negative), got {self.degree!r}")
-        if self.chunk_size < 1:
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.fused_decode_step not in (True, False):
             raise ValueError(f"fused_decode_step must be True or False, got {self.fused_decode_step!r}")

@@ -28,6 +28,7 @@ def test_defaults_and_round_trip(tmp_path):
     config = PowerConfig(num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2, rope_theta=5e5, degree=4)
     assert config.head_dim == 64 and config.num_key_value_heads == 12
     assert PowerConfig().layer_types == ["linear_attention"] * 12
+    assert PowerConfig().chunk_size is None  # the kernels' own choice (triton_chunk.default_chunk)
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert type(loaded) is PowerConfig

