@@ -214,6 +214,7 @@ def main() -> int:
                    ref_dtype=torch.float64)
     check_training("bf16 d64 T16384 B1 H4/2 gated C128", 1, 16384, 4, 2, 64)
     check_training("bf16 d128 T3000 B1 H4/4 gated C256 (4 blocks of 64)", 1, 3000, 4, 4, 128, chunk=256)
+    check_training("bf16 d128 T5000 B1 H4/2 gated C512 (d = 128's default chunk)", 1, 5000, 4, 2, 128, chunk=512)
     check_training("fp32 d64 T1000 B1 H2/2 gated C256 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=256,
                    ref_dtype=torch.float64)
     check_training("bf16 d32 T4096 B1 H4/1 ungated C1024", 1, 4096, 4, 1, 32, gated=False, chunk=1024)

@@ -61,18 +61,22 @@ def main() -> int:
     print(f"triton {triton.__file__.rsplit('/triton/', 1)[0]} {triton.__version__}")
     d, op = 64, tl.bfloat16
     dim = d * (d + 1) // 2
-    tuned = {k: {"num_warps": w, "num_stages": s} for k, (w, s) in tc.TUNED.items()}
     common = dict(HEAD_DIM=d, D=dim, OP=op)
     ok = True
-    for chunk, block in ((128, 128), (512, 128)):
-        share = dict(common, CHUNK=chunk, BLOCK=block)
-        ok &= compile_variant(f"share C{chunk}", tc._chunk_share_kernel, dict(share, G=1, HAS_ZW=False), tuned["share"])
-        ok &= compile_variant(f"share C{chunk} GQA dR", tc._chunk_share_kernel, dict(share, G=2, HAS_ZW=True),
-                              tuned["share"])
-        chunked = dict(common, CHUNK=chunk, BLOCK=block, HAS_GATE=True)
-        ok &= compile_variant(f"fwd C{chunk}", tc._chunk_fwd_kernel, chunked, tuned["fwd"])
-        ok &= compile_variant(f"bwd_q C{chunk}", tc._chunk_bwd_q_kernel, chunked, tuned["bwd_q"])
-        ok &= compile_variant(f"bwd_kv C{chunk}", tc._chunk_bwd_kv_kernel, dict(chunked, QROWS=tc.BWD_KV_QUERY_ROWS),
+    # the chunk kernels at their tuned launch options: d = 64 (C = 128 and 512, the share kernel also
+    # for a GQA group's dR), d = 32 at C = 128, d = 128 at C = 512 (blocks of 64)
+    for dd, chunk, block in ((64, 128, 128), (64, 512, 128), (32, 128, 128), (128, 512, 64)):
+        tuned = {k: {"num_warps": w, "num_stages": s} for k, (w, s) in tc.TUNED[(block, dd)].items()}
+        chunked = dict(HEAD_DIM=dd, D=dd * (dd + 1) // 2, OP=op, CHUNK=chunk, BLOCK=block)
+        name = f"d{dd} C{chunk}"
+        ok &= compile_variant(f"share {name}", tc._chunk_share_kernel, dict(chunked, G=1, HAS_ZW=False), tuned["share"])
+        if dd == 64:
+            ok &= compile_variant(f"share {name} GQA dR", tc._chunk_share_kernel, dict(chunked, G=2, HAS_ZW=True),
+                                  tuned["share"])
+        chunked["HAS_GATE"] = True
+        ok &= compile_variant(f"fwd {name}", tc._chunk_fwd_kernel, chunked, tuned["fwd"])
+        ok &= compile_variant(f"bwd_q {name}", tc._chunk_bwd_q_kernel, chunked, tuned["bwd_q"])
+        ok &= compile_variant(f"bwd_kv {name}", tc._chunk_bwd_kv_kernel, dict(chunked, QROWS=tc.BWD_KV_QUERY_ROWS),
                               tuned["bwd_kv"])
     ok &= compile_variant("scan reverse with <dR, R>", tc._state_scan_kernel,
                           dict(HEAD_DIM=d, D=dim, BLOCK_R=64, REVERSE=True, HAS_INIT=True, HAS_DOT=True),

@@ -574,11 +574,19 @@ def _gate_weights(log_g, bsz: int, t: int, hk: int, n_chunks: int, chunk: int, t
     return w, total[:, :, 0].exp().transpose(1, 2).contiguous()
 
 
-#: (num_warps, num_stages) per kernel at chunk 128 and head size 64, measured on the H100 at 64k
-#: tokens (RESULTS.md, tuning notes): forward+backward 35.8 -> 28.0 ms against 8 warps and two
-#: stages everywhere. The share kernel's stores go faster with 4 warps; the query-style kernels
-#: want a deeper pipeline for their state tiles.
-TUNED: dict[str, tuple[int, int]] = {"share": (4, 3), "fwd": (8, 4), "bwd_q": (8, 4), "bwd_kv": (8, 4)}
+#: (num_warps, num_stages) per kernel for 16-bit operands, by (block, head size), measured on the
+#: H100 at 64k tokens, forward+backward (RESULTS.md, attention kernels). Against the default of
+#: two stages, 8 warps (4 below [128, 64] tiles):
+#: - blocks of 128, d = 64 (tuning notes): 35.8 -> 28.0 ms at C = 128. The share kernel's stores go
+#:   faster with 4 warps; the query-style kernels want a deeper pipeline for their state tiles.
+#: - blocks of 128, d = 32 (run L): 8.04 -> 6.30 ms at C = 128; the key-side backward at 4 warps.
+#: - blocks of 64, d = 128 (run L): 147.37 -> 119.71 ms at C = 512 (four stages in the query-style
+#:   kernels: 118.52, within the runs' spread).
+TUNED: dict[tuple[int, int], dict[str, tuple[int, int]]] = {
+    (128, 64): {"share": (4, 3), "fwd": (8, 4), "bwd_q": (8, 4), "bwd_kv": (8, 4)},
+    (128, 32): {"share": (4, 3), "fwd": (8, 4), "bwd_q": (8, 4), "bwd_kv": (4, 3)},
+    (64, 128): {"share": (8, 3), "fwd": (8, 3), "bwd_q": (8, 3), "bwd_kv": (8, 3)},
+}
 #: The key-side backward walks the chunk's queries this many rows at a time (at least 16): its
 #: [rows, block] score tiles then fit beside the state part's accumulators. H100, 64k tokens,
 #: blocks of 128, d = 64: 128 rows 4.57 ms (164 spilled registers), 64 rows 5.09 (210), 32 rows
@@ -609,14 +617,14 @@ def parse_launch(spec: str) -> dict[str, tuple[int, int]]:
 
 def _launch_opts(kernel: str, block: int, width: int, op) -> dict:
     """Launch options of `kernel` ("share", "fwd", "bwd_q", "bwd_kv") for operands of type `op`:
-    LAUNCH's entry, else TUNED's at the measured shape (blocks of 128 tokens, d = 64, 16-bit
-    operands: fp32 tiles at four stages overflow shared memory), else 8 warps for tiles of 128 x 64
-    and up, 4 below, two pipeline stages."""
+    LAUNCH's entry, else TUNED's at the measured shapes (16-bit operands only: fp32 tiles at four
+    stages overflow shared memory), else 8 warps for tiles of 128 x 64 and up, 4 below, two
+    pipeline stages."""
     if interpreting():
         return {}
     default = (8 if block * width >= 128 * 64 else 4, 2)
-    if (block, width) == (128, 64) and op != tl.float32:
-        default = TUNED.get(kernel, default)
+    if op != tl.float32:
+        default = TUNED.get((block, width), {}).get(kernel, default)
     warps, stages = LAUNCH.get(kernel, default)
     return {"num_warps": warps, "num_stages": stages}
 
