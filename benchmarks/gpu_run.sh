@@ -13,7 +13,8 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw -
 python3 -c "import power_transformers.kernels.triton_power" || exit 1
 what=$1; shift
 if [[ $what == *check* ]]; then python3 benchmarks/check_gpu.py ${CHECK_ARGS:-} 2>&1 | tee "$OUT/check.log"; fi
-chunks=128
+# the chunk the model runs at the benchmark's shape (d = 64, one query head a key/value head)
+chunks=$(python3 -c "from power_transformers.kernels.triton_chunk import default_chunk; print(default_chunk(64, 1))")
 if [[ $what == *profile* ]]; then
   python3 benchmarks/profile_kernels.py 65536 ${PROFILE_CHUNKS:-128,64} 2>&1 | grep -v -i warn | tee "$OUT/profile.log"
   best=$(grep '^BEST' "$OUT/profile.log")
