@@ -83,7 +83,8 @@ def prefetch_row_blocks(s_base, z_base, first, STEP: tl.constexpr, HEAD_DIM: tl.
 def query_phi_rows(q, i, offs_d):
     """Row-block i of phi(s q) [ROWS, d] for the scaled queries q [ROWS, d] (fp32). Column i comes
     from q in registers, not from a load in every row-block (on the H100 no measurable difference
-    in the model's step: RESULTS.md, generation, run N)."""
+    in the model's step: RESULTS.md, generation, run N; the in-place _decode_kernel loads it, which
+    was faster there)."""
     qi = column(q, i, offs_d)
     return phi_rows(q, qi, i, offs_d)
 
@@ -161,12 +162,16 @@ def _decode_kernel(
     for m in range(HEAD_DIM // SPLIT):
         i = sp + m * SPLIT
         s_ptr, z_ptr, row_ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
-        phiq_all = query_phi_rows(q, i, offs_d)  # [ROWS, d]
+        # column i of q, and of each token's key below, read from memory (in cache): cut out of
+        # registers (column), a sum across the warps for every row-block and token, the graphed
+        # one-token call took 0.0727 ms against 0.0612 (H100, batch 8, 16 heads; RESULTS.md,
+        # attention kernels, run L)
+        phiq_all = phi_rows(q, tl.load(Q + row_off + i, mask=r_ok, other=0.0).to(tl.float32) * scale, i, offs_d)
         w = pair_weights(i, offs_d)
         for tok in range(t):
             kv_off = ((b * t + tok) * HK + h).to(tl.int64) * HEAD_DIM
             k = tl.load(K + kv_off + offs_d).to(tl.float32)
-            ki = column(k[None, :], i, offs_d)
+            ki = tl.load(K + kv_off + i).to(tl.float32)
             v = tl.load(V + kv_off + offs_d).to(tl.float32)
             if HAS_GATE:
                 a = tl.exp(tl.load(LG + (b * t + tok).to(tl.int64) * HK + h).to(tl.float32))
