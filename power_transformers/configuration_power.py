@@ -29,9 +29,9 @@ class PowerConfig(PreTrainedConfig):
         chunk_size (`int`, None): tokens per chunk of the chunked form (training and prefill). It
             changes only rounding, not the result. None: the Triton kernels run the chunk that was
             fastest for the head size and the query heads per key/value head
-            (`triton_chunk.default_chunk`: 256 at head size 64 with one or two, 128 with more and at
-            head size 32, 512 at head size 128; H100, 64k tokens forward+backward, benchmarks/RESULTS.md, attention
-            kernels, run L), and the reference runs 64.
+            (`triton_chunk.default_chunk`: 256 at head size 64 with one or two, 128 with more and
+            at head size 32, 512 at head size 128; H100, 64k tokens forward+backward,
+            benchmarks/RESULTS.md, attention kernels, run L), and the reference runs 64.
         attention_scale (`float`, None): s in (s q.k)^p; None means 1/sqrt(head_dim).
         attention_eps (`float`, 1e-6): added to the normaliser, y = sum A v / (sum A + eps).
         use_gating (`bool`, True): a learned per-token, per-key/value-head forget gate
@@ -46,7 +46,8 @@ class PowerConfig(PreTrainedConfig):
         keep_chunk_states (`bool`, None): whether the Triton kernels keep each layer's chunk states
             from the forward for the backward (faster training, more activation memory: D head_dim /
             chunk numbers per token and key/value head) or recompute them. None: kept where they
-            are small (head size 64 at chunk 128 or more, head size 128 at 512 or more). The reference ignores it.
+            are small (head size 64 at chunk 128 or more, head size 128 at 512 or more). The
+            reference ignores it.
         fused_decode_step (`bool`, True): a one-token decode step of a power layer runs its norms,
             projections, RoPE, gate and MLP through fused Triton kernels (five launches a layer at
             batch 1 with the attention's, instead of about eleven) where they can take it: the Triton backend, batch <= 8, no gradient, and
