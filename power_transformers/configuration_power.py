@@ -29,8 +29,8 @@ class PowerConfig(PreTrainedConfig):
         chunk_size (`int`, None): tokens per chunk of the chunked form (training and prefill). It
             changes only rounding, not the result. None: the Triton kernels run the chunk that was
             fastest for the head size and the query heads per key/value head
-            (`triton_chunk.default_chunk`: 256 at head size 64 with one or two, 128 with more and
-            at head size 32, 512 at head size 128; H100, 64k tokens forward+backward,
+            (`triton_chunk.default_chunk`: 256 at head size 64 with one, 128 with more and at head
+            size 32, 512 at head size 128; H100, 64k tokens forward+backward,
             benchmarks/RESULTS.md, attention kernels, run L), and the reference runs 64.
         attention_scale (`float`, None): s in (s q.k)^p; None means 1/sqrt(head_dim).
         attention_eps (`float`, 1e-6): added to the normaliser, y = sum A v / (sum A + eps).

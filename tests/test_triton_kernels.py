@@ -219,7 +219,7 @@ def test_kernel_tiles():
 
 def test_default_chunk():
     assert [tc.default_chunk(d, g) for d, g in ((32, 1), (64, 1), (64, 2), (64, 3), (64, 4), (128, 1), (128, 4))] == [
-        128, 256, 256, 128, 128, 512, 512]
+        128, 256, 128, 128, 128, 512, 512]
 
 
 def test_no_chunk_size_runs_the_default_chunk(monkeypatch):

@@ -146,13 +146,14 @@ def _chunk_share_kernel(
     tl.store(ZOUT + slot * D + z_off, zmat, mask=z_ok)
 
     SOURCES: tl.constexpr = G * (CHUNK // BLOCK)  # a source: one query head of the group, one block of the chunk
-    # One head's chunk of up to two blocks (d <= 64): its operands are read once and held for every
-    # row-block. Read again for every row-block (from cache), the two blocks of a 256-token chunk
-    # took 8.30 ms against 4.36 held (H100, 64k tokens, d = 64: RESULTS.md, attention kernels, run
-    # K). Other sources are read again; held, they spilled more and were not timed (ptxas, sm_90,
-    # bytes a thread: a group of two heads at C = 128 1632 against 1064, two blocks of 64 at d = 128
-    # 644 against none).
-    HELD: tl.constexpr = SOURCES == 1 or (SOURCES == 2 and G == 1 and HEAD_DIM <= 64)
+    # Up to two sources (d <= 64: one head's two blocks of a 256-token chunk, or a GQA group of two
+    # heads' one block) are read once and held for every row-block. Read again for every row-block
+    # (from cache), the two blocks took 8.30 ms against 4.36 held (H100, 64k tokens, d = 64;
+    # RESULTS.md, attention kernels, run K), and a group of two at C = 128 5.03 against 3.34 (run L;
+    # held, it spills more, 1632 bytes a thread against 1064, ptxas sm_90, and is faster all the
+    # same). More sources are read again; two blocks of 64 at d = 128, held, spilled 644 bytes
+    # against none and were not timed.
+    HELD: tl.constexpr = SOURCES == 1 or (SOURCES == 2 and HEAD_DIM <= 64)
     if HELD:
         xt0, y0, w0, x0, ok0 = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, 0, HEAD_DIM,
                                              CHUNK, BLOCK, OP)
@@ -542,11 +543,12 @@ def default_chunk(head_dim: int, group: int) -> int:
     the fastest of those timed for forward+backward at 64k tokens, bf16, 16 query heads, on the
     H100 (RESULTS.md, attention kernels, run L), by head size and query heads per key/value head.
 
-    - d = 64, one or two query heads a key/value head: 256, whose two blocks the share kernel holds
-      (16.24 ms against 17.50 at 128 with one; 14.36 against 14.52 with two).
-    - d = 64, larger groups: 128 (three: 10.24 against 11.99 at 256; four: 11.95 against 15.06),
-      since the share kernel reads a group's heads again for every row-block and a longer chunk
-      has more of them.
+    - d = 64, one query head a key/value head: 256, whose two blocks the share kernel holds (16.24
+      ms against 17.50 at 128).
+    - d = 64, groups: 128. A group of two is then what the backward's share kernel holds (12.82 ms
+      against 14.36 at 256, where it has four sources and reads them again); larger groups are read again for every row-block, and
+      a longer chunk has more of them (three: 10.24 against 11.99 at 256; four: 11.95 against
+      15.06).
     - d = 32: 128 (8.09 against 10.42 at 256 and 9.54 at 512; there the 256 chunk is two blocks of
       128 tokens, which the share kernel holds more slowly). d = 16, not timed, follows it.
     - d = 128: 512 (one query head a key/value head: 146.7 ms against 153.7 at 1024, 178.2 at 256
@@ -555,7 +557,7 @@ def default_chunk(head_dim: int, group: int) -> int:
     """
     if head_dim > 64:
         return 512
-    return 256 if head_dim == 64 and group <= 2 else 128
+    return 256 if head_dim == 64 and group == 1 else 128
 
 
 def _gate_weights(log_g, bsz: int, t: int, hk: int, n_chunks: int, chunk: int, to_end: bool, scale: float, device):
