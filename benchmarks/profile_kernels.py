@@ -21,7 +21,9 @@ from power_transformers.kernels import triton_chunk as tc
 from power_transformers.kernels import triton_common
 from power_transformers.kernels import triton_power as tp
 
-OPTIONS = dict(a[2:].split("=") for a in sys.argv[1:] if a.startswith("--"))
+OPTIONS = dict(a[2:].partition("=")[::2] for a in sys.argv[1:] if a.startswith("--"))
+if set(OPTIONS) - {"heads", "kv-heads", "head-dim"} or not all(v.isdigit() for v in OPTIONS.values()):
+    sys.exit(f"options: --heads=N, --kv-heads=N, --head-dim=d; got {sys.argv[1:]}")
 ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
 T = int(ARGS[0]) if ARGS else 65536
 CHUNKS = [int(c) for c in (ARGS[1] if len(ARGS) > 1 else "128,64").split(",")]

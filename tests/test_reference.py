@@ -80,6 +80,20 @@ def test_chunked_from_a_state_continues_the_sequence():
     torch.testing.assert_close(torch.cat([first, second], 1), full, rtol=1e-9, atol=1e-9)
 
 
+def test_no_chunk_size_runs_the_reference_default_chunk():
+    """chunk_size=None (PowerConfig's default, through the dispatch as the model calls it on a CPU)
+    runs reference.DEFAULT_CHUNK."""
+    from power_transformers.kernels import reference
+
+    q, k, v, log_g = make_inputs(t=150, seed=3)
+    y, state = power_attention(q, k, v, log_g, backend="reference", output_final_state=True)
+    y_default, state_default = power_attention_chunked(q, k, v, log_g, chunk_size=reference.DEFAULT_CHUNK,
+                                                       output_final_state=True)
+    y_other, _ = power_attention_chunked(q, k, v, log_g, chunk_size=32, output_final_state=True)
+    assert torch.equal(y, y_default) and torch.equal(state[0], state_default[0]) and torch.equal(state[1], state_default[1])
+    assert not torch.equal(y, y_other)  # another chunk rounds otherwise, so the first check can fail
+
+
 def test_decode_updates_state_in_place():
     q, k, v, log_g = make_inputs(t=12)
     state = empty_state(2, 2, 8, 2, dtype=torch.float64)

@@ -546,9 +546,9 @@ def default_chunk(head_dim: int, group: int) -> int:
     - d = 64, one query head a key/value head: 256, whose two blocks the share kernel holds (16.24
       ms against 17.50 at 128).
     - d = 64, groups: 128. A group of two is then what the backward's share kernel holds (12.82 ms
-      against 14.36 at 256, where it has four sources and reads them again); larger groups are read again for every row-block, and
-      a longer chunk has more of them (three: 10.24 against 11.99 at 256; four: 11.95 against
-      15.06).
+      against 14.36 at 256, where it has four sources and reads them again); larger groups are
+      read again for every row-block, and a longer chunk has more of them (three: 10.24 against
+      11.99 at 256; four: 11.95 against 15.06).
     - d = 32: 128 (8.09 against 10.42 at 256 and 9.54 at 512; there the 256 chunk is two blocks of
       128 tokens, which the share kernel holds more slowly). d = 16, not timed, follows it.
     - d = 128: 512 (one query head a key/value head: 146.7 ms against 153.7 at 1024, 178.2 at 256
