@@ -80,12 +80,14 @@ def prefetch_row_blocks(s_base, z_base, first, STEP: tl.constexpr, HEAD_DIM: tl.
 
 
 @triton.jit
-def query_phi_rows(q, i, offs_d):
-    """Row-block i of phi(s q) [ROWS, d] for the scaled queries q [ROWS, d] (fp32). Column i comes
-    from q in registers, not from a load in every row-block (on the H100 no measurable difference
-    in the model's step: RESULTS.md, generation, run N; the in-place _decode_kernel loads it, which
-    was faster there)."""
-    qi = column(q, i, offs_d)
+def query_phi_rows(q, Q, row_off, r_ok, i, scale, offs_d):
+    """Row-block i of phi(s q) [ROWS, d] for the scaled queries q [ROWS, d] (fp32) of the rows at
+    Q + row_off (decode_program). Column i is read from there (in cache), not cut out of q's
+    registers (column): that is a sum across the warps in every row-block, and made the in-place
+    decode's graphed one-token call 0.0727 ms against 0.0612 (H100, batch 8, 16 heads;
+    RESULTS.md, attention kernels, run L). The tail step showed no difference either way
+    (generation, run N)."""
+    qi = tl.load(Q + row_off + i, mask=r_ok, other=0.0).to(tl.float32) * scale
     return phi_rows(q, qi, i, offs_d)
 
 
@@ -162,16 +164,12 @@ def _decode_kernel(
     for m in range(HEAD_DIM // SPLIT):
         i = sp + m * SPLIT
         s_ptr, z_ptr, row_ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
-        # column i of q, and of each token's key below, read from memory (in cache): cut out of
-        # registers (column), a sum across the warps for every row-block and token, the graphed
-        # one-token call took 0.0727 ms against 0.0612 (H100, batch 8, 16 heads; RESULTS.md,
-        # attention kernels, run L)
-        phiq_all = phi_rows(q, tl.load(Q + row_off + i, mask=r_ok, other=0.0).to(tl.float32) * scale, i, offs_d)
+        phiq_all = query_phi_rows(q, Q, row_off, r_ok, i, scale, offs_d)  # [ROWS, d]
         w = pair_weights(i, offs_d)
         for tok in range(t):
             kv_off = ((b * t + tok) * HK + h).to(tl.int64) * HEAD_DIM
             k = tl.load(K + kv_off + offs_d).to(tl.float32)
-            ki = tl.load(K + kv_off + i).to(tl.float32)
+            ki = tl.load(K + kv_off + i).to(tl.float32)  # read, as query_phi_rows reads q's column
             v = tl.load(V + kv_off + offs_d).to(tl.float32)
             if HAS_GATE:
                 a = tl.exp(tl.load(LG + (b * t + tok).to(tl.int64) * HK + h).to(tl.float32))
@@ -381,7 +379,7 @@ def _tail_step_kernel(
         for mm in range(HEAD_DIM // SPLIT):
             i = sp + mm * SPLIT
             _s_ptr, _z_ptr, _row_ok, s_i, z_i = load_row_block(s_base, z_base, i, offs_d, HEAD_DIM)
-            phiq = query_phi_rows(q, i, offs_d)
+            phiq = query_phi_rows(q, Q, row_off, r_ok, i, scale, offs_d)
             num, den, acc_s, acc_z = query_row_block(phiq, s_i, z_i, num, den, acc_s, acc_z, DEFER)
         num, den = finish_query(num, den, acc_s, acc_z, DEFER)
         num *= tl.exp(g_m)
