@@ -28,7 +28,8 @@ Kernels (phi(q), phi(k) built row-block by row-block on chip, never stored; see 
     _state_scan_kernel  grid (D / 64, B Hk): chains the shares into the chunk-start states, in
                         place (memory-bound).
     _chunk_fwd_kernel   grid (N C / M, B Hq): chunk-local attention + state query (full tiles of
-                        the unweighted state, see below) + normalisation, y written once.
+                        the unweighted state and its symmetric halves, _query_full_tiles) +
+                        normalisation, y written once.
     (backward)          the same two over queries and dO, scanned in reverse: dL/dR_n; the
                         reverse scan also takes <dR_n, R_n>, the gradient of each chunk's decay.
     _chunk_bwd_q_kernel grid (N C / M, B Hq): dq and the query part of the gate gradient.
@@ -145,6 +146,30 @@ def _chunk_share_kernel(
     z_off, z_ok = _z_rows(offs_d, HEAD_DIM)
     tl.store(ZOUT + slot * D + z_off, zmat, mask=z_ok)
 
+    # R is symmetric in its row pair (i, j) and stored for j >= i: row-blocks i < d / 2 take every
+    # row j, row-blocks i >= d / 2 only the rows j >= d / 2, half the product, where that half runs
+    # on the tensor-core instruction of the whole: 64 rows or more (Hopper's wgmma; d = 128), or a
+    # whole already under 64 (d = 32). H100, 64k tokens, share kernel: d = 128 48.45 -> 43.13 ms,
+    # d = 32 1.89 -> 1.79; at d = 64 the 32-row half (mma) took 4.73 against 4.51 (C = 256), and
+    # its transpose on wgmma came out wrong on the GPU (RESULTS.md, attention kernels, run M).
+    HALF: tl.constexpr = HEAD_DIM // 2
+    if HALF >= 64 or (HALF >= 16 and HEAD_DIM < 64):
+        _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, 0, HALF, 0, HEAD_DIM,
+                          HEAD_DIM, D, CHUNK, BLOCK, G, OP)
+        _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, HALF, HEAD_DIM, HALF,
+                          HALF, HEAD_DIM, D, CHUNK, BLOCK, G, OP)
+    else:
+        _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, 0, HEAD_DIM, 0, HEAD_DIM,
+                          HEAD_DIM, D, CHUNK, BLOCK, G, OP)
+
+
+@triton.jit
+def _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, i0, i1, J0: tl.constexpr,
+                      J: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+                      BLOCK: tl.constexpr, G: tl.constexpr, OP: tl.constexpr):
+    """Row-blocks i0 <= i < i1 of a chunk's share, their rows J0 <= j < J0 + J (stored where j >= i):
+    R_i[j, :] = sum over the chunk's sources of x_j^T ((w x_i) y), one [J, d] product per source."""
+    offs_j = J0 + tl.arange(0, J)
     SOURCES: tl.constexpr = G * (CHUNK // BLOCK)  # a source: one query head of the group, one block of the chunk
     # Up to two sources (d <= 64: one head's two blocks of a 256-token chunk, or a GQA group of two
     # heads' one block) are read once and held for every row-block. Read again for every row-block
@@ -155,37 +180,37 @@ def _chunk_share_kernel(
     # against none and were not timed.
     HELD: tl.constexpr = SOURCES == 1 or (SOURCES == 2 and HEAD_DIM <= 64)
     if HELD:
-        xt0, y0, w0, x0, ok0 = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, 0, HEAD_DIM,
-                                             CHUNK, BLOCK, OP)
+        xt0, y0, w0, x0, ok0 = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, 0,
+                                             HEAD_DIM, CHUNK, BLOCK, OP)
         xt1, y1, w1, x1, ok1 = xt0, y0, w0, x0, ok0
         if SOURCES == 2:
-            xt1, y1, w1, x1, ok1 = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, 1, HEAD_DIM,
-                                                 CHUNK, BLOCK, OP)
-    for i in range(HEAD_DIM):
-        # row-block i as a full [d, d] tile: sum over the sources of x^T @ ((w x_i) y)
-        acc = tl.zeros((HEAD_DIM, HEAD_DIM), dtype=tl.float32)
+            xt1, y1, w1, x1, ok1 = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, 1,
+                                                 HEAD_DIM, CHUNK, BLOCK, OP)
+    for i in range(i0, i1):
+        acc = tl.zeros((J, HEAD_DIM), dtype=tl.float32)
         if HELD:
             acc = _row_block_share(acc, xt0, y0, w0, x0, ok0, i, OP)
             if SOURCES == 2:
                 acc = _row_block_share(acc, xt1, y1, w1, x1, ok1, i, OP)
         else:
             for src in range(SOURCES):
-                xt, y, w, x_rows, ok = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, src,
-                                                     HEAD_DIM, CHUNK, BLOCK, OP)
+                xt, y, w, x_rows, ok = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j,
+                                                     src, HEAD_DIM, CHUNK, BLOCK, OP)
                 acc = _row_block_share(acc, xt, y, w, x_rows, ok, i, OP)
-        rows, row_ok = row_block_rows(i, offs_d, HEAD_DIM)
+        rows, row_ok = row_block_rows(i, offs_j, HEAD_DIM)
         tl.store(OUT + slot * D * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit
-def _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, src, HEAD_DIM: tl.constexpr,
+def _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, src, HEAD_DIM: tl.constexpr,
                   CHUNK: tl.constexpr, BLOCK: tl.constexpr, OP: tl.constexpr):
-    """Source `src` of a chunk's share (_source_at): x^T [d, M] in the product dtype OP, y [M, d] as
-    stored, the weights w [M], and its x rows' pointers [M] with their mask (for the columns x_i)."""
+    """Source `src` of a chunk's share (_source_at): x^T's rows offs_j [J, M] in the product dtype OP,
+    y [M, d] as stored, the weights w [M], and its x rows' pointers [M] with their mask (for the
+    columns x_i)."""
     g, off = _source_at(src, CHUNK, BLOCK)
     tb = t0 + off
     x_head = X + (head0 + g) * HEAD_DIM
-    xt = tl.trans(load_tile(x_head, tb, T, stride_t, offs_c, offs_d).to(OP))
+    xt = tl.trans(load_tile(x_head, tb, T, stride_t, offs_c, offs_j).to(OP))
     y = load_tile(Y + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)
     w = tl.load(w_base + off + offs_c)
     return xt, y, w, x_head + (tb + offs_c) * stride_t, tb + offs_c < T
@@ -193,7 +218,7 @@ def _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, src, HEA
 
 @triton.jit
 def _row_block_share(acc, xt, y, w, x_rows, ok, i, OP: tl.constexpr):
-    """acc [d, d] + x^T @ ((w x_i) y), row-block i of one source's share (_share_source)."""
+    """acc [J, d] + x_J^T @ ((w x_i) y), rows J of row-block i of one source's share (_share_source)."""
     xi = tl.load(x_rows + i, mask=ok, other=0.0).to(tl.float32)
     # (y stays in its stored dtype until here: half the registers for 16-bit inputs)
     return tl.dot(xt, ((w * xi)[:, None] * y.to(tl.float32)).to(OP), acc)
@@ -312,20 +337,49 @@ def _key_block(q, bq, k_base, v_base, lg_base, c0, j0, t0, T, HK, offs_c, offs_d
 
 
 @triton.jit
-def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, offs_c, offs_d,
+def _row_block_query(acc, a, x_base, st_base, i, rows, t0, T, stride_t, x_scale, offs_c, offs_d,
+                     HEAD_DIM: tl.constexpr, TRANS: tl.constexpr, OP: tl.constexpr):
+    """acc + x_i (a @ R_i[rows]) ([C, d] fp32; TRANS: a @ R_i[rows]^T), R_i[j] = R[(min(i, j), max(i, j))]
+    the rows j in `rows` of the stored unweighted state's row-block i; x_i = x_scale * x[:, i], read
+    from memory (the tile is in cache) rather than cut out of registers."""
+    r_i = tl.load(st_base + full_tile_rows(i, rows, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :])
+    xi = tl.load(x_base + (t0 + offs_c) * stride_t + i, mask=t0 + offs_c < T, other=0.0).to(tl.float32) * x_scale
+    if TRANS:
+        acc += xi[:, None] * tl.dot(a, tl.trans(r_i.to(OP)))
+    else:
+        acc += xi[:, None] * tl.dot(a, r_i.to(OP))
+    return acc
+
+
+@triton.jit
+def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, a_scale, offs_c, offs_d,
                       HEAD_DIM: tl.constexpr, TRANS: tl.constexpr, OP: tl.constexpr):
     """sum_i x_i (a @ R_i) ([C, d] fp32; TRANS: a @ R_i^T) over the full tiles R_i of a stored
     unweighted state: one product and one multiply-add per row-block, no phi. a [C, d] in the
-    operand dtype; x_i = x_scale * x[:, i], read from memory (the tile is in cache) rather than
-    cut out of registers."""
+    operand dtype, a = a_scale * x where the symmetry is used (below); x_i = x_scale * x[:, i].
+
+    Without TRANS (a state query, sum_ij x_i a_j R[(i, j)]) the symmetry of R in (i, j) halves the
+    products of the lower half: with h = d / 2, the pairs i, j >= h are taken once each order (as
+    full tiles), the pairs i < h <= j once with weight 2 (a's upper half doubled: exact), the pairs
+    i >= h > j not at all. So row-blocks i < h multiply the whole [C, d] operand, row-blocks
+    i >= h only its upper half against their rows j >= h: 3/4 of the products."""
     acc = tl.zeros((a.shape[0], HEAD_DIM), dtype=tl.float32)
-    for i in range(HEAD_DIM):
-        r_i = tl.load(st_base + full_tile_rows(i, offs_d, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :])
-        xi = tl.load(x_base + (t0 + offs_c) * stride_t + i, mask=t0 + offs_c < T, other=0.0).to(tl.float32) * x_scale
-        if TRANS:
-            acc += xi[:, None] * tl.dot(a, tl.trans(r_i.to(OP)))
-        else:
-            acc += xi[:, None] * tl.dot(a, r_i.to(OP))
+    HALF: tl.constexpr = HEAD_DIM // 2
+    SPLIT: tl.constexpr = (not TRANS) and HALF >= 16  # (a product's inner size is at least 16)
+    if SPLIT:
+        a = (a.to(tl.float32) * tl.where(offs_d >= HALF, 2.0, 1.0)[None, :]).to(OP)
+        for i in range(HALF):
+            acc = _row_block_query(acc, a, x_base, st_base, i, offs_d, t0, T, stride_t, x_scale, offs_c, offs_d,
+                                   HEAD_DIM, TRANS, OP)
+        offs_h = HALF + tl.arange(0, HALF)
+        a_hi = (load_rows(x_base, t0, T, stride_t, offs_c, offs_h) * a_scale).to(OP)
+        for i in range(HALF, HEAD_DIM):
+            acc = _row_block_query(acc, a_hi, x_base, st_base, i, offs_h, t0, T, stride_t, x_scale, offs_c, offs_d,
+                                   HEAD_DIM, TRANS, OP)
+    else:
+        for i in range(HEAD_DIM):
+            acc = _row_block_query(acc, a, x_base, st_base, i, offs_d, t0, T, stride_t, x_scale, offs_c, offs_d,
+                                   HEAD_DIM, TRANS, OP)
     return acc
 
 
@@ -376,8 +430,8 @@ def _chunk_fwd_kernel(
     # The state carried from earlier chunks (unweighted R_n, Z_n): sum_i q_i (q @ R_i) and q^T Z q,
     # decayed from the chunk start to each query (e^{b_t} <= 1).
     qdec = tl.exp(bcum)
-    num = qdec[:, None] * _query_full_tiles(q.to(OP), q_base, st_base, t0, T, HQ * HEAD_DIM, scale, offs_c,
-                                            offs_d, HEAD_DIM, False, OP)
+    num = qdec[:, None] * _query_full_tiles(q.to(OP), q_base, st_base, t0, T, HQ * HEAD_DIM, scale, scale,
+                                            offs_c, offs_d, HEAD_DIM, False, OP)
     den = qdec * tl.sum(dot_f32(q, load_sym_matrix(z_base, HEAD_DIM)) * q, axis=1)
 
     # Chunk-local attention: the chunk's blocks up to this one.
@@ -416,7 +470,7 @@ def _chunk_bwd_q_kernel(
     # The state's part, with the unweighted R_n, Z_n symmetric: the loss term e^{b_t} (do_t .
     # sum_ij q_i q_j R_i[j] + delta_t q^T Z q) has gradient 2 e^{b_t} U_t with
     # U = sum_i q_i (do @ R_i^T) + delta (q @ Z), and its b_t-derivative is e^{b_t} q_t . U_t.
-    u = _query_full_tiles(do, q_base, st_base, t0, T, HQ * HEAD_DIM, scale, offs_c, offs_d, HEAD_DIM, True, OP)
+    u = _query_full_tiles(do, q_base, st_base, t0, T, HQ * HEAD_DIM, scale, 1.0, offs_c, offs_d, HEAD_DIM, True, OP)
     u += delta[:, None] * dot_f32(q, load_sym_matrix(z_base, HEAD_DIM))
     qdec = tl.exp(bcum)
     dqs = (2.0 * qdec)[:, None] * u  # the gradient with respect to s q
