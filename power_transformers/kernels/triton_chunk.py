@@ -147,29 +147,43 @@ def _chunk_share_kernel(
     tl.store(ZOUT + slot * D + z_off, zmat, mask=z_ok)
 
     # R is symmetric in its row pair (i, j) and stored for j >= i: row-blocks i < d / 2 take every
-    # row j, row-blocks i >= d / 2 only the rows j >= d / 2, half the product, where that half runs
-    # on the tensor-core instruction of the whole: 64 rows or more (Hopper's wgmma; d = 128), or a
-    # whole already under 64 (d = 32). H100, 64k tokens, share kernel: d = 128 48.45 -> 43.13 ms,
-    # d = 32 1.89 -> 1.79; at d = 64 the 32-row half (mma) took 4.73 against 4.51 (C = 256), and
-    # its transpose on wgmma came out wrong on the GPU (RESULTS.md, attention kernels, run M).
+    # row j, row-blocks i >= d / 2 only the rows j >= d / 2. At d >= 64 two such row-blocks make one
+    # product of d rows (the weights on its first operand), half the products and half the operands
+    # built; at d = 32 each row-block is a product of 16 rows. H100, 64k tokens, the share kernel's
+    # two passes (RESULTS.md, attention kernels, run M): d = 64, C = 256 4.48 -> 4.15 ms; d = 128
+    # 48.72 -> 35.4; d = 32 1.87 -> 1.79 (in pairs: 1.88). At d = 64 a row-block's 32-row half
+    # alone ran slower (mma instead of wgmma: 4.73 against 4.51) and as its transpose came out wrong
+    # on the GPU.
     HALF: tl.constexpr = HEAD_DIM // 2
-    if HALF >= 64 or (HALF >= 16 and HEAD_DIM < 64):
+    if HEAD_DIM >= 64:
         _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, 0, HALF, 0, HEAD_DIM,
-                          HEAD_DIM, D, CHUNK, BLOCK, G, OP)
+                          False, HEAD_DIM, D, CHUNK, BLOCK, G, OP)
+        _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, HALF, HALF + HALF // 2,
+                          HALF, HEAD_DIM, True, HEAD_DIM, D, CHUNK, BLOCK, G, OP)
+    elif HALF >= 16:
+        _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, 0, HALF, 0, HEAD_DIM,
+                          False, HEAD_DIM, D, CHUNK, BLOCK, G, OP)
         _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, HALF, HEAD_DIM, HALF,
-                          HALF, HEAD_DIM, D, CHUNK, BLOCK, G, OP)
+                          HALF, False, HEAD_DIM, D, CHUNK, BLOCK, G, OP)
     else:
         _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, 0, HEAD_DIM, 0, HEAD_DIM,
-                          HEAD_DIM, D, CHUNK, BLOCK, G, OP)
+                          False, HEAD_DIM, D, CHUNK, BLOCK, G, OP)
 
 
 @triton.jit
 def _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, i0, i1, J0: tl.constexpr,
-                      J: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-                      BLOCK: tl.constexpr, G: tl.constexpr, OP: tl.constexpr):
+                      J: tl.constexpr, PAIR: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
+                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr, OP: tl.constexpr):
     """Row-blocks i0 <= i < i1 of a chunk's share, their rows J0 <= j < J0 + J (stored where j >= i):
-    R_i[j, :] = sum over the chunk's sources of x_j^T ((w x_i) y), one [J, d] product per source."""
-    offs_j = J0 + tl.arange(0, J)
+    R_i[j, :] = sum over the chunk's sources of x_j^T ((w x_i) y), one [J, d] product per source.
+    PAIR: the rows J0 <= j < d of row-blocks i and i + (i1 - i0) in one product of J = 2 (d - J0) rows,
+    (x_j w x_i | x_j w x_{i + (i1 - i0)})^T @ y."""
+    if PAIR:
+        r = tl.arange(0, J)
+        offs_j = J0 + r % (HEAD_DIM - J0)
+        partner = (r // (HEAD_DIM - J0)) * (i1 - i0)  # 0 on the first half of the rows, else the pair's step
+    else:
+        offs_j = J0 + tl.arange(0, J)
     SOURCES: tl.constexpr = G * (CHUNK // BLOCK)  # a source: one query head of the group, one block of the chunk
     # Up to two sources (d <= 64: one head's two blocks of a 256-token chunk, or a GQA group of two
     # heads' one block) are read once and held for every row-block. Read again for every row-block
@@ -189,15 +203,18 @@ def _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, o
     for i in range(i0, i1):
         acc = tl.zeros((J, HEAD_DIM), dtype=tl.float32)
         if HELD:
-            acc = _row_block_share(acc, xt0, y0, w0, x0, ok0, i, OP)
+            acc = _row_block_share(acc, xt0, y0, w0, x0, ok0, i, i1 - i0, PAIR, OP)
             if SOURCES == 2:
-                acc = _row_block_share(acc, xt1, y1, w1, x1, ok1, i, OP)
+                acc = _row_block_share(acc, xt1, y1, w1, x1, ok1, i, i1 - i0, PAIR, OP)
         else:
             for src in range(SOURCES):
                 xt, y, w, x_rows, ok = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j,
                                                      src, HEAD_DIM, CHUNK, BLOCK, OP)
-                acc = _row_block_share(acc, xt, y, w, x_rows, ok, i, OP)
-        rows, row_ok = row_block_rows(i, offs_j, HEAD_DIM)
+                acc = _row_block_share(acc, xt, y, w, x_rows, ok, i, i1 - i0, PAIR, OP)
+        if PAIR:
+            rows, row_ok = row_block_rows(i + partner, offs_j, HEAD_DIM)
+        else:
+            rows, row_ok = row_block_rows(i, offs_j, HEAD_DIM)
         tl.store(OUT + slot * D * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
 
 
@@ -217,11 +234,19 @@ def _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, 
 
 
 @triton.jit
-def _row_block_share(acc, xt, y, w, x_rows, ok, i, OP: tl.constexpr):
-    """acc [J, d] + x_J^T @ ((w x_i) y), rows J of row-block i of one source's share (_share_source)."""
+def _row_block_share(acc, xt, y, w, x_rows, ok, i, step, PAIR: tl.constexpr, OP: tl.constexpr):
+    """acc [J, d] + x_J^T @ ((w x_i) y), rows J of row-block i of one source's share (_share_source);
+    PAIR: acc + (x_J^T * w x_i on the first J / 2 rows, * w x_{i + step} on the others) @ y."""
     xi = tl.load(x_rows + i, mask=ok, other=0.0).to(tl.float32)
-    # (y stays in its stored dtype until here: half the registers for 16-bit inputs)
-    return tl.dot(xt, ((w * xi)[:, None] * y.to(tl.float32)).to(OP), acc)
+    if PAIR:
+        xs = tl.load(x_rows + i + step, mask=ok, other=0.0).to(tl.float32)
+        first = tl.arange(0, xt.shape[0]) < xt.shape[0] // 2
+        f = tl.where(first[:, None], (w * xi)[None, :], (w * xs)[None, :])
+        acc = tl.dot((xt.to(tl.float32) * f).to(OP), y.to(OP), acc)
+    else:
+        # (y stays in its stored dtype until here: half the registers for 16-bit inputs)
+        acc = tl.dot(xt, ((w * xi)[:, None] * y.to(tl.float32)).to(OP), acc)
+    return acc
 
 
 @triton.jit
