@@ -97,6 +97,7 @@ def check_against_reference(q, k, v, log_g, s0, z0, chunk, ref_chunk=None, tol=1
         (1, 20, 1, 1, 32, False, 16, False),  # no gates
         (1, 33, 4, 2, 16, True, 32, True),  # groups of 2, chunk 32, one token in the last chunk
         (1, 20, 2, 1, 128, True, 16, False),  # the largest head size (full [128, 128] state tiles)
+        (1, 40, 2, 1, 64, True, 16, True),  # d = 64: the share kernel's and the query's row-blocks in pairs
     ],
 )
 def test_forward_and_gradients(monkeypatch, b, t, hq, hk, d, gated, chunk, with_state):
