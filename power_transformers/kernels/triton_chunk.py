@@ -155,19 +155,16 @@ def _chunk_share_kernel(
     # alone ran slower (mma instead of wgmma: 4.73 against 4.51) and as its transpose came out wrong
     # on the GPU.
     HALF: tl.constexpr = HEAD_DIM // 2
-    if HEAD_DIM >= 64:
-        _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, 0, HALF, 0, HEAD_DIM,
-                          False, HEAD_DIM, D, CHUNK, BLOCK, G, OP)
+    SPLIT: tl.constexpr = HALF >= 16  # (a product's rows: at least 16)
+    UPPER: tl.constexpr = HALF if SPLIT else HEAD_DIM  # the row-blocks that take every row j
+    _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, 0, UPPER, 0, HEAD_DIM,
+                      False, HEAD_DIM, D, CHUNK, BLOCK, G, OP)
+    if SPLIT and HEAD_DIM >= 64:
         _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, HALF, HALF + HALF // 2,
                           HALF, HEAD_DIM, True, HEAD_DIM, D, CHUNK, BLOCK, G, OP)
-    elif HALF >= 16:
-        _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, 0, HALF, 0, HEAD_DIM,
-                          False, HEAD_DIM, D, CHUNK, BLOCK, G, OP)
+    elif SPLIT:
         _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, HALF, HEAD_DIM, HALF,
                           HALF, False, HEAD_DIM, D, CHUNK, BLOCK, G, OP)
-    else:
-        _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, offs_d, 0, HEAD_DIM, 0, HEAD_DIM,
-                          False, HEAD_DIM, D, CHUNK, BLOCK, G, OP)
 
 
 @triton.jit
@@ -362,13 +359,19 @@ def _key_block(q, bq, k_base, v_base, lg_base, c0, j0, t0, T, HK, offs_c, offs_d
 
 
 @triton.jit
+def _scaled_column(x_base, t0, T, stride_t, offs_c, i, scale):
+    """scale * x[:, i] [C] (fp32, 0 past T) of the tokens t0 + offs_c."""
+    return tl.load(x_base + (t0 + offs_c) * stride_t + i, mask=t0 + offs_c < T, other=0.0).to(tl.float32) * scale
+
+
+@triton.jit
 def _row_block_query(acc, a, x_base, st_base, i, rows, t0, T, stride_t, x_scale, offs_c, offs_d,
                      HEAD_DIM: tl.constexpr, TRANS: tl.constexpr, OP: tl.constexpr):
     """acc + x_i (a @ R_i[rows]) ([C, d] fp32; TRANS: a @ R_i[rows]^T), R_i[j] = R[(min(i, j), max(i, j))]
     the rows j in `rows` of the stored unweighted state's row-block i; x_i = x_scale * x[:, i], read
     from memory (the tile is in cache) rather than cut out of registers."""
     r_i = tl.load(st_base + full_tile_rows(i, rows, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :])
-    xi = tl.load(x_base + (t0 + offs_c) * stride_t + i, mask=t0 + offs_c < T, other=0.0).to(tl.float32) * x_scale
+    xi = _scaled_column(x_base, t0, T, stride_t, offs_c, i, x_scale)
     if TRANS:
         acc += xi[:, None] * tl.dot(a, tl.trans(r_i.to(OP)))
     else:
@@ -387,7 +390,8 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, a_scale, off
     products of the lower half: with h = d / 2, the pairs i, j >= h are taken once each order (as
     full tiles), the pairs i < h <= j once with weight 2 (a's upper half doubled: exact), the pairs
     i >= h > j not at all. So row-blocks i < h multiply the whole [C, d] operand, row-blocks
-    i >= h only its upper half against their rows j >= h: 3/4 of the products."""
+    i >= h only its upper half against their rows j >= h: 3/4 of the products (at d = 64 two of those
+    row-blocks at a time, below)."""
     acc = tl.zeros((a.shape[0], HEAD_DIM), dtype=tl.float32)
     HALF: tl.constexpr = HEAD_DIM // 2
     SPLIT: tl.constexpr = (not TRANS) and HALF >= 16  # (a product's inner size is at least 16)
@@ -406,12 +410,11 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, a_scale, off
             cols = HALF + r % HALF
             second = r >= HALF
             a_dup = load_rows(x_base, t0, T, stride_t, offs_c, cols) * a_scale
-            x_cols = x_base + (t0 + offs_c) * stride_t
             for i in range(HALF, HALF + HALF // 2):
                 rows = full_tile_rows(i + second.to(tl.int32) * (HALF // 2), cols, HEAD_DIM)
                 r_pair = tl.load(st_base + rows[:, None] * HEAD_DIM + offs_d[None, :])
-                x1 = tl.load(x_cols + i, mask=t0 + offs_c < T, other=0.0).to(tl.float32) * x_scale
-                x2 = tl.load(x_cols + i + HALF // 2, mask=t0 + offs_c < T, other=0.0).to(tl.float32) * x_scale
+                x1 = _scaled_column(x_base, t0, T, stride_t, offs_c, i, x_scale)
+                x2 = _scaled_column(x_base, t0, T, stride_t, offs_c, i + HALF // 2, x_scale)
                 wx = tl.where(second[None, :], x2[:, None], x1[:, None])
                 acc = tl.dot((a_dup * wx).to(OP), r_pair.to(OP), acc)
         else:
