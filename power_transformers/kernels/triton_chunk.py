@@ -150,10 +150,11 @@ def _chunk_share_kernel(
     # row j, row-blocks i >= d / 2 only the rows j >= d / 2. At d >= 64 two such row-blocks make one
     # product of d rows (the weights on its first operand), half the products and half the operands
     # built; at d = 32 each row-block is a product of 16 rows. H100, 64k tokens, the share kernel's
-    # two passes (RESULTS.md, attention kernels, run M): d = 64, C = 256 4.48 -> 4.15 ms; d = 128
-    # 48.72 -> 35.4; d = 32 1.87 -> 1.79 (in pairs: 1.88). At d = 64 a row-block's 32-row half
-    # alone ran slower (mma instead of wgmma: 4.73 against 4.51) and as its transpose came out wrong
-    # on the GPU.
+    # two passes (RESULTS.md, attention kernels, run M): d = 64, C = 256 4.51 / 4.45 -> 4.15 / 4.15
+    # ms in pairs; d = 128 48.72 -> 43.22 in halves, then 43.08 / 42.98 -> 35.56 / 35.35 in pairs;
+    # d = 32 1.87 -> 1.79 in halves (in pairs 1.88 / 1.89 against 1.78 / 1.79). At d = 64 a
+    # row-block's 32-row half alone ran slower (mma instead of wgmma: 4.72 / 4.74 against 4.51 /
+    # 4.50) and as its transpose came out wrong on the GPU.
     HALF: tl.constexpr = HEAD_DIM // 2
     SPLIT: tl.constexpr = HALF >= 16  # (a product's rows: at least 16)
     UPPER: tl.constexpr = HALF if SPLIT else HEAD_DIM  # the row-blocks that take every row j
@@ -403,9 +404,9 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, a_scale, off
         if HEAD_DIM == 64:
             # row-blocks i and i + h/2 in one product of inner size d: a's upper half twice, weighted
             # by x_i and x_{i+h/2} on the operand, against their rows j >= h stacked, accumulated in
-            # the product. H100, forward kernel at 64k tokens: 2.26 -> 2.10 ms (16 / 8 heads: 2.14 ->
-            # 1.92). At d = 128 it measured 13.32 -> 12.66 but has not run through check_gpu.py, so
-            # d = 128 keeps the halves below (RESULTS.md, attention kernels, run M).
+            # the product. H100, forward kernel at 64k tokens: 2.27 / 2.25 -> 2.10 / 2.10 ms (16 / 8
+            # heads: 2.14 -> 1.92). At d = 128 it measured 13.32 -> 12.66 but has not run through
+            # check_gpu.py, so d = 128 keeps the halves below (RESULTS.md, attention kernels, run M).
             r = tl.arange(0, HEAD_DIM)
             cols = HALF + r % HALF
             second = r >= HALF
