@@ -154,7 +154,9 @@ def _chunk_share_kernel(
     # ms in pairs; d = 128 48.72 -> 43.22 in halves, then 43.08 / 42.98 -> 35.56 / 35.35 in pairs;
     # d = 32 1.87 -> 1.79 in halves (in pairs 1.88 / 1.89 against 1.78 / 1.79). At d = 64 a
     # row-block's 32-row half alone ran slower (mma instead of wgmma: 4.72 / 4.74 against 4.51 /
-    # 4.50) and as its transpose came out wrong on the GPU.
+    # 4.50) and as its transpose came out wrong on the GPU. With x_i on the first operand in the
+    # operand dtype (_row_block_share), run O: d = 64 4.11 -> 3.55, d = 32 1.77 -> 1.66, d = 128
+    # 35.52 -> 35.94.
     HALF: tl.constexpr = HEAD_DIM // 2
     SPLIT: tl.constexpr = HALF >= 16  # (a product's rows: at least 16)
     UPPER: tl.constexpr = HALF if SPLIT else HEAD_DIM  # the row-blocks that take every row j
@@ -192,23 +194,23 @@ def _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, o
     # against none and were not timed.
     HELD: tl.constexpr = SOURCES == 1 or (SOURCES == 2 and HEAD_DIM <= 64)
     if HELD:
-        xt0, y0, w0, x0, ok0 = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, 0,
-                                             HEAD_DIM, CHUNK, BLOCK, OP)
-        xt1, y1, w1, x1, ok1 = xt0, y0, w0, x0, ok0
+        xt0, wy0, x0, ok0 = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, 0,
+                                          HEAD_DIM, CHUNK, BLOCK, OP)
+        xt1, wy1, x1, ok1 = xt0, wy0, x0, ok0
         if SOURCES == 2:
-            xt1, y1, w1, x1, ok1 = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, 1,
-                                                 HEAD_DIM, CHUNK, BLOCK, OP)
+            xt1, wy1, x1, ok1 = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, 1,
+                                              HEAD_DIM, CHUNK, BLOCK, OP)
     for i in range(i0, i1):
         acc = tl.zeros((J, HEAD_DIM), dtype=tl.float32)
         if HELD:
-            acc = _row_block_share(acc, xt0, y0, w0, x0, ok0, i, i1 - i0, PAIR, OP)
+            acc = _row_block_share(acc, xt0, wy0, x0, ok0, i, i1 - i0, PAIR, OP)
             if SOURCES == 2:
-                acc = _row_block_share(acc, xt1, y1, w1, x1, ok1, i, i1 - i0, PAIR, OP)
+                acc = _row_block_share(acc, xt1, wy1, x1, ok1, i, i1 - i0, PAIR, OP)
         else:
             for src in range(SOURCES):
-                xt, y, w, x_rows, ok = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j,
-                                                     src, HEAD_DIM, CHUNK, BLOCK, OP)
-                acc = _row_block_share(acc, xt, y, w, x_rows, ok, i, i1 - i0, PAIR, OP)
+                xt, wy, x_rows, ok = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j,
+                                                   src, HEAD_DIM, CHUNK, BLOCK, OP)
+                acc = _row_block_share(acc, xt, wy, x_rows, ok, i, i1 - i0, PAIR, OP)
         if PAIR:
             rows, row_ok = row_block_rows(i + partner, offs_j, HEAD_DIM)
         else:
@@ -219,31 +221,33 @@ def _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, o
 @triton.jit
 def _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, src, HEAD_DIM: tl.constexpr,
                   CHUNK: tl.constexpr, BLOCK: tl.constexpr, OP: tl.constexpr):
-    """Source `src` of a chunk's share (_source_at): x^T's rows offs_j [J, M] in the product dtype OP,
-    y [M, d] as stored, the weights w [M], and its x rows' pointers [M] with their mask (for the
+    """Source `src` of a chunk's share (_source_at): x^T's rows offs_j [J, M] and the weighted
+    w y [M, d], both in the product dtype OP, and its x rows' pointers [M] with their mask (for the
     columns x_i)."""
     g, off = _source_at(src, CHUNK, BLOCK)
     tb = t0 + off
     x_head = X + (head0 + g) * HEAD_DIM
     xt = tl.trans(load_tile(x_head, tb, T, stride_t, offs_c, offs_j).to(OP))
-    y = load_tile(Y + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)
     w = tl.load(w_base + off + offs_c)
-    return xt, y, w, x_head + (tb + offs_c) * stride_t, tb + offs_c < T
+    wy = (w[:, None] * load_rows(Y + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)).to(OP)
+    return xt, wy, x_head + (tb + offs_c) * stride_t, tb + offs_c < T
 
 
 @triton.jit
-def _row_block_share(acc, xt, y, w, x_rows, ok, i, step, PAIR: tl.constexpr, OP: tl.constexpr):
-    """acc [J, d] + x_J^T @ ((w x_i) y), rows J of row-block i of one source's share (_share_source);
-    PAIR: acc + (x_J^T * w x_i on the first J / 2 rows, * w x_{i + step} on the others) @ y."""
-    xi = tl.load(x_rows + i, mask=ok, other=0.0).to(tl.float32)
+def _row_block_share(acc, xt, wy, x_rows, ok, i, step, PAIR: tl.constexpr, OP: tl.constexpr):
+    """acc [J, d] + (x_J^T x_i) @ (w y), rows J of row-block i of one source's share (_share_source);
+    PAIR: acc + (x_J^T * x_i on the first J / 2 rows, * x_{i + step} on the others) @ (w y).
+
+    The column x_i weights the first operand, built in registers in the operand dtype: for 16-bit
+    inputs two multiplies an instruction (packed), no conversions, and the tensor cores read it
+    from registers; w y, the same for every row-block, stays in shared memory."""
+    xi = tl.load(x_rows + i, mask=ok, other=0.0).to(OP)
     if PAIR:
-        xs = tl.load(x_rows + i + step, mask=ok, other=0.0).to(tl.float32)
+        xs = tl.load(x_rows + i + step, mask=ok, other=0.0).to(OP)
         first = tl.arange(0, xt.shape[0]) < xt.shape[0] // 2
-        f = tl.where(first[:, None], (w * xi)[None, :], (w * xs)[None, :])
-        acc = tl.dot((xt.to(tl.float32) * f).to(OP), y.to(OP), acc)
+        acc = tl.dot(xt * tl.where(first[:, None], xi[None, :], xs[None, :]), wy, acc)
     else:
-        # (y stays in its stored dtype until here: half the registers for 16-bit inputs)
-        acc = tl.dot(xt, ((w * xi)[:, None] * y.to(tl.float32)).to(OP), acc)
+        acc = tl.dot(xt * xi[None, :], wy, acc)
     return acc
 
 
@@ -370,13 +374,19 @@ def _row_block_query(acc, a, x_base, st_base, i, rows, t0, T, stride_t, x_scale,
                      HEAD_DIM: tl.constexpr, TRANS: tl.constexpr, OP: tl.constexpr):
     """acc + x_i (a @ R_i[rows]) ([C, d] fp32; TRANS: a @ R_i[rows]^T), R_i[j] = R[(min(i, j), max(i, j))]
     the rows j in `rows` of the stored unweighted state's row-block i; x_i = x_scale * x[:, i], read
-    from memory (the tile is in cache) rather than cut out of registers."""
+    from memory (the tile is in cache) rather than cut out of registers.
+
+    Without TRANS, x_i weights the first operand in the operand dtype (packed multiplies for
+    16-bit inputs) and the product accumulates into acc, with no [C, d] multiply-add in fp32: H100,
+    forward kernel at 64k tokens, d = 64 2.10 -> 2.03 ms, d = 32 0.96 -> 1.01 (RESULTS.md,
+    attention kernels, run O). With TRANS (the query-side backward) that form was slower (2.55 ->
+    3.04 ms at d = 64), so the weight stays on the product there."""
     r_i = tl.load(st_base + full_tile_rows(i, rows, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :])
     xi = _scaled_column(x_base, t0, T, stride_t, offs_c, i, x_scale)
     if TRANS:
         acc += xi[:, None] * tl.dot(a, tl.trans(r_i.to(OP)))
     else:
-        acc += xi[:, None] * tl.dot(a, r_i.to(OP))
+        acc = tl.dot(a * xi.to(OP)[:, None], r_i.to(OP), acc)
     return acc
 
 
@@ -401,23 +411,22 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, a_scale, off
         for i in range(HALF):
             acc = _row_block_query(acc, a, x_base, st_base, i, offs_d, t0, T, stride_t, x_scale, offs_c, offs_d,
                                    HEAD_DIM, TRANS, OP)
-        if HEAD_DIM == 64:
+        if HEAD_DIM >= 64:
             # row-blocks i and i + h/2 in one product of inner size d: a's upper half twice, weighted
             # by x_i and x_{i+h/2} on the operand, against their rows j >= h stacked, accumulated in
             # the product. H100, forward kernel at 64k tokens: 2.27 / 2.25 -> 2.10 / 2.10 ms (16 / 8
-            # heads: 2.14 -> 1.92). At d = 128 it measured 13.32 -> 12.66 but has not run through
-            # check_gpu.py, so d = 128 keeps the halves below (RESULTS.md, attention kernels, run M).
+            # heads: 2.14 -> 1.92); d = 128 13.32 -> 12.66 (RESULTS.md, attention kernels, run M; at d
+            # = 128 through check_gpu.py in run O). d = 32 takes the halves below.
             r = tl.arange(0, HEAD_DIM)
             cols = HALF + r % HALF
             second = r >= HALF
-            a_dup = load_rows(x_base, t0, T, stride_t, offs_c, cols) * a_scale
+            a_dup = (load_rows(x_base, t0, T, stride_t, offs_c, cols) * a_scale).to(OP)
             for i in range(HALF, HALF + HALF // 2):
                 rows = full_tile_rows(i + second.to(tl.int32) * (HALF // 2), cols, HEAD_DIM)
                 r_pair = tl.load(st_base + rows[:, None] * HEAD_DIM + offs_d[None, :])
-                x1 = _scaled_column(x_base, t0, T, stride_t, offs_c, i, x_scale)
-                x2 = _scaled_column(x_base, t0, T, stride_t, offs_c, i + HALF // 2, x_scale)
-                wx = tl.where(second[None, :], x2[:, None], x1[:, None])
-                acc = tl.dot((a_dup * wx).to(OP), r_pair.to(OP), acc)
+                x1 = _scaled_column(x_base, t0, T, stride_t, offs_c, i, x_scale).to(OP)
+                x2 = _scaled_column(x_base, t0, T, stride_t, offs_c, i + HALF // 2, x_scale).to(OP)
+                acc = tl.dot(a_dup * tl.where(second[None, :], x2[:, None], x1[:, None]), r_pair.to(OP), acc)
         else:
             offs_h = HALF + tl.arange(0, HALF)
             a_hi = (load_rows(x_base, t0, T, stride_t, offs_c, offs_h) * a_scale).to(OP)
