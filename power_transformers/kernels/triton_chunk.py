@@ -127,8 +127,8 @@ def _chunk_share_kernel(
         Z[i, j]   = sum_g sum_t w_t x_ti x_tj zw_t     (zw = 1 without ZW)
 
     into slot n + SLOT of OUT [B, Hk, N+1, D, d] / ZOUT [B, Hk, N+1, D]; _state_scan_kernel then
-    chains the chunks. Per row-block one product x^T @ ((w x_i) y) with the same operand x^T for
-    every i, so no phi is built; Z is one product per chunk. The chunk's tokens are read BLOCK at
+    chains the chunks. Per row-block one product (x^T x_i) @ (w y) with the same operands x^T and
+    w y for every i, so no phi is built; Z is one product per chunk. The chunk's tokens are read BLOCK at
     a time (a source: one query head of the group and one block of the chunk).
     """
     n = tl.program_id(0)
@@ -148,7 +148,7 @@ def _chunk_share_kernel(
 
     # R is symmetric in its row pair (i, j) and stored for j >= i: row-blocks i < d / 2 take every
     # row j, row-blocks i >= d / 2 only the rows j >= d / 2. At d >= 64 two such row-blocks make one
-    # product of d rows (the weights on its first operand), half the products and half the operands
+    # product of d rows (their columns x_i on its first operand), half the products and half the operands
     # built; at d = 32 each row-block is a product of 16 rows. H100, 64k tokens, the share kernel's
     # two passes (RESULTS.md, attention kernels, run M): d = 64, C = 256 4.51 / 4.45 -> 4.15 / 4.15
     # ms in pairs; d = 128 48.72 -> 43.22 in halves, then 43.08 / 42.98 -> 35.56 / 35.35 in pairs;
@@ -175,9 +175,9 @@ def _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, o
                       J: tl.constexpr, PAIR: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
                       CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr, OP: tl.constexpr):
     """Row-blocks i0 <= i < i1 of a chunk's share, their rows J0 <= j < J0 + J (stored where j >= i):
-    R_i[j, :] = sum over the chunk's sources of x_j^T ((w x_i) y), one [J, d] product per source.
+    R_i[j, :] = sum over the chunk's sources of (x_j^T x_i) @ (w y), one [J, d] product per source.
     PAIR: the rows J0 <= j < d of row-blocks i and i + (i1 - i0) in one product of J = 2 (d - J0) rows,
-    (x_j w x_i | x_j w x_{i + (i1 - i0)})^T @ y."""
+    (x_j x_i | x_j x_{i + (i1 - i0)})^T @ (w y)."""
     if PAIR:
         r = tl.arange(0, J)
         offs_j = J0 + r % (HEAD_DIM - J0)
