@@ -128,8 +128,8 @@ def _chunk_share_kernel(
 
     into slot n + SLOT of OUT [B, Hk, N+1, D, d] / ZOUT [B, Hk, N+1, D]; _state_scan_kernel then
     chains the chunks. Per row-block one product (x^T x_i) @ (w y) with the same operands x^T and
-    w y for every i, so no phi is built; Z is one product per chunk. The chunk's tokens are read BLOCK at
-    a time (a source: one query head of the group and one block of the chunk).
+    w y for every i, so no phi is built; Z is one product per chunk. The chunk's tokens are read
+    BLOCK at a time (a source: one query head of the group and one block of the chunk).
     """
     n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -148,8 +148,8 @@ def _chunk_share_kernel(
 
     # R is symmetric in its row pair (i, j) and stored for j >= i: row-blocks i < d / 2 take every
     # row j, row-blocks i >= d / 2 only the rows j >= d / 2. At d >= 64 two such row-blocks make one
-    # product of d rows (their columns x_i on its first operand), half the products and half the operands
-    # built; at d = 32 each row-block is a product of 16 rows. H100, 64k tokens, the share kernel's
+    # product of d rows (their columns x_i on its first operand), half the products and half the
+    # operands built; at d = 32 each row-block is a product of 16 rows. H100, 64k tokens, the share kernel's
     # two passes (RESULTS.md, attention kernels, run M): d = 64, C = 256 4.51 / 4.45 -> 4.15 / 4.15
     # ms in pairs; d = 128 48.72 -> 43.22 in halves, then 43.08 / 42.98 -> 35.56 / 35.35 in pairs;
     # d = 32 1.87 -> 1.79 in halves (in pairs 1.88 / 1.89 against 1.78 / 1.79). At d = 64 a
@@ -401,8 +401,8 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, a_scale, off
     products of the lower half: with h = d / 2, the pairs i, j >= h are taken once each order (as
     full tiles), the pairs i < h <= j once with weight 2 (a's upper half doubled: exact), the pairs
     i >= h > j not at all. So row-blocks i < h multiply the whole [C, d] operand, row-blocks
-    i >= h only its upper half against their rows j >= h: 3/4 of the products (at d = 64 two of those
-    row-blocks at a time, below)."""
+    i >= h only its upper half against their rows j >= h: 3/4 of the products (at d >= 64 two of
+    those row-blocks at a time, below)."""
     acc = tl.zeros((a.shape[0], HEAD_DIM), dtype=tl.float32)
     HALF: tl.constexpr = HEAD_DIM // 2
     SPLIT: tl.constexpr = (not TRANS) and HALF >= 16  # (a product's inner size is at least 16)
