@@ -184,6 +184,7 @@ def _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, o
         partner = (r // (HEAD_DIM - J0)) * (i1 - i0)  # 0 on the first half of the rows, else the pair's step
     else:
         offs_j = J0 + tl.arange(0, J)
+        partner = None
     SOURCES: tl.constexpr = G * (CHUNK // BLOCK)  # a source: one query head of the group, one block of the chunk
     # Up to two sources (d <= 64: one head's two blocks of a 256-token chunk, or a GQA group of two
     # heads' one block) are read once and held for every row-block. Read again for every row-block
@@ -193,6 +194,7 @@ def _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, o
     # same). More sources are read again; two blocks of 64 at d = 128, held, spilled 644 bytes
     # against none and were not timed.
     HELD: tl.constexpr = SOURCES == 1 or (SOURCES == 2 and HEAD_DIM <= 64)
+    xt0, wy0, x0, ok0, xt1, wy1, x1, ok1 = None, None, None, None, None, None, None, None
     if HELD:
         xt0, wy0, x0, ok0 = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, 0,
                                           HEAD_DIM, CHUNK, BLOCK, OP)
@@ -200,22 +202,59 @@ def _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, o
         if SOURCES == 2:
             xt1, wy1, x1, ok1 = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, 1,
                                               HEAD_DIM, CHUNK, BLOCK, OP)
-    for i in range(i0, i1):
-        acc = tl.zeros((J, HEAD_DIM), dtype=tl.float32)
-        if HELD:
-            acc = _row_block_share(acc, xt0, wy0, x0, ok0, i, i1 - i0, PAIR, OP)
-            if SOURCES == 2:
-                acc = _row_block_share(acc, xt1, wy1, x1, ok1, i, i1 - i0, PAIR, OP)
-        else:
-            for src in range(SOURCES):
-                xt, wy, x_rows, ok = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j,
-                                                   src, HEAD_DIM, CHUNK, BLOCK, OP)
-                acc = _row_block_share(acc, xt, wy, x_rows, ok, i, i1 - i0, PAIR, OP)
-        if PAIR:
-            rows, row_ok = row_block_rows(i + partner, offs_j, HEAD_DIM)
-        else:
-            rows, row_ok = row_block_rows(i, offs_j, HEAD_DIM)
-        tl.store(OUT + slot * D * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+    # At d = 32 with one source, row-block i's product is issued before row-block i - 1 is stored
+    # (an accumulator carried across the loop), so that the tensor cores work while the store and
+    # the next operand go on. H100, 64k tokens, the share kernel's two passes (RESULTS.md, attention
+    # kernels, run P): d = 32, C = 128 1.67 / 1.66 -> 1.26 / 1.26 ms. Elsewhere no gain: two sources
+    # at d = 32 (a GQA group of two) 1.35 against 1.30 / 1.24 for the plain loop; d = 64, C = 128
+    # 3.90 -> 4.02; C = 256 3.60 / 3.57 -> 4.35 / 4.31 (4.28 at its best launch options); d = 128,
+    # C = 512 36.00 -> 38.03. There each row-block is stored before the next is computed.
+    OVERLAP: tl.constexpr = HEAD_DIM <= 32 and SOURCES == 1
+    if OVERLAP:
+        acc_prev = _row_block_acc(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, i0, i1 - i0, xt0,
+                                  wy0, x0, ok0, xt1, wy1, x1, ok1, J, PAIR, HELD, HEAD_DIM, CHUNK, BLOCK, SOURCES, OP)
+        for i in range(i0 + 1, i1):
+            acc = _row_block_acc(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, i, i1 - i0, xt0, wy0,
+                                 x0, ok0, xt1, wy1, x1, ok1, J, PAIR, HELD, HEAD_DIM, CHUNK, BLOCK, SOURCES, OP)
+            _store_row_block(OUT, acc_prev, i - 1, slot, offs_j, offs_d, partner, PAIR, HEAD_DIM, D)
+            acc_prev = acc
+        _store_row_block(OUT, acc_prev, i1 - 1, slot, offs_j, offs_d, partner, PAIR, HEAD_DIM, D)
+    else:
+        for i in range(i0, i1):
+            acc = _row_block_acc(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, i, i1 - i0, xt0, wy0,
+                                 x0, ok0, xt1, wy1, x1, ok1, J, PAIR, HELD, HEAD_DIM, CHUNK, BLOCK, SOURCES, OP)
+            _store_row_block(OUT, acc, i, slot, offs_j, offs_d, partner, PAIR, HEAD_DIM, D)
+
+
+@triton.jit
+def _row_block_acc(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, i, step, xt0, wy0, x0, ok0, xt1,
+                   wy1, x1, ok1, J: tl.constexpr, PAIR: tl.constexpr, HELD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   CHUNK: tl.constexpr, BLOCK: tl.constexpr, SOURCES: tl.constexpr, OP: tl.constexpr):
+    """Row-block i's [J, d] share summed over the chunk's sources: the held ones (xt0 ... ok1, from
+    _share_source), or each read again."""
+    acc = tl.zeros((J, HEAD_DIM), dtype=tl.float32)
+    if HELD:
+        acc = _row_block_share(acc, xt0, wy0, x0, ok0, i, step, PAIR, OP)
+        if SOURCES == 2:
+            acc = _row_block_share(acc, xt1, wy1, x1, ok1, i, step, PAIR, OP)
+    else:
+        for src in range(SOURCES):
+            xt, wy, x_rows, ok = _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, src,
+                                               HEAD_DIM, CHUNK, BLOCK, OP)
+            acc = _row_block_share(acc, xt, wy, x_rows, ok, i, step, PAIR, OP)
+    return acc
+
+
+@triton.jit
+def _store_row_block(OUT, acc, i, slot, offs_j, offs_d, partner, PAIR: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     D: tl.constexpr):
+    """Store row-block i's [J, d] share acc at its rows offs_j (PAIR: row-block i + partner's for
+    the second half) where j >= i."""
+    if PAIR:
+        rows, row_ok = row_block_rows(i + partner, offs_j, HEAD_DIM)
+    else:
+        rows, row_ok = row_block_rows(i, offs_j, HEAD_DIM)
+    tl.store(OUT + slot * D * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -364,9 +403,15 @@ def _key_block(q, bq, k_base, v_base, lg_base, c0, j0, t0, T, HK, offs_c, offs_d
 
 
 @triton.jit
+def _column(x_base, t0, T, stride_t, offs_c, i):
+    """x[:, i] [C] as stored (0 past T) of the tokens t0 + offs_c."""
+    return tl.load(x_base + (t0 + offs_c) * stride_t + i, mask=t0 + offs_c < T, other=0.0)
+
+
+@triton.jit
 def _scaled_column(x_base, t0, T, stride_t, offs_c, i, scale):
     """scale * x[:, i] [C] (fp32, 0 past T) of the tokens t0 + offs_c."""
-    return tl.load(x_base + (t0 + offs_c) * stride_t + i, mask=t0 + offs_c < T, other=0.0).to(tl.float32) * scale
+    return _column(x_base, t0, T, stride_t, offs_c, i).to(tl.float32) * scale
 
 
 @triton.jit
@@ -379,14 +424,20 @@ def _row_block_query(acc, a, x_base, st_base, i, rows, t0, T, stride_t, x_scale,
     Without TRANS, x_i weights the first operand in the operand dtype (packed multiplies for
     16-bit inputs) and the product accumulates into acc, with no [C, d] multiply-add in fp32: H100,
     forward kernel at 64k tokens, d = 64 2.10 -> 2.03 ms, d = 32 0.96 -> 1.01 (RESULTS.md,
-    attention kernels, run O). With TRANS (the query-side backward) that form was slower (2.55 ->
-    3.04 ms at d = 64), so the weight stays on the product there."""
+    attention kernels, run O). With TRANS (the query-side backward) the same holds only at d = 128,
+    with x_i as stored on the operand and x_scale left to the caller, who puts it on the sum
+    (_query_full_tiles): bwd_q 16.55 -> 15.71 ms, but d = 64 2.53 -> 2.65, d = 32 1.04 -> 1.10 (run
+    P), so below d = 128 the weight goes on the product, in fp32."""
     r_i = tl.load(st_base + full_tile_rows(i, rows, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :])
-    xi = _scaled_column(x_base, t0, T, stride_t, offs_c, i, x_scale)
-    if TRANS:
-        acc += xi[:, None] * tl.dot(a, tl.trans(r_i.to(OP)))
-    else:
+    if not TRANS:
+        xi = _scaled_column(x_base, t0, T, stride_t, offs_c, i, x_scale)
         acc = tl.dot(a * xi.to(OP)[:, None], r_i.to(OP), acc)
+    elif HEAD_DIM >= 128:
+        xi = _column(x_base, t0, T, stride_t, offs_c, i).to(OP)
+        acc = tl.dot(a * xi[:, None], tl.trans(r_i.to(OP)), acc)
+    else:
+        xi = _scaled_column(x_base, t0, T, stride_t, offs_c, i, x_scale)
+        acc += xi[:, None] * tl.dot(a, tl.trans(r_i.to(OP)))
     return acc
 
 
@@ -437,6 +488,8 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, a_scale, off
         for i in range(HEAD_DIM):
             acc = _row_block_query(acc, a, x_base, st_base, i, offs_d, t0, T, stride_t, x_scale, offs_c, offs_d,
                                    HEAD_DIM, TRANS, OP)
+        if TRANS and HEAD_DIM >= 128:
+            acc = acc * x_scale  # _row_block_query's products took x_i as stored
     return acc
 
 
