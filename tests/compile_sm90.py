@@ -64,15 +64,20 @@ def main() -> int:
     common = dict(HEAD_DIM=d, D=dim, OP=op)
     ok = True
     # the chunk kernels at their tuned launch options: d = 64 (C = 128 and 512, the share kernel also
-    # for a GQA group's dR), d = 32 at C = 128, d = 128 at C = 512 (blocks of 64)
+    # for a GQA group's dR, and C = 256 as one source), d = 32 at C = 128, d = 128 at C = 512 (blocks of 64)
     for dd, chunk, block in ((64, 128, 128), (64, 512, 128), (32, 128, 128), (128, 512, 64)):
         tuned = {k: {"num_warps": w, "num_stages": s} for k, (w, s) in tc.TUNED[(block, dd)].items()}
         chunked = dict(HEAD_DIM=dd, D=dd * (dd + 1) // 2, OP=op, CHUNK=chunk, BLOCK=block)
+        shared = dict(chunked, Z_BLOCK=block)
         name = f"d{dd} C{chunk}"
-        ok &= compile_variant(f"share {name}", tc._chunk_share_kernel, dict(chunked, G=1, HAS_ZW=False), tuned["share"])
+        ok &= compile_variant(f"share {name}", tc._chunk_share_kernel, dict(shared, G=1, HAS_ZW=False), tuned["share"])
         if dd == 64:
-            ok &= compile_variant(f"share {name} GQA dR", tc._chunk_share_kernel, dict(chunked, G=2, HAS_ZW=True),
+            ok &= compile_variant(f"share {name} GQA dR", tc._chunk_share_kernel, dict(shared, G=2, HAS_ZW=True),
                                   tuned["share"])
+            if chunk == 128:
+                ok &= compile_variant("share d64 C256 one source", tc._chunk_share_kernel,
+                                      dict(shared, CHUNK=256, BLOCK=tc.share_source_tokens(256, block, 64, 1, op), G=1,
+                                           HAS_ZW=False), tuned["share"])
         chunked["HAS_GATE"] = True
         ok &= compile_variant(f"fwd {name}", tc._chunk_fwd_kernel, chunked, tuned["fwd"])
         ok &= compile_variant(f"bwd_q {name}", tc._chunk_bwd_q_kernel, chunked, tuned["bwd_q"])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+import triton.language as tl  # noqa: E402
 from power_transformers.kernels import dispatch, reference  # noqa: E402
 from power_transformers.kernels import triton_attention as ta  # noqa: E402
 from power_transformers.kernels import triton_chunk as tc  # noqa: E402
@@ -122,6 +123,23 @@ def test_chunks_of_several_blocks(monkeypatch, t, hq, hk, gated, chunk, with_sta
     q, k, v, log_g = make_inputs(1, t, hq, hk, 16, gated=gated, seed=t)
     s0, z0 = random_state(1, hk, 16, seed=t + 1) if with_state else (None, None)
     check_against_reference(q, k, v, log_g, s0, z0, chunk, ref_chunk=16)
+
+
+def test_a_chunk_of_256_is_one_source_of_the_share_kernel(monkeypatch):
+    """At d = 64 without groups a 256-token chunk (the default there) of 16-bit inputs is one
+    source of the share kernel (one product a row-block over all its tokens), its Z share still two
+    blocks of 128: outputs, final state and every gradient against the reference, over a chunk and
+    a ragged one (the interpreter's products are exact, so fp32 inputs through the same rule)."""
+    monkeypatch.setattr(tc, "BWD_KV_QUERY_ROWS", 16)
+    assert tc.kernel_tiles(256, 64) == (256, 128)
+    assert tc.share_source_tokens(256, 128, 64, 1, tl.bfloat16) == 256
+    assert tc.share_source_tokens(256, 128, 64, 1, tl.float32) == 128
+    assert tc.share_source_tokens(256, 128, 64, 2, tl.bfloat16) == 128
+    assert tc.share_source_tokens(256, 128, 32, 1, tl.bfloat16) == 128
+    monkeypatch.setattr(tc, "share_source_tokens", lambda chunk, block, d, group, op: chunk if chunk == 256 else block)
+    q, k, v, log_g = make_inputs(1, 300, 1, 1, 64, gated=True, seed=3)
+    s0, z0 = random_state(1, 1, 64, seed=4)
+    check_against_reference(q, k, v, log_g, s0, z0, 256, ref_chunk=64)
 
 
 def test_forward_keeps_its_states_for_the_backward(monkeypatch):
@@ -550,7 +568,7 @@ def test_kernels_compile_for_hopper(triton_path):
     script = os.path.join(os.path.dirname(__file__), "compile_sm90.py")
     done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("ok ") == 46, done.stdout
+    assert done.stdout.count("ok ") == 47, done.stdout
     if triton_path is not None:
         assert done.stdout.startswith(f"triton {os.path.abspath(triton_path)}"), done.stdout[:300]
 

@@ -118,8 +118,8 @@ def _z_rows(offs_d, HEAD_DIM: tl.constexpr):
 def _chunk_share_kernel(
     X, Y, W, ZW, OUT, ZOUT,
     T, T_PAD, NUM_CHUNKS, HX, HK, SLOT,
-    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, G: tl.constexpr,
-    HAS_ZW: tl.constexpr, OP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, Z_BLOCK: tl.constexpr,
+    G: tl.constexpr, HAS_ZW: tl.constexpr, OP: tl.constexpr,
 ):
     """Chunk n's own share of an unweighted state, every chunk at once (no recurrence here):
 
@@ -129,7 +129,8 @@ def _chunk_share_kernel(
     into slot n + SLOT of OUT [B, Hk, N+1, D, d] / ZOUT [B, Hk, N+1, D]; _state_scan_kernel then
     chains the chunks. Per row-block one product (x^T x_i) @ (w y) with the same operands x^T and
     w y for every i, so no phi is built; Z is one product per chunk. The chunk's tokens are read
-    BLOCK at a time (a source: one query head of the group and one block of the chunk).
+    BLOCK at a time (a source: one query head of the group and one block of the chunk;
+    share_source_tokens), Z's Z_BLOCK at a time (its fp32 tiles).
     """
     n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -142,7 +143,8 @@ def _chunk_share_kernel(
     head0 = (b * T * HX + h * G).to(tl.int64)  # head h G + g of x and y
     w_base = W + bh.to(tl.int64) * T_PAD + t0
     slot = bh.to(tl.int64) * (NUM_CHUNKS + 1) + n + SLOT
-    zmat = _share_z(X, ZW, w_base, head0, t0, T, HX, stride_t, offs_c, offs_d, HEAD_DIM, CHUNK, BLOCK, G, HAS_ZW)
+    zmat = _share_z(X, ZW, w_base, head0, t0, T, HX, stride_t, tl.arange(0, Z_BLOCK), offs_d, HEAD_DIM, CHUNK,
+                    Z_BLOCK, G, HAS_ZW)
     z_off, z_ok = _z_rows(offs_d, HEAD_DIM)
     tl.store(ZOUT + slot * D + z_off, zmat, mask=z_ok)
 
@@ -186,8 +188,9 @@ def _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, o
         offs_j = J0 + tl.arange(0, J)
         partner = None
     SOURCES: tl.constexpr = G * (CHUNK // BLOCK)  # a source: one query head of the group, one block of the chunk
-    # Up to two sources (d <= 64: one head's two blocks of a 256-token chunk, or a GQA group of two
-    # heads' one block) are read once and held for every row-block. Read again for every row-block
+    # Up to two sources (d <= 64: a GQA group of two heads' one block, or one head's two blocks of
+    # a 256-token chunk where that chunk is not one source) are read once and held for every
+    # row-block. Read again for every row-block
     # (from cache), the two blocks took 8.30 ms against 4.36 held (H100, 64k tokens, d = 64;
     # RESULTS.md, attention kernels, run K), and a group of two at C = 128 5.03 against 3.34 (run L;
     # held, it spills more, 1632 bytes a thread against 1064, ptxas sm_90, and is faster all the
@@ -702,13 +705,26 @@ def kernel_tiles(chunk_size: int, head_dim: int) -> tuple[int, int]:
     return (block if chunk <= MAX_BLOCK else chunk), block
 
 
+def share_source_tokens(chunk: int, block: int, head_dim: int, group: int, op) -> int:
+    """Tokens of one source of the share kernel (_chunk_share_kernel's BLOCK): the whole chunk at d =
+    64 with one query head a key/value head, a chunk of 256 (the default there) and 16-bit operands
+    `op`, else the block.
+    As one source of 256 tokens, each row-block is one product of inner size 256 waited for once,
+    where two held blocks of 128 made two, each waited for at once: the share kernel's two passes
+    3.60 -> 3.25 ms (H100, 64k tokens, RESULTS.md, attention kernels, run P). Its Z share still
+    takes the block at a time: over 256 tokens at once its fp32 tiles spilled 984 bytes a thread
+    against 280 (ptxas, sm_90). Other shapes, and fp32 operands (whose GPU check has not run this
+    form), keep the block."""
+    return chunk if (head_dim == 64 and group == 1 and chunk == 256 and op != tl.float32) else block
+
+
 def default_chunk(head_dim: int, group: int) -> int:
     """The chunk the kernels run when none is asked for (chunk_size=None, PowerConfig's default):
     the fastest of those timed for forward+backward at 64k tokens, bf16, 16 query heads, on the
     H100 (RESULTS.md, attention kernels, run L), by head size and query heads per key/value head.
 
     - d = 64, one query head a key/value head: 256, whose two blocks the share kernel holds (16.24
-      ms against 17.50 at 128).
+      ms against 17.50 at 128; since run P as one source, share_source_tokens).
     - d = 64, groups: 128. A group of two is then what the backward's share kernel holds (12.82 ms
       against 14.36 at 256, where it has four sources and reads them again); larger groups are
       read again for every row-block, and a longer chunk has more of them (three: 10.24 against
@@ -836,8 +852,8 @@ def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_f
         _chunk_share_kernel[(n_chunks, bsz * hk)](
             x, y, weights, zw if zw is not None else dummy, states, z_states,
             t, n_chunks * chunk, n_chunks, hx, hk, 0 if reverse else 1,
-            HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK=block, G=hx // hk, HAS_ZW=zw is not None, OP=op,
-            **_launch_opts("share", block, d, op))
+            HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK=share_source_tokens(chunk, block, d, hx // hk, op), Z_BLOCK=block,
+            G=hx // hk, HAS_ZW=zw is not None, OP=op, **_launch_opts("share", block, d, op))
     block_r = 64 if d <= 64 else 32
     n_blocks = triton.cdiv(dim, block_r)
     inner = None
