@@ -189,13 +189,12 @@ def _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, o
         partner = None
     SOURCES: tl.constexpr = G * (CHUNK // BLOCK)  # a source: one query head of the group, one block of the chunk
     # Up to two sources (d <= 64: a GQA group of two heads' one block, or one head's two blocks of
-    # a 256-token chunk where that chunk is not one source) are read once and held for every
-    # row-block. Read again for every row-block
-    # (from cache), the two blocks took 8.30 ms against 4.36 held (H100, 64k tokens, d = 64;
-    # RESULTS.md, attention kernels, run K), and a group of two at C = 128 5.03 against 3.34 (run L;
-    # held, it spills more, 1632 bytes a thread against 1064, ptxas sm_90, and is faster all the
-    # same). More sources are read again; two blocks of 64 at d = 128, held, spilled 644 bytes
-    # against none and were not timed.
+    # a 256-token chunk where the chunk is not one source) are read once and held for every
+    # row-block. Read again for every row-block (from cache), the two blocks took 8.30 ms against
+    # 4.36 held (H100, 64k tokens, d = 64; RESULTS.md, attention kernels, run K), and a group of two
+    # at C = 128 5.03 against 3.34 (run L; held, it spills more, 1632 bytes a thread against 1064,
+    # ptxas sm_90, and is faster all the same). More sources are read again; two blocks of 64 at
+    # d = 128, held, spilled 644 bytes against none and were not timed.
     HELD: tl.constexpr = SOURCES == 1 or (SOURCES == 2 and HEAD_DIM <= 64)
     xt0, wy0, x0, ok0, xt1, wy1, x1, ok1 = None, None, None, None, None, None, None, None
     if HELD:
