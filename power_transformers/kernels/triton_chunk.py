@@ -418,7 +418,7 @@ def _scaled_column(x_base, t0, T, stride_t, offs_c, i, scale):
 
 @triton.jit
 def _row_block_query(acc, a, x_base, st_base, i, rows, t0, T, stride_t, x_scale, offs_c, offs_d,
-                     HEAD_DIM: tl.constexpr, TRANS: tl.constexpr, OP: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, TRANS: tl.constexpr, RAW_X: tl.constexpr, OP: tl.constexpr):
     """acc + x_i (a @ R_i[rows]) ([C, d] fp32; TRANS: a @ R_i[rows]^T), R_i[j] = R[(min(i, j), max(i, j))]
     the rows j in `rows` of the stored unweighted state's row-block i; x_i = x_scale * x[:, i], read
     from memory (the tile is in cache) rather than cut out of registers.
@@ -426,15 +426,15 @@ def _row_block_query(acc, a, x_base, st_base, i, rows, t0, T, stride_t, x_scale,
     Without TRANS, x_i weights the first operand in the operand dtype (packed multiplies for
     16-bit inputs) and the product accumulates into acc, with no [C, d] multiply-add in fp32: H100,
     forward kernel at 64k tokens, d = 64 2.10 -> 2.03 ms, d = 32 0.96 -> 1.01 (RESULTS.md,
-    attention kernels, run O). With TRANS (the query-side backward) the same holds only at d = 128,
-    with x_i as stored on the operand and x_scale left to the caller, who puts it on the sum
-    (_query_full_tiles): bwd_q 16.55 -> 15.71 ms, but d = 64 2.53 -> 2.65, d = 32 1.04 -> 1.10 (run
-    P), so below d = 128 the weight goes on the product, in fp32."""
+    attention kernels, run O). With TRANS (the query-side backward) that form pays only at d = 128
+    (bwd_q 16.55 -> 15.71 ms, but d = 64 2.53 -> 2.65, d = 32 1.04 -> 1.10; run P): RAW_X (TRANS
+    only, _query_full_tiles decides) puts x[:, i] as stored on the operand and leaves x_scale to the
+    caller, who puts it on the sum; otherwise the weight goes on the product, in fp32."""
     r_i = tl.load(st_base + full_tile_rows(i, rows, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :])
     if not TRANS:
         xi = _scaled_column(x_base, t0, T, stride_t, offs_c, i, x_scale)
         acc = tl.dot(a * xi.to(OP)[:, None], r_i.to(OP), acc)
-    elif HEAD_DIM >= 128:
+    elif RAW_X:
         xi = _column(x_base, t0, T, stride_t, offs_c, i).to(OP)
         acc = tl.dot(a * xi[:, None], tl.trans(r_i.to(OP)), acc)
     else:
@@ -463,7 +463,7 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, a_scale, off
         a = (a.to(tl.float32) * tl.where(offs_d >= HALF, 2.0, 1.0)[None, :]).to(OP)
         for i in range(HALF):
             acc = _row_block_query(acc, a, x_base, st_base, i, offs_d, t0, T, stride_t, x_scale, offs_c, offs_d,
-                                   HEAD_DIM, TRANS, OP)
+                                   HEAD_DIM, TRANS, False, OP)
         if HEAD_DIM >= 64:
             # row-blocks i and i + h/2 in one product of inner size d: a's upper half twice, weighted
             # by x_i and x_{i+h/2} on the operand, against their rows j >= h stacked, accumulated in
@@ -485,13 +485,15 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, a_scale, off
             a_hi = (load_rows(x_base, t0, T, stride_t, offs_c, offs_h) * a_scale).to(OP)
             for i in range(HALF, HEAD_DIM):
                 acc = _row_block_query(acc, a_hi, x_base, st_base, i, offs_h, t0, T, stride_t, x_scale, offs_c,
-                                       offs_d, HEAD_DIM, TRANS, OP)
+                                       offs_d, HEAD_DIM, TRANS, False, OP)
     else:
+        # TRANS at d >= 128: x_i as stored on the operand, x_scale once on the sum (_row_block_query)
+        RAW_X: tl.constexpr = TRANS and HEAD_DIM >= 128
         for i in range(HEAD_DIM):
             acc = _row_block_query(acc, a, x_base, st_base, i, offs_d, t0, T, stride_t, x_scale, offs_c, offs_d,
-                                   HEAD_DIM, TRANS, OP)
-        if TRANS and HEAD_DIM >= 128:
-            acc = acc * x_scale  # _row_block_query's products took x_i as stored
+                                   HEAD_DIM, TRANS, RAW_X, OP)
+        if RAW_X:
+            acc = acc * x_scale
     return acc
 
 
@@ -642,7 +644,7 @@ def _chunk_bwd_kv_kernel(
     v2 = tl.zeros((BLOCK, HEAD_DIM), dtype=tl.float32)
     for i in range(HEAD_DIM):
         dr_i = tl.load(dst_base + full_tile_rows(i, offs_d, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :]).to(OP)
-        ki = tl.load(K + kv_base + (t0 + offs_c) * (HK * HEAD_DIM) + i, mask=t0 + offs_c < T, other=0.0).to(tl.float32)
+        ki = _column(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, i).to(tl.float32)
         dv += (c * ki)[:, None] * tl.dot(kop, dr_i)
         v2 += ki[:, None] * tl.dot(vop, tl.trans(dr_i))
     k = load_rows(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
