@@ -78,6 +78,9 @@ def main() -> int:
                 ok &= compile_variant("share d64 C256 one source", tc._chunk_share_kernel,
                                       dict(shared, CHUNK=256, BLOCK=tc.share_source_tokens(256, block, 64, 1, op), G=1,
                                            HAS_ZW=False), tuned["share"])
+                ok &= compile_variant("share d64 C128 GQA dR one source", tc._chunk_share_kernel,
+                                      dict(shared, BLOCK=tc.share_source_tokens(128, block, 64, 2, op), G=2,
+                                           HAS_ZW=True), tuned["share"])
         chunked["HAS_GATE"] = True
         ok &= compile_variant(f"fwd {name}", tc._chunk_fwd_kernel, chunked, tuned["fwd"])
         ok &= compile_variant(f"bwd_q {name}", tc._chunk_bwd_q_kernel, chunked, tuned["bwd_q"])

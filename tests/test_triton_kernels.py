@@ -135,11 +135,22 @@ def test_a_chunk_of_256_is_one_source_of_the_share_kernel(monkeypatch):
     assert tc.share_source_tokens(256, 128, 64, 1, tl.bfloat16) == 256
     assert tc.share_source_tokens(256, 128, 64, 1, tl.float32) == 128
     assert tc.share_source_tokens(256, 128, 64, 2, tl.bfloat16) == 128
+    assert tc.share_source_tokens(128, 128, 64, 2, tl.bfloat16) == 256  # a group of two at C = 128: one source
     assert tc.share_source_tokens(256, 128, 32, 1, tl.bfloat16) == 128
     monkeypatch.setattr(tc, "share_source_tokens", lambda chunk, block, d, group, op: chunk if chunk == 256 else block)
     q, k, v, log_g = make_inputs(1, 300, 1, 1, 64, gated=True, seed=3)
     s0, z0 = random_state(1, 1, 64, seed=4)
     check_against_reference(q, k, v, log_g, s0, z0, 256, ref_chunk=64)
+
+
+def test_a_gqa_group_of_two_is_one_source_of_the_share_kernel(monkeypatch):
+    """The backward's share over a group of two query heads at C = 128 as one source of 256 rows
+    (both heads' tokens), against the reference: outputs, final state and every gradient."""
+    monkeypatch.setattr(tc, "BWD_KV_QUERY_ROWS", 16)
+    monkeypatch.setattr(tc, "share_source_tokens", lambda chunk, block, d, group, op: chunk * group)
+    q, k, v, log_g = make_inputs(1, 45, 4, 2, 16, gated=True, seed=5)
+    s0, z0 = random_state(1, 2, 16, seed=6)
+    check_against_reference(q, k, v, log_g, s0, z0, 16)
 
 
 def test_forward_keeps_its_states_for_the_backward(monkeypatch):
@@ -568,7 +579,7 @@ def test_kernels_compile_for_hopper(triton_path):
     script = os.path.join(os.path.dirname(__file__), "compile_sm90.py")
     done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("ok ") == 47, done.stdout
+    assert done.stdout.count("ok ") == 48, done.stdout
     if triton_path is not None:
         assert done.stdout.startswith(f"triton {os.path.abspath(triton_path)}"), done.stdout[:300]
 

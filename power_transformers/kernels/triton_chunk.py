@@ -187,7 +187,8 @@ def _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, o
     else:
         offs_j = J0 + tl.arange(0, J)
         partner = None
-    SOURCES: tl.constexpr = G * (CHUNK // BLOCK)  # a source: one query head of the group, one block of the chunk
+    # a source: one query head of the group, one block of the chunk; or the whole group's chunk (BLOCK > CHUNK)
+    SOURCES: tl.constexpr = 1 if BLOCK > CHUNK else G * (CHUNK // BLOCK)
     # Up to two sources (d <= 64: a GQA group of two heads' one block, or one head's two blocks of
     # a 256-token chunk where the chunk is not one source) are read once and held for every
     # row-block. Read again for every row-block (from cache), the two blocks took 8.30 ms against
@@ -264,14 +265,28 @@ def _share_source(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, 
                   CHUNK: tl.constexpr, BLOCK: tl.constexpr, OP: tl.constexpr):
     """Source `src` of a chunk's share (_source_at): x^T's rows offs_j [J, M] and the weighted
     w y [M, d], both in the product dtype OP, and its x rows' pointers [M] with their mask (for the
-    columns x_i)."""
-    g, off = _source_at(src, CHUNK, BLOCK)
-    tb = t0 + off
-    x_head = X + (head0 + g) * HEAD_DIM
-    xt = tl.trans(load_tile(x_head, tb, T, stride_t, offs_c, offs_j).to(OP))
-    w = tl.load(w_base + off + offs_c)
-    wy = (w[:, None] * load_rows(Y + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)).to(OP)
-    return xt, wy, x_head + (tb + offs_c) * stride_t, tb + offs_c < T
+    columns x_i). BLOCK > CHUNK: the one source of a GQA group's whole chunk, M = G CHUNK rows, row
+    g CHUNK + t that of head g, token t0 + t."""
+    if BLOCK > CHUNK:
+        g_rows = offs_c // CHUNK
+        tok = t0 + offs_c % CHUNK
+        ok = tok < T
+        x_rows = X + (head0 + g_rows) * HEAD_DIM + tok * stride_t
+        xt = tl.trans(tl.load(x_rows[:, None] + offs_j[None, :], mask=ok[:, None], other=0.0).to(OP))
+        w = tl.load(w_base + offs_c % CHUNK)
+        y = tl.load((Y + (head0 + g_rows) * HEAD_DIM + tok * stride_t)[:, None] + offs_d[None, :], mask=ok[:, None],
+                    other=0.0)
+        wy = (w[:, None] * y.to(tl.float32)).to(OP)
+    else:
+        g, off = _source_at(src, CHUNK, BLOCK)
+        tb = t0 + off
+        x_head = X + (head0 + g) * HEAD_DIM
+        xt = tl.trans(load_tile(x_head, tb, T, stride_t, offs_c, offs_j).to(OP))
+        w = tl.load(w_base + off + offs_c)
+        wy = (w[:, None] * load_rows(Y + (head0 + g) * HEAD_DIM, tb, T, stride_t, offs_c, offs_d)).to(OP)
+        x_rows = x_head + (tb + offs_c) * stride_t
+        ok = tb + offs_c < T
+    return xt, wy, x_rows, ok
 
 
 @triton.jit
@@ -716,7 +731,7 @@ def share_source_tokens(chunk: int, block: int, head_dim: int, group: int, op) -
     takes the block at a time: over 256 tokens at once its fp32 tiles spilled 984 bytes a thread
     against 280 (ptxas, sm_90). Other shapes, and fp32 operands (whose GPU check has not run this
     form), keep the block."""
-    return chunk if (head_dim == 64 and group == 1 and chunk == 256 and op != tl.float32) else block
+    return chunk * group if (head_dim == 64 and chunk * group == 256 and op != tl.float32) else block
 
 
 def default_chunk(head_dim: int, group: int) -> int:
