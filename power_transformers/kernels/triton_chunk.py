@@ -722,15 +722,16 @@ def kernel_tiles(chunk_size: int, head_dim: int) -> tuple[int, int]:
 
 
 def share_source_tokens(chunk: int, block: int, head_dim: int, group: int, op) -> int:
-    """Tokens of one source of the share kernel (_chunk_share_kernel's BLOCK): the whole chunk at d =
-    64 with one query head a key/value head, a chunk of 256 (the default there) and 16-bit operands
-    `op`, else the block.
+    """Tokens of one source of the share kernel (_chunk_share_kernel's BLOCK): at d = 64 with 16-bit
+    operands `op`, where a chunk's tokens over its group of query heads come to 256 (one head a
+    key/value head at C = 256, the default there; the backward's share over a GQA group of two at
+    C = 128, the default there), all of them, else the block.
     As one source of 256 tokens, each row-block is one product of inner size 256 waited for once,
-    where two held blocks of 128 made two, each waited for at once: the share kernel's two passes
-    3.60 -> 3.25 ms (H100, 64k tokens, RESULTS.md, attention kernels, run P). Its Z share still
-    takes the block at a time: over 256 tokens at once its fp32 tiles spilled 984 bytes a thread
-    against 280 (ptxas, sm_90). Other shapes, and fp32 operands (whose GPU check has not run this
-    form), keep the block."""
+    where two held blocks of 128 made two, each waited for at once. H100, 64k tokens, the share
+    kernel's two passes (RESULTS.md, attention kernels): one head, C = 256 3.60 -> 3.25 ms (run P);
+    a group of two, C = 128 2.76 -> 2.61 (run Q). Its Z share still takes the block at a time: over
+    256 tokens at once its fp32 tiles spilled 984 bytes a thread against 280 (ptxas, sm_90). Other
+    shapes, and fp32 operands (whose GPU check has not run this form), keep the block."""
     return chunk * group if (head_dim == 64 and chunk * group == 256 and op != tl.float32) else block
 
 
