@@ -222,6 +222,24 @@ def _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, o
             _store_row_block(OUT, acc_prev, i - 1, slot, offs_j, offs_d, partner, PAIR, HEAD_DIM, D)
             acc_prev = acc
         _store_row_block(OUT, acc_prev, i1 - 1, slot, offs_j, offs_d, partner, PAIR, HEAD_DIM, D)
+    elif SOURCES == 1:
+        # One source: the columns of row-blocks i and i + 1 (an even count here) are read together,
+        # 4 bytes a token, which Triton then loads ahead through shared memory (cp.async), off the
+        # row-blocks' critical path; one column of 2 bytes a token it reads at the row-block. H100,
+        # 64k tokens, the share kernel's two passes (RESULTS.md, attention kernels, run Q): d = 64,
+        # C = 256 3.27 / 3.26 -> 3.22 / 3.23 ms; C = 128 3.89 -> 3.54; a GQA group of two at C = 128
+        # 2.63 -> 2.51.
+        two = tl.arange(0, 2)
+        for i in range(i0, i1, 2):
+            xi_a, xi_b = tl.split(tl.load(x0[:, None] + i + two[None, :], mask=ok0[:, None], other=0.0).to(OP))
+            xs_a, xs_b = xi_a, xi_b
+            if PAIR:
+                xs_a, xs_b = tl.split(tl.load(x0[:, None] + i + (i1 - i0) + two[None, :], mask=ok0[:, None],
+                                              other=0.0).to(OP))
+            acc = _weighted_share(tl.zeros((J, HEAD_DIM), dtype=tl.float32), xt0, wy0, xi_a, xs_a, PAIR)
+            _store_row_block(OUT, acc, i, slot, offs_j, offs_d, partner, PAIR, HEAD_DIM, D)
+            acc = _weighted_share(tl.zeros((J, HEAD_DIM), dtype=tl.float32), xt0, wy0, xi_b, xs_b, PAIR)
+            _store_row_block(OUT, acc, i + 1, slot, offs_j, offs_d, partner, PAIR, HEAD_DIM, D)
     else:
         for i in range(i0, i1):
             acc = _row_block_acc(X, Y, w_base, head0, t0, T, stride_t, offs_c, offs_d, offs_j, i, i1 - i0, xt0, wy0,
@@ -298,8 +316,17 @@ def _row_block_share(acc, xt, wy, x_rows, ok, i, step, PAIR: tl.constexpr, OP: t
     inputs two multiplies an instruction (packed), no conversions, and the tensor cores read it
     from registers; w y, the same for every row-block, stays in shared memory."""
     xi = tl.load(x_rows + i, mask=ok, other=0.0).to(OP)
+    xs = xi
     if PAIR:
         xs = tl.load(x_rows + i + step, mask=ok, other=0.0).to(OP)
+    return _weighted_share(acc, xt, wy, xi, xs, PAIR)
+
+
+@triton.jit
+def _weighted_share(acc, xt, wy, xi, xs, PAIR: tl.constexpr):
+    """acc [J, d] + (xt * xi) @ wy (xt [J, M] and wy [M, d] from _share_source, the columns xi, xs
+    [M] in the operand dtype); PAIR: xi weights the first half of xt's rows, xs the others."""
+    if PAIR:
         first = tl.arange(0, xt.shape[0]) < xt.shape[0] // 2
         acc = tl.dot(xt * tl.where(first[:, None], xi[None, :], xs[None, :]), wy, acc)
     else:
