@@ -223,22 +223,18 @@ def _share_row_blocks(X, Y, OUT, w_base, head0, t0, T, stride_t, slot, offs_c, o
             acc_prev = acc
         _store_row_block(OUT, acc_prev, i1 - 1, slot, offs_j, offs_d, partner, PAIR, HEAD_DIM, D)
     elif SOURCES == 1:
-        # One source: the columns of row-blocks i and i + 1 (an even count here) are read together,
-        # 4 bytes a token, which Triton then loads ahead through shared memory (cp.async), off the
-        # row-blocks' critical path; one column of 2 bytes a token it reads at the row-block. H100,
-        # 64k tokens, the share kernel's two passes (RESULTS.md, attention kernels, run Q): d = 64,
-        # C = 256 3.27 / 3.26 -> 3.22 / 3.23 ms; C = 128 3.89 -> 3.54; a GQA group of two at C = 128
-        # 2.63 -> 2.51.
-        two = tl.arange(0, 2)
+        # One source: the columns of row-blocks i and i + 1 (an even count here) are read together
+        # (_columns), off the row-blocks' critical path. H100, 64k tokens, the share kernel's two
+        # passes (RESULTS.md, attention kernels, run Q): d = 64, C = 256 3.27 / 3.26 -> 3.22 / 3.23
+        # ms; C = 128 3.89 -> 3.54; a GQA group of two at C = 128 2.63 -> 2.51.
         for i in range(i0, i1, 2):
-            xi_a, xi_b = tl.split(tl.load(x0[:, None] + i + two[None, :], mask=ok0[:, None], other=0.0).to(OP))
+            xi_a, xi_b = _columns(x0, ok0, i)
             xs_a, xs_b = xi_a, xi_b
             if PAIR:
-                xs_a, xs_b = tl.split(tl.load(x0[:, None] + i + (i1 - i0) + two[None, :], mask=ok0[:, None],
-                                              other=0.0).to(OP))
-            acc = _weighted_share(tl.zeros((J, HEAD_DIM), dtype=tl.float32), xt0, wy0, xi_a, xs_a, PAIR)
+                xs_a, xs_b = _columns(x0, ok0, i + (i1 - i0))
+            acc = _weighted_share(tl.zeros((J, HEAD_DIM), dtype=tl.float32), xt0, wy0, xi_a.to(OP), xs_a.to(OP), PAIR)
             _store_row_block(OUT, acc, i, slot, offs_j, offs_d, partner, PAIR, HEAD_DIM, D)
-            acc = _weighted_share(tl.zeros((J, HEAD_DIM), dtype=tl.float32), xt0, wy0, xi_b, xs_b, PAIR)
+            acc = _weighted_share(tl.zeros((J, HEAD_DIM), dtype=tl.float32), xt0, wy0, xi_b.to(OP), xs_b.to(OP), PAIR)
             _store_row_block(OUT, acc, i + 1, slot, offs_j, offs_d, partner, PAIR, HEAD_DIM, D)
     else:
         for i in range(i0, i1):
@@ -276,6 +272,15 @@ def _store_row_block(OUT, acc, i, slot, offs_j, offs_d, partner, PAIR: tl.conste
     else:
         rows, row_ok = row_block_rows(i, offs_j, HEAD_DIM)
     tl.store(OUT + slot * D * HEAD_DIM + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _columns(x_rows, ok, i):
+    """x[:, i] and x[:, i + 1] [M] as stored (0 where not ok) of the rows x_rows [M], read as one
+    [M, 2] load of 4 bytes a row: in a loop Triton loads that ahead through shared memory
+    (cp.async), where a column of 2 bytes a row is read only where it is used."""
+    two = tl.arange(0, 2)
+    return tl.split(tl.load(x_rows[:, None] + i + two[None, :], mask=ok[:, None], other=0.0))
 
 
 @triton.jit
@@ -447,23 +452,19 @@ def _key_block(q, bq, k_base, v_base, lg_base, c0, j0, t0, T, HK, offs_c, offs_d
 
 
 @triton.jit
-def _column(x_base, t0, T, stride_t, offs_c, i):
-    """x[:, i] [C] as stored (0 past T) of the tokens t0 + offs_c."""
-    return tl.load(x_base + (t0 + offs_c) * stride_t + i, mask=t0 + offs_c < T, other=0.0)
+def _column_pair(x_base, t0, T, stride_t, offs_c, i):
+    """x[:, i] and x[:, i + 1] [C] as stored (0 past T) of the tokens t0 + offs_c (_columns)."""
+    t = t0 + offs_c
+    return _columns(x_base + t * stride_t, t < T, i)
 
 
 @triton.jit
-def _scaled_column(x_base, t0, T, stride_t, offs_c, i, scale):
-    """scale * x[:, i] [C] (fp32, 0 past T) of the tokens t0 + offs_c."""
-    return _column(x_base, t0, T, stride_t, offs_c, i).to(tl.float32) * scale
-
-
-@triton.jit
-def _row_block_query(acc, a, x_base, st_base, i, rows, t0, T, stride_t, x_scale, offs_c, offs_d,
+def _row_block_query(acc, a, col, st_base, i, rows, x_scale, offs_d,
                      HEAD_DIM: tl.constexpr, TRANS: tl.constexpr, RAW_X: tl.constexpr, OP: tl.constexpr):
     """acc + x_i (a @ R_i[rows]) ([C, d] fp32; TRANS: a @ R_i[rows]^T), R_i[j] = R[(min(i, j), max(i, j))]
-    the rows j in `rows` of the stored unweighted state's row-block i; x_i = x_scale * x[:, i], read
-    from memory (the tile is in cache) rather than cut out of registers.
+    the rows j in `rows` of the stored unweighted state's row-block i; x_i = x_scale * col, col =
+    x[:, i] as stored, read from memory (the tile is in cache; _column_pair) rather than cut out of
+    registers.
 
     Without TRANS, x_i weights the first operand in the operand dtype (packed multiplies for
     16-bit inputs) and the product accumulates into acc, with no [C, d] multiply-add in fp32: H100,
@@ -474,15 +475,28 @@ def _row_block_query(acc, a, x_base, st_base, i, rows, t0, T, stride_t, x_scale,
     caller, who puts it on the sum; otherwise the weight goes on the product, in fp32."""
     r_i = tl.load(st_base + full_tile_rows(i, rows, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :])
     if not TRANS:
-        xi = _scaled_column(x_base, t0, T, stride_t, offs_c, i, x_scale)
+        xi = col.to(tl.float32) * x_scale
         acc = tl.dot(a * xi.to(OP)[:, None], r_i.to(OP), acc)
     elif RAW_X:
-        xi = _column(x_base, t0, T, stride_t, offs_c, i).to(OP)
-        acc = tl.dot(a * xi[:, None], tl.trans(r_i.to(OP)), acc)
+        acc = tl.dot(a * col.to(OP)[:, None], tl.trans(r_i.to(OP)), acc)
     else:
-        xi = _scaled_column(x_base, t0, T, stride_t, offs_c, i, x_scale)
+        xi = col.to(tl.float32) * x_scale
         acc += xi[:, None] * tl.dot(a, tl.trans(r_i.to(OP)))
     return acc
+
+
+@triton.jit
+def _row_block_pair_query(acc, a_dup, col1, col2, st_base, i, cols, second, x_scale, offs_d,
+                          HEAD_DIM: tl.constexpr, OP: tl.constexpr):
+    """acc + the state query of row-blocks i and i + d/4 against their rows j >= d/2 stacked, in one
+    product of inner size d (_query_full_tiles): a_dup [C, d] (a's upper half twice) weighted by
+    x_scale col1 on its first half of columns, x_scale col2 on the second."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    rows = full_tile_rows(i + second.to(tl.int32) * (HALF // 2), cols, HEAD_DIM)
+    r_pair = tl.load(st_base + rows[:, None] * HEAD_DIM + offs_d[None, :])
+    x1 = (col1.to(tl.float32) * x_scale).to(OP)
+    x2 = (col2.to(tl.float32) * x_scale).to(OP)
+    return tl.dot(a_dup * tl.where(second[None, :], x2[:, None], x1[:, None]), r_pair.to(OP), acc)
 
 
 @triton.jit
@@ -503,9 +517,10 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, a_scale, off
     SPLIT: tl.constexpr = (not TRANS) and HALF >= 16  # (a product's inner size is at least 16)
     if SPLIT:
         a = (a.to(tl.float32) * tl.where(offs_d >= HALF, 2.0, 1.0)[None, :]).to(OP)
-        for i in range(HALF):
-            acc = _row_block_query(acc, a, x_base, st_base, i, offs_d, t0, T, stride_t, x_scale, offs_c, offs_d,
-                                   HEAD_DIM, TRANS, False, OP)
+        for i in range(0, HALF, 2):  # (row-blocks in twos: their columns read together, _column_pair)
+            col_a, col_b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
+            acc = _row_block_query(acc, a, col_a, st_base, i, offs_d, x_scale, offs_d, HEAD_DIM, TRANS, False, OP)
+            acc = _row_block_query(acc, a, col_b, st_base, i + 1, offs_d, x_scale, offs_d, HEAD_DIM, TRANS, False, OP)
         if HEAD_DIM >= 64:
             # row-blocks i and i + h/2 in one product of inner size d: a's upper half twice, weighted
             # by x_i and x_{i+h/2} on the operand, against their rows j >= h stacked, accumulated in
@@ -516,24 +531,29 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, a_scale, off
             cols = HALF + r % HALF
             second = r >= HALF
             a_dup = (load_rows(x_base, t0, T, stride_t, offs_c, cols) * a_scale).to(OP)
-            for i in range(HALF, HALF + HALF // 2):
-                rows = full_tile_rows(i + second.to(tl.int32) * (HALF // 2), cols, HEAD_DIM)
-                r_pair = tl.load(st_base + rows[:, None] * HEAD_DIM + offs_d[None, :])
-                x1 = _scaled_column(x_base, t0, T, stride_t, offs_c, i, x_scale).to(OP)
-                x2 = _scaled_column(x_base, t0, T, stride_t, offs_c, i + HALF // 2, x_scale).to(OP)
-                acc = tl.dot(a_dup * tl.where(second[None, :], x2[:, None], x1[:, None]), r_pair.to(OP), acc)
+            for i in range(HALF, HALF + HALF // 2, 2):
+                x1a, x1b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
+                x2a, x2b = _column_pair(x_base, t0, T, stride_t, offs_c, i + HALF // 2)
+                acc = _row_block_pair_query(acc, a_dup, x1a, x2a, st_base, i, cols, second, x_scale, offs_d, HEAD_DIM,
+                                            OP)
+                acc = _row_block_pair_query(acc, a_dup, x1b, x2b, st_base, i + 1, cols, second, x_scale, offs_d,
+                                            HEAD_DIM, OP)
         else:
             offs_h = HALF + tl.arange(0, HALF)
             a_hi = (load_rows(x_base, t0, T, stride_t, offs_c, offs_h) * a_scale).to(OP)
-            for i in range(HALF, HEAD_DIM):
-                acc = _row_block_query(acc, a_hi, x_base, st_base, i, offs_h, t0, T, stride_t, x_scale, offs_c,
-                                       offs_d, HEAD_DIM, TRANS, False, OP)
+            for i in range(HALF, HEAD_DIM, 2):
+                col_a, col_b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
+                acc = _row_block_query(acc, a_hi, col_a, st_base, i, offs_h, x_scale, offs_d, HEAD_DIM, TRANS, False,
+                                       OP)
+                acc = _row_block_query(acc, a_hi, col_b, st_base, i + 1, offs_h, x_scale, offs_d, HEAD_DIM, TRANS,
+                                       False, OP)
     else:
         # TRANS at d >= 128: x_i as stored on the operand, x_scale once on the sum (_row_block_query)
         RAW_X: tl.constexpr = TRANS and HEAD_DIM >= 128
-        for i in range(HEAD_DIM):
-            acc = _row_block_query(acc, a, x_base, st_base, i, offs_d, t0, T, stride_t, x_scale, offs_c, offs_d,
-                                   HEAD_DIM, TRANS, RAW_X, OP)
+        for i in range(0, HEAD_DIM, 2):
+            col_a, col_b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
+            acc = _row_block_query(acc, a, col_a, st_base, i, offs_d, x_scale, offs_d, HEAD_DIM, TRANS, RAW_X, OP)
+            acc = _row_block_query(acc, a, col_b, st_base, i + 1, offs_d, x_scale, offs_d, HEAD_DIM, TRANS, RAW_X, OP)
         if RAW_X:
             acc = acc * x_scale
     return acc
@@ -648,6 +668,17 @@ def _chunk_bwd_q_kernel(
 
 
 @triton.jit
+def _key_row_block(dv, v2, kop, vop, col, c, dst_base, i, offs_d, HEAD_DIM: tl.constexpr, OP: tl.constexpr):
+    """Row-block i of the key-side backward's state part (_chunk_bwd_kv_kernel), col = k[:, i] as
+    stored: dv + (c k_i) (k @ dR_i), V2 + k_i (v @ dR_i^T)."""
+    dr_i = tl.load(dst_base + full_tile_rows(i, offs_d, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :]).to(OP)
+    ki = col.to(tl.float32)
+    dv += (c * ki)[:, None] * tl.dot(kop, dr_i)
+    v2 += ki[:, None] * tl.dot(vop, tl.trans(dr_i))
+    return dv, v2
+
+
+@triton.jit
 def _chunk_bwd_kv_kernel(
     Q, K, V, LG, DSTATES, DZSTATES, DBETA, DO, DELTA, DK, DV, DBK,
     T, T_PAD, NUM_CHUNKS, HQ, HK, scale,
@@ -684,11 +715,10 @@ def _chunk_bwd_kv_kernel(
     vop = load_tile(V + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d).to(OP)
     dv = tl.zeros((BLOCK, HEAD_DIM), dtype=tl.float32)
     v2 = tl.zeros((BLOCK, HEAD_DIM), dtype=tl.float32)
-    for i in range(HEAD_DIM):
-        dr_i = tl.load(dst_base + full_tile_rows(i, offs_d, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :]).to(OP)
-        ki = _column(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, i).to(tl.float32)
-        dv += (c * ki)[:, None] * tl.dot(kop, dr_i)
-        v2 += ki[:, None] * tl.dot(vop, tl.trans(dr_i))
+    for i in range(0, HEAD_DIM, 2):  # (row-blocks in twos: their key columns read together, _column_pair)
+        ki_a, ki_b = _column_pair(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, i)
+        dv, v2 = _key_row_block(dv, v2, kop, vop, ki_a, c, dst_base, i, offs_d, HEAD_DIM, OP)
+        dv, v2 = _key_row_block(dv, v2, kop, vop, ki_b, c, dst_base, i + 1, offs_d, HEAD_DIM, OP)
     k = load_rows(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
     v2 += dot_f32(k, load_sym_matrix(DZSTATES + slot * D, HEAD_DIM))
     dk = (2.0 * c)[:, None] * v2
