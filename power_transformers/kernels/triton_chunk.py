@@ -452,6 +452,12 @@ def _key_block(q, bq, k_base, v_base, lg_base, c0, j0, t0, T, HK, offs_c, offs_d
 
 
 @triton.jit
+def _column(x_base, t0, T, stride_t, offs_c, i):
+    """x[:, i] [C] as stored (0 past T) of the tokens t0 + offs_c."""
+    return tl.load(x_base + (t0 + offs_c) * stride_t + i, mask=t0 + offs_c < T, other=0.0)
+
+
+@triton.jit
 def _column_pair(x_base, t0, T, stride_t, offs_c, i):
     """x[:, i] and x[:, i + 1] [C] as stored (0 past T) of the tokens t0 + offs_c (_columns)."""
     t = t0 + offs_c
@@ -459,12 +465,12 @@ def _column_pair(x_base, t0, T, stride_t, offs_c, i):
 
 
 @triton.jit
-def _row_block_query(acc, a, col, st_base, i, rows, x_scale, offs_d,
+def _row_block_query(acc, a, col, x_base, st_base, i, rows, t0, T, stride_t, x_scale, offs_c, offs_d,
                      HEAD_DIM: tl.constexpr, TRANS: tl.constexpr, RAW_X: tl.constexpr, OP: tl.constexpr):
     """acc + x_i (a @ R_i[rows]) ([C, d] fp32; TRANS: a @ R_i[rows]^T), R_i[j] = R[(min(i, j), max(i, j))]
-    the rows j in `rows` of the stored unweighted state's row-block i; x_i = x_scale * col, col =
-    x[:, i] as stored, read from memory (the tile is in cache; _column_pair) rather than cut out of
-    registers.
+    the rows j in `rows` of the stored unweighted state's row-block i; x_i = x_scale * x[:, i], read
+    from memory (the tile is in cache) rather than cut out of registers: col, read ahead with the
+    next row-block's (_column_pair), or None to read it here.
 
     Without TRANS, x_i weights the first operand in the operand dtype (packed multiplies for
     16-bit inputs) and the product accumulates into acc, with no [C, d] multiply-add in fp32: H100,
@@ -474,6 +480,8 @@ def _row_block_query(acc, a, col, st_base, i, rows, x_scale, offs_d,
     only, _query_full_tiles decides) puts x[:, i] as stored on the operand and leaves x_scale to the
     caller, who puts it on the sum; otherwise the weight goes on the product, in fp32."""
     r_i = tl.load(st_base + full_tile_rows(i, rows, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :])
+    if col is None:
+        col = _column(x_base, t0, T, stride_t, offs_c, i)
     if not TRANS:
         xi = col.to(tl.float32) * x_scale
         acc = tl.dot(a * xi.to(OP)[:, None], r_i.to(OP), acc)
@@ -486,14 +494,18 @@ def _row_block_query(acc, a, col, st_base, i, rows, x_scale, offs_d,
 
 
 @triton.jit
-def _row_block_pair_query(acc, a_dup, col1, col2, st_base, i, cols, second, x_scale, offs_d,
-                          HEAD_DIM: tl.constexpr, OP: tl.constexpr):
+def _row_block_pair_query(acc, a_dup, col1, col2, x_base, st_base, i, cols, second, t0, T, stride_t, x_scale,
+                          offs_c, offs_d, HEAD_DIM: tl.constexpr, OP: tl.constexpr):
     """acc + the state query of row-blocks i and i + d/4 against their rows j >= d/2 stacked, in one
     product of inner size d (_query_full_tiles): a_dup [C, d] (a's upper half twice) weighted by
-    x_scale col1 on its first half of columns, x_scale col2 on the second."""
+    x_scale x[:, i] (col1) on its first half of columns, x_scale x[:, i + d/4] (col2) on the second;
+    col1 and col2 None: read here."""
     HALF: tl.constexpr = HEAD_DIM // 2
     rows = full_tile_rows(i + second.to(tl.int32) * (HALF // 2), cols, HEAD_DIM)
     r_pair = tl.load(st_base + rows[:, None] * HEAD_DIM + offs_d[None, :])
+    if col1 is None:
+        col1 = _column(x_base, t0, T, stride_t, offs_c, i)
+        col2 = _column(x_base, t0, T, stride_t, offs_c, i + HALF // 2)
     x1 = (col1.to(tl.float32) * x_scale).to(OP)
     x2 = (col2.to(tl.float32) * x_scale).to(OP)
     return tl.dot(a_dup * tl.where(second[None, :], x2[:, None], x1[:, None]), r_pair.to(OP), acc)
@@ -515,12 +527,24 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, a_scale, off
     acc = tl.zeros((a.shape[0], HEAD_DIM), dtype=tl.float32)
     HALF: tl.constexpr = HEAD_DIM // 2
     SPLIT: tl.constexpr = (not TRANS) and HALF >= 16  # (a product's inner size is at least 16)
+    # Row-blocks in twos, their columns read together ahead of them (_column_pair), where that was
+    # faster: H100, 64k tokens (RESULTS.md, attention kernels, run Q), the query-side backward at d
+    # = 64, C = 256 2.54 / 2.53 -> 2.40 / 2.38 ms, d = 32 1.03 -> 0.91; the forward at d = 32 1.01 ->
+    # 0.92, but at d = 64 2.04 -> 2.45, and at d = 128 the buffers they take ahead overflow shared
+    # memory.
+    PAIRS: tl.constexpr = HEAD_DIM <= (64 if TRANS else 32)
+    STEP: tl.constexpr = 2 if PAIRS else 1
     if SPLIT:
         a = (a.to(tl.float32) * tl.where(offs_d >= HALF, 2.0, 1.0)[None, :]).to(OP)
-        for i in range(0, HALF, 2):  # (row-blocks in twos: their columns read together, _column_pair)
-            col_a, col_b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
-            acc = _row_block_query(acc, a, col_a, st_base, i, offs_d, x_scale, offs_d, HEAD_DIM, TRANS, False, OP)
-            acc = _row_block_query(acc, a, col_b, st_base, i + 1, offs_d, x_scale, offs_d, HEAD_DIM, TRANS, False, OP)
+        for i in range(0, HALF, STEP):
+            col_a, col_b = None, None
+            if PAIRS:
+                col_a, col_b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
+            acc = _row_block_query(acc, a, col_a, x_base, st_base, i, offs_d, t0, T, stride_t, x_scale, offs_c, offs_d,
+                                   HEAD_DIM, TRANS, False, OP)
+            if PAIRS:
+                acc = _row_block_query(acc, a, col_b, x_base, st_base, i + 1, offs_d, t0, T, stride_t, x_scale, offs_c,
+                                       offs_d, HEAD_DIM, TRANS, False, OP)
         if HEAD_DIM >= 64:
             # row-blocks i and i + h/2 in one product of inner size d: a's upper half twice, weighted
             # by x_i and x_{i+h/2} on the operand, against their rows j >= h stacked, accumulated in
@@ -531,29 +555,40 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, a_scale, off
             cols = HALF + r % HALF
             second = r >= HALF
             a_dup = (load_rows(x_base, t0, T, stride_t, offs_c, cols) * a_scale).to(OP)
-            for i in range(HALF, HALF + HALF // 2, 2):
-                x1a, x1b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
-                x2a, x2b = _column_pair(x_base, t0, T, stride_t, offs_c, i + HALF // 2)
-                acc = _row_block_pair_query(acc, a_dup, x1a, x2a, st_base, i, cols, second, x_scale, offs_d, HEAD_DIM,
-                                            OP)
-                acc = _row_block_pair_query(acc, a_dup, x1b, x2b, st_base, i + 1, cols, second, x_scale, offs_d,
-                                            HEAD_DIM, OP)
+            for i in range(HALF, HALF + HALF // 2, STEP):
+                x1a, x1b, x2a, x2b = None, None, None, None
+                if PAIRS:
+                    x1a, x1b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
+                    x2a, x2b = _column_pair(x_base, t0, T, stride_t, offs_c, i + HALF // 2)
+                acc = _row_block_pair_query(acc, a_dup, x1a, x2a, x_base, st_base, i, cols, second, t0, T, stride_t,
+                                            x_scale, offs_c, offs_d, HEAD_DIM, OP)
+                if PAIRS:
+                    acc = _row_block_pair_query(acc, a_dup, x1b, x2b, x_base, st_base, i + 1, cols, second, t0, T,
+                                                stride_t, x_scale, offs_c, offs_d, HEAD_DIM, OP)
         else:
             offs_h = HALF + tl.arange(0, HALF)
             a_hi = (load_rows(x_base, t0, T, stride_t, offs_c, offs_h) * a_scale).to(OP)
-            for i in range(HALF, HEAD_DIM, 2):
-                col_a, col_b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
-                acc = _row_block_query(acc, a_hi, col_a, st_base, i, offs_h, x_scale, offs_d, HEAD_DIM, TRANS, False,
-                                       OP)
-                acc = _row_block_query(acc, a_hi, col_b, st_base, i + 1, offs_h, x_scale, offs_d, HEAD_DIM, TRANS,
-                                       False, OP)
+            for i in range(HALF, HEAD_DIM, STEP):
+                col_a, col_b = None, None
+                if PAIRS:
+                    col_a, col_b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
+                acc = _row_block_query(acc, a_hi, col_a, x_base, st_base, i, offs_h, t0, T, stride_t, x_scale, offs_c,
+                                       offs_d, HEAD_DIM, TRANS, False, OP)
+                if PAIRS:
+                    acc = _row_block_query(acc, a_hi, col_b, x_base, st_base, i + 1, offs_h, t0, T, stride_t, x_scale,
+                                           offs_c, offs_d, HEAD_DIM, TRANS, False, OP)
     else:
         # TRANS at d >= 128: x_i as stored on the operand, x_scale once on the sum (_row_block_query)
         RAW_X: tl.constexpr = TRANS and HEAD_DIM >= 128
-        for i in range(0, HEAD_DIM, 2):
-            col_a, col_b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
-            acc = _row_block_query(acc, a, col_a, st_base, i, offs_d, x_scale, offs_d, HEAD_DIM, TRANS, RAW_X, OP)
-            acc = _row_block_query(acc, a, col_b, st_base, i + 1, offs_d, x_scale, offs_d, HEAD_DIM, TRANS, RAW_X, OP)
+        for i in range(0, HEAD_DIM, STEP):
+            col_a, col_b = None, None
+            if PAIRS:
+                col_a, col_b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
+            acc = _row_block_query(acc, a, col_a, x_base, st_base, i, offs_d, t0, T, stride_t, x_scale, offs_c, offs_d,
+                                   HEAD_DIM, TRANS, RAW_X, OP)
+            if PAIRS:
+                acc = _row_block_query(acc, a, col_b, x_base, st_base, i + 1, offs_d, t0, T, stride_t, x_scale, offs_c,
+                                       offs_d, HEAD_DIM, TRANS, RAW_X, OP)
         if RAW_X:
             acc = acc * x_scale
     return acc
@@ -668,10 +703,14 @@ def _chunk_bwd_q_kernel(
 
 
 @triton.jit
-def _key_row_block(dv, v2, kop, vop, col, c, dst_base, i, offs_d, HEAD_DIM: tl.constexpr, OP: tl.constexpr):
-    """Row-block i of the key-side backward's state part (_chunk_bwd_kv_kernel), col = k[:, i] as
-    stored: dv + (c k_i) (k @ dR_i), V2 + k_i (v @ dR_i^T)."""
+def _key_row_block(dv, v2, kop, vop, col, k_base, c, dst_base, i, t0, T, stride_t, offs_c, offs_d,
+                   HEAD_DIM: tl.constexpr, OP: tl.constexpr):
+    """Row-block i of the key-side backward's state part (_chunk_bwd_kv_kernel): dv + (c k_i) (k @
+    dR_i), V2 + k_i (v @ dR_i^T), with col = k[:, i] as stored (read ahead, _column_pair) or None
+    (read here)."""
     dr_i = tl.load(dst_base + full_tile_rows(i, offs_d, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :]).to(OP)
+    if col is None:
+        col = _column(k_base, t0, T, stride_t, offs_c, i)
     ki = col.to(tl.float32)
     dv += (c * ki)[:, None] * tl.dot(kop, dr_i)
     v2 += ki[:, None] * tl.dot(vop, tl.trans(dr_i))
@@ -715,10 +754,19 @@ def _chunk_bwd_kv_kernel(
     vop = load_tile(V + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d).to(OP)
     dv = tl.zeros((BLOCK, HEAD_DIM), dtype=tl.float32)
     v2 = tl.zeros((BLOCK, HEAD_DIM), dtype=tl.float32)
-    for i in range(0, HEAD_DIM, 2):  # (row-blocks in twos: their key columns read together, _column_pair)
-        ki_a, ki_b = _column_pair(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, i)
-        dv, v2 = _key_row_block(dv, v2, kop, vop, ki_a, c, dst_base, i, offs_d, HEAD_DIM, OP)
-        dv, v2 = _key_row_block(dv, v2, kop, vop, ki_b, c, dst_base, i + 1, offs_d, HEAD_DIM, OP)
+    # Row-blocks in twos below d = 128, their key columns read together ahead of them (_column_pair):
+    # H100, 64k tokens (RESULTS.md, attention kernels, run Q): d = 64, C = 256 4.36 / 4.34 -> 3.56 /
+    # 3.53 ms, d = 32 1.16 -> 1.03; at d = 128 the buffers they take ahead overflow shared memory.
+    PAIRS: tl.constexpr = HEAD_DIM <= 64
+    for i in range(0, HEAD_DIM, 2 if PAIRS else 1):
+        ki_a, ki_b = None, None
+        if PAIRS:
+            ki_a, ki_b = _column_pair(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, i)
+        dv, v2 = _key_row_block(dv, v2, kop, vop, ki_a, K + kv_base, c, dst_base, i, t0, T, HK * HEAD_DIM, offs_c,
+                                offs_d, HEAD_DIM, OP)
+        if PAIRS:
+            dv, v2 = _key_row_block(dv, v2, kop, vop, ki_b, K + kv_base, c, dst_base, i + 1, t0, T, HK * HEAD_DIM,
+                                    offs_c, offs_d, HEAD_DIM, OP)
     k = load_rows(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
     v2 += dot_f32(k, load_sym_matrix(DZSTATES + slot * D, HEAD_DIM))
     dk = (2.0 * c)[:, None] * v2
