@@ -27,6 +27,8 @@ FLOATS = {"scale", "eps", "qk_eps", "rope_scale"}
 # tensors in the operand dtype (bf16 inputs): inputs, outputs and the stored chunk states
 BF16 = {"DY", "X", "Y", "Q", "K", "V", "OUT", "STATES", "FSTATES", "DSTATES", "DO", "DQ", "DK", "DV"}
 INT_POINTERS = {"FLAGS", "COUNT", "TLEN"}
+#: the H100's shared memory a program may take (bytes, sm_90): a variant over it fails at launch
+SHARED_LIMIT = 232448
 
 
 def compile_variant(name, fn, consts, launch, pointer_types=None):
@@ -48,10 +50,13 @@ def compile_variant(name, fn, consts, launch, pointer_types=None):
         else:
             signature[arg] = "*bf16" if arg in BF16 else "*fp32"
     try:
-        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options=launch)
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32), options=launch)
     except Exception as err:  # noqa: BLE001
         print(f"FAILED {name}: {type(err).__name__}: {err}")
+        return False
+    if compiled.metadata.shared > SHARED_LIMIT:
+        print(f"FAILED {name}: {compiled.metadata.shared} bytes of shared memory, over {SHARED_LIMIT}")
         return False
     print(f"ok {name} {launch}")
     return True
@@ -86,6 +91,18 @@ def main() -> int:
         ok &= compile_variant(f"bwd_q {name}", tc._chunk_bwd_q_kernel, chunked, tuned["bwd_q"])
         ok &= compile_variant(f"bwd_kv {name}", tc._chunk_bwd_kv_kernel, dict(chunked, QROWS=tc.BWD_KV_QUERY_ROWS),
                               tuned["bwd_kv"])
+    # the training kernels with fp32 operands at d = 128 (the launcher's blocks and launch options;
+    # fp32 tensors throughout)
+    dd, op32 = 128, tl.float32
+    chunk, block = tc.kernel_tiles(512, dd)
+    chunked = dict(HEAD_DIM=dd, D=dd * (dd + 1) // 2, OP=op32, CHUNK=chunk, BLOCK=block, HAS_GATE=True)
+    fp32 = {n: "*fp32" for n in BF16}
+    q_block = tc.query_backward_block(block, dd, op32)
+    for kernel, fn, consts, tile in (("fwd", tc._chunk_fwd_kernel, chunked, block),
+                                     ("bwd_q", tc._chunk_bwd_q_kernel, dict(chunked, BLOCK=q_block), q_block),
+                                     ("bwd_kv", tc._chunk_bwd_kv_kernel, dict(chunked, QROWS=tc.BWD_KV_QUERY_ROWS),
+                                      block)):
+        ok &= compile_variant(f"{kernel} d128 C{chunk} fp32", fn, consts, tc._launch_opts(kernel, tile, dd, op32), fp32)
     ok &= compile_variant("scan reverse with <dR, R>", tc._state_scan_kernel,
                           dict(HEAD_DIM=d, D=dim, BLOCK_R=64, REVERSE=True, HAS_INIT=True, HAS_DOT=True),
                           {"num_warps": tc.SCAN_WARPS, "num_stages": 1})

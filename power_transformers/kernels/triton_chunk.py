@@ -826,6 +826,14 @@ def kernel_tiles(chunk_size: int, head_dim: int) -> tuple[int, int]:
     return (block if chunk <= MAX_BLOCK else chunk), block
 
 
+def query_backward_block(block: int, head_dim: int, op) -> int:
+    """The block of the query-side backward (_chunk_bwd_q_kernel): the kernels' block, but at most 32
+    tokens for fp32 operands at d = 128, where its tiles at blocks of 64 take 262144 bytes of shared
+    memory, over the H100's 232448 a program (sm_90 compile, Triton 3.6; 114816 at 32). Its grid and
+    outputs are per token, so it need not share the other kernels' block."""
+    return min(block, 32) if (op == tl.float32 and head_dim > 64) else block
+
+
 def share_source_tokens(chunk: int, block: int, head_dim: int, group: int, op) -> int:
     """Tokens of one source of the share kernel (_chunk_share_kernel's BLOCK): at d = 64 with 16-bit
     operands `op`, where a chunk's tokens over its group of query heads come to 256 (one head a
@@ -1069,9 +1077,10 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
     if n_chunks:
         common = dict(HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK=block, HAS_GATE=log_g is not None, OP=op)
         blocks = n_chunks * (chunk // block)  # every block of every chunk: the gate gradients cover T_PAD
-        _chunk_bwd_q_kernel[(blocks, bsz * hq)](
-            q, k, v, lg, states, z_states, do, delta, dq, dbq, t, t_pad, n_chunks, hq, hk, scale, **common,
-            **_launch_opts("bwd_q", block, d, op))
+        q_block = query_backward_block(block, d, op)
+        _chunk_bwd_q_kernel[(n_chunks * (chunk // q_block), bsz * hq)](
+            q, k, v, lg, states, z_states, do, delta, dq, dbq, t, t_pad, n_chunks, hq, hk, scale,
+            **dict(common, BLOCK=q_block), **_launch_opts("bwd_q", q_block, d, op))
         _chunk_bwd_kv_kernel[(blocks, bsz * hk)](
             q, k, v, lg, dstates, dz_states, dbeta, do, delta, dk, dv, dbk,
             t, t_pad, n_chunks, hq, hk, scale, **common, QROWS=max(16, min(block, BWD_KV_QUERY_ROWS)),
