@@ -217,6 +217,9 @@ def main() -> int:
     check_training("bf16 d128 T5000 B1 H4/2 gated C512 (d = 128's default chunk)", 1, 5000, 4, 2, 128, chunk=512)
     check_training("fp32 d64 T1000 B1 H2/2 gated C256 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=256,
                    ref_dtype=torch.float64)
+    # fp32 at d = 128: the query-side backward on its own block of 32 (query_backward_block)
+    check_training("fp32 d128 T1500 B1 H4/2 gated C512 vs fp64", 1, 1500, 4, 2, 128, dtype=torch.float32, chunk=512,
+                   ref_dtype=torch.float64)
     check_training("bf16 d32 T4096 B1 H4/1 ungated C1024", 1, 4096, 4, 1, 32, gated=False, chunk=1024)
     check_training("bf16 d128 T2048 B1 H4/4 gated, attention form", 1, 2048, 4, 4, 128, form="attention")
     check_training("fp32 d64 T1000 B1 H2/2 gated, attention form vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32,
