@@ -494,6 +494,24 @@ def _row_block_query(acc, a, col, x_base, st_base, i, rows, t0, T, stride_t, x_s
 
 
 @triton.jit
+def _row_blocks_query(acc, a, x_base, st_base, i0: tl.constexpr, i1: tl.constexpr, rows, t0, T, stride_t, x_scale,
+                      offs_c, offs_d, HEAD_DIM: tl.constexpr, TRANS: tl.constexpr, RAW_X: tl.constexpr,
+                      PAIRS: tl.constexpr, OP: tl.constexpr):
+    """_row_block_query over the row-blocks i0 <= i < i1; PAIRS: two at a time, their columns read
+    together ahead of them (_column_pair; i1 - i0 even)."""
+    for i in range(i0, i1, 2 if PAIRS else 1):
+        col_a, col_b = None, None
+        if PAIRS:
+            col_a, col_b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
+        acc = _row_block_query(acc, a, col_a, x_base, st_base, i, rows, t0, T, stride_t, x_scale, offs_c, offs_d,
+                               HEAD_DIM, TRANS, RAW_X, OP)
+        if PAIRS:
+            acc = _row_block_query(acc, a, col_b, x_base, st_base, i + 1, rows, t0, T, stride_t, x_scale, offs_c,
+                                   offs_d, HEAD_DIM, TRANS, RAW_X, OP)
+    return acc
+
+
+@triton.jit
 def _row_block_pair_query(acc, a_dup, col1, col2, x_base, st_base, i, cols, second, t0, T, stride_t, x_scale,
                           offs_c, offs_d, HEAD_DIM: tl.constexpr, OP: tl.constexpr):
     """acc + the state query of row-blocks i and i + d/4 against their rows j >= d/2 stacked, in one
@@ -536,15 +554,8 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, a_scale, off
     STEP: tl.constexpr = 2 if PAIRS else 1
     if SPLIT:
         a = (a.to(tl.float32) * tl.where(offs_d >= HALF, 2.0, 1.0)[None, :]).to(OP)
-        for i in range(0, HALF, STEP):
-            col_a, col_b = None, None
-            if PAIRS:
-                col_a, col_b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
-            acc = _row_block_query(acc, a, col_a, x_base, st_base, i, offs_d, t0, T, stride_t, x_scale, offs_c, offs_d,
-                                   HEAD_DIM, TRANS, False, OP)
-            if PAIRS:
-                acc = _row_block_query(acc, a, col_b, x_base, st_base, i + 1, offs_d, t0, T, stride_t, x_scale, offs_c,
-                                       offs_d, HEAD_DIM, TRANS, False, OP)
+        acc = _row_blocks_query(acc, a, x_base, st_base, 0, HALF, offs_d, t0, T, stride_t, x_scale, offs_c, offs_d,
+                                HEAD_DIM, TRANS, False, PAIRS, OP)
         if HEAD_DIM >= 64:
             # row-blocks i and i + h/2 in one product of inner size d: a's upper half twice, weighted
             # by x_i and x_{i+h/2} on the operand, against their rows j >= h stacked, accumulated in
@@ -568,27 +579,13 @@ def _query_full_tiles(a, x_base, st_base, t0, T, stride_t, x_scale, a_scale, off
         else:
             offs_h = HALF + tl.arange(0, HALF)
             a_hi = (load_rows(x_base, t0, T, stride_t, offs_c, offs_h) * a_scale).to(OP)
-            for i in range(HALF, HEAD_DIM, STEP):
-                col_a, col_b = None, None
-                if PAIRS:
-                    col_a, col_b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
-                acc = _row_block_query(acc, a_hi, col_a, x_base, st_base, i, offs_h, t0, T, stride_t, x_scale, offs_c,
-                                       offs_d, HEAD_DIM, TRANS, False, OP)
-                if PAIRS:
-                    acc = _row_block_query(acc, a_hi, col_b, x_base, st_base, i + 1, offs_h, t0, T, stride_t, x_scale,
-                                           offs_c, offs_d, HEAD_DIM, TRANS, False, OP)
+            acc = _row_blocks_query(acc, a_hi, x_base, st_base, HALF, HEAD_DIM, offs_h, t0, T, stride_t, x_scale,
+                                    offs_c, offs_d, HEAD_DIM, TRANS, False, PAIRS, OP)
     else:
         # TRANS at d >= 128: x_i as stored on the operand, x_scale once on the sum (_row_block_query)
         RAW_X: tl.constexpr = TRANS and HEAD_DIM >= 128
-        for i in range(0, HEAD_DIM, STEP):
-            col_a, col_b = None, None
-            if PAIRS:
-                col_a, col_b = _column_pair(x_base, t0, T, stride_t, offs_c, i)
-            acc = _row_block_query(acc, a, col_a, x_base, st_base, i, offs_d, t0, T, stride_t, x_scale, offs_c, offs_d,
-                                   HEAD_DIM, TRANS, RAW_X, OP)
-            if PAIRS:
-                acc = _row_block_query(acc, a, col_b, x_base, st_base, i + 1, offs_d, t0, T, stride_t, x_scale, offs_c,
-                                       offs_d, HEAD_DIM, TRANS, RAW_X, OP)
+        acc = _row_blocks_query(acc, a, x_base, st_base, 0, HEAD_DIM, offs_d, t0, T, stride_t, x_scale, offs_c,
+                                offs_d, HEAD_DIM, TRANS, RAW_X, PAIRS, OP)
         if RAW_X:
             acc = acc * x_scale
     return acc
