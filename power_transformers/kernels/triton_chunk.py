@@ -700,14 +700,10 @@ def _chunk_bwd_q_kernel(
 
 
 @triton.jit
-def _key_row_block(dv, v2, kop, vop, col, k_base, c, dst_base, i, t0, T, stride_t, offs_c, offs_d,
-                   HEAD_DIM: tl.constexpr, OP: tl.constexpr):
+def _key_row_block(dv, v2, kop, vop, col, c, dst_base, i, offs_d, HEAD_DIM: tl.constexpr, OP: tl.constexpr):
     """Row-block i of the key-side backward's state part (_chunk_bwd_kv_kernel): dv + (c k_i) (k @
-    dR_i), V2 + k_i (v @ dR_i^T), with col = k[:, i] as stored (read ahead, _column_pair) or None
-    (read here)."""
+    dR_i), V2 + k_i (v @ dR_i^T), with col = k[:, i] as stored (read ahead, _column_pair)."""
     dr_i = tl.load(dst_base + full_tile_rows(i, offs_d, HEAD_DIM)[:, None] * HEAD_DIM + offs_d[None, :]).to(OP)
-    if col is None:
-        col = _column(k_base, t0, T, stride_t, offs_c, i)
     ki = col.to(tl.float32)
     dv += (c * ki)[:, None] * tl.dot(kop, dr_i)
     v2 += ki[:, None] * tl.dot(vop, tl.trans(dr_i))
@@ -751,19 +747,14 @@ def _chunk_bwd_kv_kernel(
     vop = load_tile(V + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d).to(OP)
     dv = tl.zeros((BLOCK, HEAD_DIM), dtype=tl.float32)
     v2 = tl.zeros((BLOCK, HEAD_DIM), dtype=tl.float32)
-    # Row-blocks in twos below d = 128, their key columns read together ahead of them (_column_pair):
-    # H100, 64k tokens (RESULTS.md, attention kernels, run Q): d = 64, C = 256 4.36 / 4.34 -> 3.56 /
-    # 3.53 ms, d = 32 1.16 -> 1.03; at d = 128 the buffers they take ahead overflow shared memory.
-    PAIRS: tl.constexpr = HEAD_DIM <= 64
-    for i in range(0, HEAD_DIM, 2 if PAIRS else 1):
-        ki_a, ki_b = None, None
-        if PAIRS:
-            ki_a, ki_b = _column_pair(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, i)
-        dv, v2 = _key_row_block(dv, v2, kop, vop, ki_a, K + kv_base, c, dst_base, i, t0, T, HK * HEAD_DIM, offs_c,
-                                offs_d, HEAD_DIM, OP)
-        if PAIRS:
-            dv, v2 = _key_row_block(dv, v2, kop, vop, ki_b, K + kv_base, c, dst_base, i + 1, t0, T, HK * HEAD_DIM,
-                                    offs_c, offs_d, HEAD_DIM, OP)
+    # Row-blocks in twos, their key columns read together ahead of them (_column_pair): H100, 64k
+    # tokens (RESULTS.md, attention kernels): d = 64, C = 256 4.36 / 4.34 -> 3.56 / 3.53 ms, d = 32
+    # 1.16 -> 1.03 (run Q); d = 128, C = 512 26.74 / 26.86 -> 24.77 / 24.67 (run R; 229632 bytes of
+    # shared memory at its launch of 8 warps, 3 stages, within the H100's 232448).
+    for i in range(0, HEAD_DIM, 2):
+        ki_a, ki_b = _column_pair(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, i)
+        dv, v2 = _key_row_block(dv, v2, kop, vop, ki_a, c, dst_base, i, offs_d, HEAD_DIM, OP)
+        dv, v2 = _key_row_block(dv, v2, kop, vop, ki_b, c, dst_base, i + 1, offs_d, HEAD_DIM, OP)
     k = load_rows(K + kv_base, t0, T, HK * HEAD_DIM, offs_c, offs_d)
     v2 += dot_f32(k, load_sym_matrix(DZSTATES + slot * D, HEAD_DIM))
     dk = (2.0 * c)[:, None] * v2
