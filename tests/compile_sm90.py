@@ -107,6 +107,11 @@ def main() -> int:
                           dict(HEAD_DIM=d, D=dim, BLOCK_R=64, REVERSE=True, HAS_INIT=True, HAS_DOT=True),
                           {"num_warps": tc.SCAN_WARPS, "num_stages": 1})
 
+    # the log-gates around the state kernels: the longest chunk's weights, a GQA group's gradient
+    ok &= compile_variant("gate weights C1024", tc._gate_weights_kernel, dict(CHUNK=tc.MAX_CHUNK, TO_END=True),
+                          {"num_warps": 4})
+    ok &= compile_variant("gate gradient C256 G2", tc._gate_grad_kernel, dict(CHUNK=256, G=2), {"num_warps": 4})
+
     ok &= compile_variant("output grads (do, delta)", tcommon._output_grads_kernel,
                           dict(HEAD_DIM=d, ROWS=64, OP=op), {"num_warps": 4})
 

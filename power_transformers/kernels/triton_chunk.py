@@ -792,6 +792,45 @@ def _chunk_bwd_kv_kernel(
 
 
 # ----------------------------------------------------------------------------------
+# The log-gates around the state kernels (one launch each, where a handful of torch operations
+# over every token took one launch apiece)
+# ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _gate_weights_kernel(LG, W, DECAY, T, T_PAD, NUM_CHUNKS, HK, scale, CHUNK: tl.constexpr, TO_END: tl.constexpr):
+    """Chunk n of head bh (grid (N, B Hk)): the state pass's token weights W [B, Hk, T_PAD] (scale
+    e^{beta - b_t} with TO_END, else scale e^{b_t}; b the chunk-local running sum of LG [B, T, Hk],
+    beta its total, tokens past T with g = 0) and the chunk's decay DECAY [B, Hk, N] = e^beta."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs = tl.arange(0, CHUNK)
+    b_run, total = chunk_gates(LG + (bh // HK).to(tl.int64) * T * HK + bh % HK, n * CHUNK, T, HK, offs, True)
+    if TO_END:
+        w = tl.exp(total - b_run)
+    else:
+        w = tl.exp(b_run)
+    tl.store(W + bh.to(tl.int64) * T_PAD + n * CHUNK + offs, w * scale)
+    tl.store(DECAY + bh.to(tl.int64) * NUM_CHUNKS + n, tl.exp(total))
+
+
+@triton.jit
+def _gate_grad_kernel(DBQ, DBK, DLG, T, T_PAD, HQ, HK, CHUNK: tl.constexpr, G: tl.constexpr):
+    """Chunk n of kv head h of row b (grid (N, B Hk)): dL/dlog_g [B, T, Hk] from dL/db, the key
+    side DBK [B, T_PAD, Hk] plus the query side DBQ [B, T_PAD, Hq] of the group's G heads. b_t is
+    the sum of the chunk's g_u for u <= t, so dL/dg_u = sum_{t >= u in the chunk} dL/db_t."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HK
+    h = bh % HK
+    t = n * CHUNK + tl.arange(0, CHUNK)
+    db = tl.load(DBK + (b * T_PAD * HK + h).to(tl.int64) + t * HK)
+    for g in range(G):
+        db += tl.load(DBQ + (b * T_PAD * HQ + h * G + g).to(tl.int64) + t * HQ)
+    tl.store(DLG + (b * T * HK + h).to(tl.int64) + t * HK, tl.cumsum(db, axis=0, reverse=True), mask=t < T)
+
+
+# ----------------------------------------------------------------------------------
 # Launchers (plain functions of tensors; the custom ops in triton_power wrap them)
 # ----------------------------------------------------------------------------------
 
@@ -862,16 +901,15 @@ def _gate_weights(log_g, bsz: int, t: int, hk: int, n_chunks: int, chunk: int, t
     """Per-token weights w [B, Hk, N C] and per-chunk decays [B, Hk, N] (fp32) for the state pass:
     w_t = scale e^{beta - b_t} (to_end: the keys' decay to the chunk end) or scale e^{b_t} (the
     queries' decay from the chunk start), decay_n = e^{beta_n}; b the chunk-local running sum."""
-    t_pad = n_chunks * chunk
     if log_g is None:
-        return (torch.full((bsz, hk, t_pad), scale, dtype=torch.float32, device=device),
+        return (torch.full((bsz, hk, n_chunks * chunk), scale, dtype=torch.float32, device=device),
                 torch.ones(bsz, hk, n_chunks, dtype=torch.float32, device=device))
-    g = torch.nn.functional.pad(log_g.float(), (0, 0, 0, t_pad - t)).view(bsz, n_chunks, chunk, hk)
-    bcum = g.cumsum(2)
-    total = bcum[:, :, -1:]
-    w = (total - bcum).exp() if to_end else bcum.exp()
-    w = (w * scale).permute(0, 3, 1, 2).reshape(bsz, hk, t_pad).contiguous()
-    return w, total[:, :, 0].exp().transpose(1, 2).contiguous()
+    w = torch.empty(bsz, hk, n_chunks * chunk, dtype=torch.float32, device=device)
+    decays = torch.empty(bsz, hk, n_chunks, dtype=torch.float32, device=device)
+    if n_chunks:
+        _gate_weights_kernel[(n_chunks, bsz * hk)](log_g, w, decays, t, n_chunks * chunk, n_chunks, hk, scale,
+                                                   CHUNK=chunk, TO_END=to_end)
+    return w, decays
 
 
 #: (num_warps, num_stages) per kernel for 16-bit operands, by (block, head size), measured on the
@@ -1075,8 +1113,7 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
             **_launch_opts("bwd_kv", block, d, op))
     dlog_g = None
     if log_g is not None:
-        db = dbk + dbq.view(bsz, t_pad, hk, hq // hk).sum(-1)
-        # b_t = sum_{u <= t in the chunk} g_u, so dL/dg_u = sum_{t >= u in the chunk} dL/db_t
-        db = db.view(bsz, n_chunks, chunk, hk).flip(2).cumsum(2).flip(2)
-        dlog_g = db.reshape(bsz, t_pad, hk)[:, :t]
+        dlog_g = torch.empty(bsz, t, hk, dtype=torch.float32, device=q.device)
+        if n_chunks:
+            _gate_grad_kernel[(n_chunks, bsz * hk)](dbq, dbk, dlog_g, t, t_pad, hq, hk, CHUNK=chunk, G=hq // hk)
     return dq, dk, dv, dlog_g, dstates[:, :, 0].float() * w[:, None], dz_states[:, :, 0] * w
