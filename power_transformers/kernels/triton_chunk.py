@@ -34,6 +34,8 @@ Kernels (phi(q), phi(k) built row-block by row-block on chip, never stored; see 
                         reverse scan also takes <dR_n, R_n>, the gradient of each chunk's decay.
     _chunk_bwd_q_kernel grid (N C / M, B Hq): dq and the query part of the gate gradient.
     _chunk_bwd_kv_kernel grid (N C / M, B Hk): dk, dv and the key part of the gate gradient.
+    _gate_weights_kernel, _gate_grad_kernel  grid (N, B Hk): a state pass's token weights and
+                        chunk decays from the log-gates; dlog_g from both parts of the gate gradient.
 
 The backward reads the forward's chunk states when the forward kept them (keep_states), else
 recomputes them with a third state pass.
