@@ -170,6 +170,29 @@ def test_the_query_side_backward_takes_its_own_block(monkeypatch):
     check_against_reference(q, k, v, log_g, s0, z0, 32, ref_chunk=16)
 
 
+@pytest.mark.parametrize("to_end", [True, False])
+def test_gate_kernels_match_their_torch_form(to_end):
+    """The log-gates' kernels against the same sums in torch, on their own (through the attention a
+    wrong head of a GQA group moved dlog_g by only 2e-5 relative): the state pass's weights and
+    decays over a ragged length, and dlog_g from the query side of a group of two plus the key side."""
+    g = torch.Generator().manual_seed(11)
+    bsz, t, hk, hq, chunk = 2, 37, 2, 4, 16
+    n_chunks, t_pad = 3, 48
+    log_g = F.logsigmoid(torch.randn(bsz, t, hk, generator=g))
+    w, decays = tc._gate_weights(log_g, bsz, t, hk, n_chunks, chunk, to_end, 0.5, "cpu")
+    b = F.pad(log_g, (0, 0, 0, t_pad - t)).view(bsz, n_chunks, chunk, hk).cumsum(2)
+    total = b[:, :, -1:]
+    w_ref = 0.5 * ((total - b) if to_end else b).exp()
+    assert torch.allclose(w, w_ref.permute(0, 3, 1, 2).reshape(bsz, hk, t_pad), rtol=1e-5, atol=0)
+    assert torch.allclose(decays, total[:, :, 0].exp().transpose(1, 2), rtol=1e-5, atol=0)
+
+    dbq = torch.randn(bsz, t_pad, hq, generator=g)
+    dbk = torch.randn(bsz, t_pad, hk, generator=g)
+    db = (dbk + dbq.view(bsz, t_pad, hk, hq // hk).sum(-1)).view(bsz, n_chunks, chunk, hk)
+    ref = db.flip(2).cumsum(2).flip(2).reshape(bsz, t_pad, hk)[:, :t]
+    assert torch.allclose(tc._gate_grad(dbq, dbk, t, chunk), ref, rtol=0, atol=1e-5)
+
+
 def test_forward_keeps_its_states_for_the_backward(monkeypatch):
     """With keep_states the backward reads the forward's chunk states instead of a second state
     pass: the same gradients, one pass fewer; nothing is kept without a gradient to take. By

@@ -914,6 +914,17 @@ def _gate_weights(log_g, bsz: int, t: int, hk: int, n_chunks: int, chunk: int, t
     return w, decays
 
 
+def _gate_grad(dbq, dbk, t: int, chunk: int) -> torch.Tensor:
+    """dL/dlog_g [B, T, Hk] fp32 from the per-token dL/db of the query side dbq [B, N C, Hq] and
+    of the key side dbk [B, N C, Hk] (b the chunk-local running sum of the log-gates)."""
+    bsz, t_pad, hq = dbq.shape
+    hk = dbk.shape[2]
+    dlog_g = torch.empty(bsz, t, hk, dtype=torch.float32, device=dbq.device)
+    if t_pad:
+        _gate_grad_kernel[(t_pad // chunk, bsz * hk)](dbq, dbk, dlog_g, t, t_pad, hq, hk, CHUNK=chunk, G=hq // hk)
+    return dlog_g
+
+
 #: (num_warps, num_stages) per kernel for 16-bit operands, by (block, head size), measured on the
 #: H100 at 64k tokens, forward+backward (RESULTS.md, attention kernels). Against the default of
 #: two stages, 8 warps (4 below [128, 64] tiles):
@@ -1113,9 +1124,5 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
             q, k, v, lg, dstates, dz_states, dbeta, do, delta, dk, dv, dbk,
             t, t_pad, n_chunks, hq, hk, scale, **common, QROWS=max(16, min(block, BWD_KV_QUERY_ROWS)),
             **_launch_opts("bwd_kv", block, d, op))
-    dlog_g = None
-    if log_g is not None:
-        dlog_g = torch.empty(bsz, t, hk, dtype=torch.float32, device=q.device)
-        if n_chunks:
-            _gate_grad_kernel[(n_chunks, bsz * hk)](dbq, dbk, dlog_g, t, t_pad, hq, hk, CHUNK=chunk, G=hq // hk)
+    dlog_g = _gate_grad(dbq, dbk, t, chunk) if log_g is not None else None
     return dq, dk, dv, dlog_g, dstates[:, :, 0].float() * w[:, None], dz_states[:, :, 0] * w
