@@ -225,6 +225,12 @@ def main() -> int:
     check_training("fp32 d64 T1000 B1 H2/2 gated, attention form vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32,
                    ref_dtype=torch.float64, form="attention")
     check_training("bf16 d64 T16384 B1 H4/2 gated, attention form", 1, 16384, 4, 2, 64, form="attention")
+    check_training("bf16 d64 T3000 B2 H4/4 ungated, attention form", 2, 3000, 4, 4, 64, gated=False, form="attention")
+    # fp32 at d = 128: the key side walks query blocks of 16 (triton_attention._CONFIGS["fp32_128"])
+    check_training("fp32 d128 T1500 B1 H4/2 gated, attention form vs fp64", 1, 1500, 4, 2, 128, dtype=torch.float32,
+                   ref_dtype=torch.float64, form="attention")
+    check_training("fp16 d64 T2000 B2 H8/2 gated, attention form", 2, 2000, 8, 2, 64, dtype=torch.float16,
+                   form="attention")
     check_training("bf16 d64 T65536 B1 H2/1 gated C128 (fwd)", 1, 65536, 2, 1, 64, grads=False)
     check_training("bf16 d64 T65536 B1 H2/1 gated C512 (fwd)", 1, 65536, 2, 1, 64, grads=False, chunk=512)
     check_training("bf16 d64 T65536 B1 H2/2 gated C256 (two blocks held)", 1, 65536, 2, 2, 64, chunk=256)

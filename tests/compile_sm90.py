@@ -49,8 +49,13 @@ def compile_variant(name, fn, consts, launch, pointer_types=None):
             signature[arg] = "*i32"
         else:
             signature[arg] = "*bf16" if arg in BF16 else "*fp32"
+    # pointers 16-byte aligned, as the JIT specializes them for torch's allocations: without it no
+    # load becomes an asynchronous copy, so the loops are not pipelined and the registers, shared
+    # memory and spills are not those of the launched kernel
+    aligned = {(i,): [["tt.divisibility", 16]] for i, param in enumerate(fn.params)
+               if signature[param.name].startswith("*")}
     try:
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=aligned),
                                   target=GPUTarget("cuda", 90, 32), options=launch)
     except Exception as err:  # noqa: BLE001
         print(f"FAILED {name}: {type(err).__name__}: {err}")
@@ -126,6 +131,10 @@ def main() -> int:
             ok &= compile_variant(f"attention form {kernel} d{dd} {name}", fn,
                                   dict(HEAD_DIM=dd, BLOCK_M=block_m, BLOCK_N=block_n, HAS_GATE=True, OP=dtype), launch,
                                   types)
+
+    ok &= compile_variant("attention form gate sums", ta._gate_sums_kernel,
+                          dict(KEY_BLOCK=64, QUERY_BLOCK=16, BLOCK=ta.GATE_SUMS_BLOCK, HAS_QUERY=True), {"num_warps": 4},
+                          {"LG": "*fp32", "BSUM": "*fp64", "KEY_WITHIN": "*fp32", "QUERY_WITHIN": "*fp32"})
 
     # decode: per token (one query row; 8 rows of GQA), the fold and the tail step
     for dd, group in ((64, 1), (128, 8)):

@@ -138,3 +138,23 @@ def test_unsupported_head_size():
     x = torch.randn(1, 4, 1, 48)
     with pytest.raises(ValueError, match="head size 48"):
         ta.attention_forward(x, x, x, None, 0.1, EPS)
+
+
+@pytest.mark.parametrize("t,key_block,query_block", [(70, 16, 16), (37, 32, 16), (300, 64, None)])
+def test_gate_sums(t, key_block, query_block):
+    """_gate_sums_kernel against torch: the fp64 running sums, each token's decay to the last row of
+    its key block and from the first row of its query block (a ragged last block ends at the last
+    real token). The attention tests above pass through these only as products with other factors."""
+    log_g = F.logsigmoid(torch.randn(2, t, 3, generator=torch.Generator().manual_seed(t)) + 1.0)
+    bsum, key_within, query_within = ta._gate_sums(log_g, key_block, query_block)
+    b = log_g.double().transpose(1, 2).cumsum(-1)
+    assert bsum.dtype == torch.float64 and torch.allclose(bsum, b, rtol=1e-12, atol=1e-12)
+    tok = torch.arange(t)
+    end = torch.clamp((tok // key_block + 1) * key_block - 1, max=t - 1)
+    assert torch.allclose(key_within, torch.exp(b[..., end] - b).float(), rtol=1e-5, atol=0)  # fp32 exp
+    if query_block is None:
+        assert query_within is None
+    else:
+        start = tok // query_block * query_block
+        assert torch.allclose(query_within, torch.exp(b - b[..., start]).float(), rtol=1e-5, atol=0)
+    assert ta._gate_sums(None, key_block, query_block) == (None, None, None)
