@@ -135,6 +135,8 @@ def main() -> int:
     ok &= compile_variant("attention form gate sums", ta._gate_sums_kernel,
                           dict(KEY_BLOCK=64, QUERY_BLOCK=16, BLOCK=ta.GATE_SUMS_BLOCK, HAS_QUERY=True), {"num_warps": 4},
                           {"LG": "*fp32", "BSUM": "*fp64", "KEY_WITHIN": "*fp32", "QUERY_WITHIN": "*fp32"})
+    ok &= compile_variant("attention form gate gradient", ta._gate_grad_kernel, dict(BLOCK=ta.GATE_SUMS_BLOCK),
+                          {"num_warps": 4}, {"DBQ": "*fp32", "DBK": "*fp32", "DLG": "*fp32"})
 
     # decode: per token (one query row; 8 rows of GQA), the fold and the tail step
     for dd, group in ((64, 1), (128, 8)):

@@ -158,3 +158,16 @@ def test_gate_sums(t, key_block, query_block):
         start = tok // query_block * query_block
         assert torch.allclose(query_within, torch.exp(b - b[..., start]).float(), rtol=1e-5, atol=0)
     assert ta._gate_sums(None, key_block, query_block) == (None, None, None)
+
+
+def test_gate_grad():
+    """_gate_grad_kernel against torch: dlog_g_u = sum_{t >= u} (key side + the group's query sides),
+    over several of its blocks (walked from the end) and a group of two."""
+    g = torch.Generator().manual_seed(5)
+    t = 2 * ta.GATE_SUMS_BLOCK + 37
+    dbq, dbk = torch.randn(2, 4, t, generator=g), torch.randn(2, 2, t, generator=g)
+    db = dbk.double() + dbq.view(2, 2, 2, t).sum(2, dtype=torch.float64)
+    expected = db.flip(-1).cumsum(-1).flip(-1).transpose(1, 2)
+    dlog_g = ta._gate_grad(dbq, dbk)
+    assert dlog_g.shape == (2, t, 2) and dlog_g.dtype == torch.float32
+    assert torch.allclose(dlog_g.double(), expected, rtol=1e-6, atol=1e-6)

@@ -32,6 +32,7 @@ side, the "inner" blocks; only the tiles crossing the diagonal are masked):
                          key side. Its tiles hold the keys on their rows.
     _gate_sums_kernel    grid (B Hk,): the running sums of the log-gates and each token's decay
                          within its inner block (below), before the other kernels.
+    _gate_grad_kernel    grid (B Hk,): dlog_g, the reverse running sum of both sides' dL/db.
 
 Backward (as in triton_chunk): do_t = dy_t / (den_t + eps), delta_t = -do_t . y_t,
 dA_tj = do_t . v_j + delta_t; with x_tj = (s q_t) . k_j and decay_tj = exp(b_t - b_j),
@@ -455,6 +456,29 @@ def _gate_sums_kernel(LG, BSUM, KEY_WITHIN, QUERY_WITHIN, T, HK,
             tl.store(QUERY_WITHIN + base + t, _block_decays(bs, BLOCK, QUERY_BLOCK, False), mask=ok)
 
 
+@triton.jit
+def _gate_grad_kernel(DBQ, DBK, DLG, T, HQ, HK, BLOCK: tl.constexpr):
+    """Grid (B Hk,): dlog_g [B, T, Hk] fp32 from dL/db [B, Hq, T] of the query side (DBQ, summed over
+    the kv head's group) and [B, Hk, T] of the key side (DBK): dL/dg_u = sum_{t >= u} dL/db_t, a
+    reverse running sum in fp64, walked from the sequence's end. The two sides cancel in the total
+    (it is 0 in exact arithmetic), so each sum is a small difference of large terms."""
+    bh = tl.program_id(0)
+    b = bh // HK
+    h = bh % HK
+    G = HQ // HK
+    offs = tl.arange(0, BLOCK)
+    carry = tl.zeros((1,), dtype=tl.float64)  # the sum over the tokens after this block
+    for i in range(tl.cdiv(T, BLOCK)):
+        t = (tl.cdiv(T, BLOCK) - 1 - i) * BLOCK + offs
+        ok = t < T
+        db = tl.load(DBK + bh.to(tl.int64) * T + t, mask=ok, other=0.0).to(tl.float64)
+        for g in range(G):
+            db += tl.load(DBQ + (b * HQ + h * G + g).to(tl.int64) * T + t, mask=ok, other=0.0).to(tl.float64)
+        tl.store(DLG + (b * T + t).to(tl.int64) * HK + h, (carry + tl.cumsum(db, axis=0, reverse=True)).to(tl.float32),
+                 mask=ok)
+        carry += tl.sum(db, axis=0)
+
+
 # ----------------------------------------------------------------------------------
 # Launchers (plain functions of tensors)
 # ----------------------------------------------------------------------------------
@@ -532,6 +556,16 @@ def _gate_sums(log_g, key_block: int, query_block: int | None = None):
     return bsum, key_within, query_within if query_block is not None else None
 
 
+def _gate_grad(dbq, dbk):
+    """dlog_g [B, T, Hk] fp32 from dL/db of the query side [B, Hq, T] and of the key side [B, Hk, T]
+    (fp32, contiguous): b_t = sum_{u <= t} g_u, so dL/dg_u = sum_{t >= u} dL/db_t (_gate_grad_kernel)."""
+    bsz, hk, t = dbk.shape
+    dlog_g = torch.empty(bsz, t, hk, dtype=torch.float32, device=dbk.device)
+    if bsz * hk and t:
+        _gate_grad_kernel[(bsz * hk,)](dbq, dbk, dlog_g, t, dbq.shape[1], hk, BLOCK=GATE_SUMS_BLOCK)
+    return dlog_g
+
+
 def attention_forward(q, k, v, log_g, scale: float, eps: float):
     """Forward: (y [B, T, Hq, d] in the dtype of v, den [B, T, Hq] fp32 = sum_j A_tj, without eps).
 
@@ -591,13 +625,4 @@ def attention_backward(q, k, v, log_g, y, den, dy, scale: float, eps: float):
         HEAD_DIM=d, BLOCK_M=kv_block_m, BLOCK_N=kv_block_n, HAS_GATE=gated, OP=op, **kv_opts,
     )
 
-    dlog_g = None
-    if gated:
-        # dL/db_t [B, Hk, T]: the query side summed over the group's heads, plus the key side.
-        # b_t = sum_{u <= t} g_u, so dL/dg_u = sum_{t >= u} dL/db_t = total - sum_{t < u} dL/db_t.
-        # The two sides cancel in the total (it is 0 in exact arithmetic), so the running sum is
-        # a small difference of large terms: take it in fp64.
-        db = dbk.double() + dbq.view(bsz, hk, hq // hk, t).sum(2, dtype=torch.float64)
-        rev = db.sum(-1, keepdim=True) - db.cumsum(-1) + db
-        dlog_g = rev.transpose(1, 2).float().contiguous()
-    return dq, dk, dv, dlog_g
+    return dq, dk, dv, _gate_grad(dbq, dbk) if gated else None
