@@ -80,11 +80,6 @@ from .triton_common import (
     output_grads,
 )
 
-# What part of the decay a tile of scores carries (_scores' PART):
-DIAGONAL = tl.constexpr(0)  # the tile crosses the diagonal: the whole decay, masked above it
-KEY_FACTOR = tl.constexpr(1)  # below the diagonal, the key factor exp(r - b_j) alone (query blocks own the program)
-QUERY_FACTOR = tl.constexpr(2)  # below the diagonal, the query factor exp(b_t - r) alone (key blocks own it)
-
 
 # ----------------------------------------------------------------------------------
 # Tile math shared by the kernels
@@ -189,7 +184,8 @@ def _diagonal_decay(b_q, b_k, t_q, t_k, HAS_GATE: tl.constexpr):
 def _key_block(q, bq, tq, k_base, v_base, bsum, within, ref, j0, T, HK, offs_n, offs_d, HEAD_DIM: tl.constexpr,
                DIAGONAL: tl.constexpr, HAS_GATE: tl.constexpr, OP: tl.constexpr):
     """The key block at j0 of a query block's walk: k, v [BLOCK_N, d] as stored, and the scores'
-    x, decay and A [BLOCK_M, BLOCK_N]. Below the diagonal the decay is the key factor exp(r - b_j)
+    x, decay and A [BLOCK_M, BLOCK_N]. With DIAGONAL the block meets the query block's own rows and
+    the decay is whole, masked above the diagonal; below it the decay is the key factor exp(r - b_j)
     [1, BLOCK_N] alone: the caller multiplies the query factor exp(b_t - r) in after the walk (all
     it sums is linear in it)."""
     k = load_tile(k_base, j0, T, HK * HEAD_DIM, offs_n, offs_d)
