@@ -488,8 +488,9 @@ def _gate_grad_kernel(DBQ, DBK, DLG, T, HQ, HK, BLOCK: tl.constexpr):
 # maxnreg): at 168, three programs of 4 warps share an SM. The gated forward takes 173 uncapped
 # (ptxas, sm_90), so two did, and 167 capped, without spills (bwd_q spills 8 bytes): H100, B 64,
 # T 1024 / B 16, T 4096, forward 0.651 -> 0.539 / 1.843 -> 1.528 ms, bwd_q 0.722 -> 0.693 / 2.127
-# -> 2.093. Other blocks, warps and stages were slower for all three kernels (RESULTS.md,
-# attention kernels, run S, call 3).
+# -> 2.093. No other block, warp or stage setting tried was faster at both lengths (bwd_q at 2
+# stages and the cap: 0.679 / 2.103, within the spread); at d = 128 ("wide") the settings above were
+# re-measured after these kernels changed and stay (RESULTS.md, attention kernels, run S, calls 3 and 9).
 _CONFIGS = {
     "narrow": {"fwd": (64, 64, 4, 3, 168), "bwd_q": (64, 64, 4, 3, 168), "bwd_kv": (64, 64, 4, 3)},
     "wide": {"fwd": (64, 64, 4, 3), "bwd_q": (64, 32, 4, 4), "bwd_kv": (32, 64, 4, 3)},
@@ -527,7 +528,8 @@ def _check(q, k, v, log_g) -> None:
         raise ValueError("q, k, v and log_g must be contiguous")
 
 
-#: Tokens a program of _gate_sums_kernel takes per step of its walk (a multiple of every block)
+#: Tokens a program of _gate_sums_kernel and _gate_grad_kernel takes per step of its walk (for the
+#: first, a multiple of every block)
 GATE_SUMS_BLOCK = 256
 
 
@@ -535,8 +537,10 @@ def _gate_sums(log_g, key_block: int, query_block: int | None = None):
     """(b, key_within, query_within) for the kernels, or Nones without gating: the running sums b
     [B, Hk, T] fp64 of the log-gates [B, T, Hk], each token's decay to the last row of its
     key_block block and (query_block not None) from the first row of its query_block block, fp32
-    [B, Hk, T] (_gate_sums_kernel, one launch; the torch scan in fp64 took 0.11 ms at B Hk = 1024,
-    T = 1024 on the H100, the launch a few microseconds)."""
+    [B, Hk, T] (_gate_sums_kernel, one launch). H100, B Hk = 1024, T = 1024, a forward + backward:
+    the torch operations this kernel and _gate_grad_kernel replaced (a cast, a copy and an fp64 scan
+    in each pass, and dlog_g's sums) took about 0.20 ms, the two kernels 0.043 (RESULTS.md, attention
+    kernels, run S, calls 1 and 4)."""
     if log_g is None:
         return None, None, None
     bsz, t, hk = log_g.shape
