@@ -67,3 +67,24 @@ def test_query_gradient_variants(data, variant):
     out = torch.zeros(H, T, D)
     esp._dq_kernel[(N, H)](x, y, state, out, T, N, CHUNK=C, HEAD_DIM=D, D=state.shape[2], VARIANT=variant, NB=NB)
     assert rel(out, xr.grad) < 1e-5
+
+
+# The GPU machine's Triton (3.6), which CI installs beside the current one (tests/test_triton_kernels.py)
+GPU_TRITONS = [p for p in os.environ.get("POWER_TEST_EXTRA_TRITONS", "").split(os.pathsep) if p]
+
+
+@pytest.mark.parametrize("triton_path", GPU_TRITONS)
+def test_gluon_share_exploration_compiles_for_hopper(triton_path):
+    """benchmarks/explore_gluon_share.py (Gluon kernels cannot run under the interpreter; their GPU run
+    checks them against torch) compiles every variant for sm_90 with the GPU machine's Triton, without
+    spills: the script is written against Triton 3.6's Gluon API."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "explore_gluon_share.py")
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([os.path.abspath(triton_path), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, script, "--compile-only"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(("ok ", "FAILED"))]
+    assert len(lines) == 10 and all(ln.startswith("ok ") and "spill stores 0 B" in ln for ln in lines), done.stdout
