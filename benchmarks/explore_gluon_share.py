@@ -105,6 +105,31 @@ def _load_inputs(x_desc, wy_desc, p, x_smem, wy_smem, xcol_smem, M: gl.constexpr
 
 
 @gluon.jit
+def _operands(x_desc, wy_desc, out_desc, p, a_layout: gl.constexpr):
+    """Program p's operands: X^T in four pieces of KC = M / 4 tokens in registers (the wgmma A layout),
+    WY's four pieces in shared memory (B), the plain copy of X^T for the columns, and two store buffers."""
+    M: gl.constexpr = x_desc.block_type.shape[0]
+    D: gl.constexpr = x_desc.block_type.shape[1]
+    KC: gl.constexpr = M // 4
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [M, D], x_desc.layout)
+    wy_smem = gl.allocate_shared_memory(gl.bfloat16, [M, D], wy_desc.layout)
+    xcol_smem = gl.allocate_shared_memory(gl.bfloat16, [D, M],
+                                          gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+    out_smem = gl.allocate_shared_memory(gl.bfloat16, [2, D, D], out_desc.layout)
+    xcol_smem = _load_inputs(x_desc, wy_desc, p, x_smem, wy_smem, xcol_smem, M, D)
+
+    xt0 = x_smem.slice(0 * KC, KC).permute((1, 0)).load(a_layout)
+    xt1 = x_smem.slice(1 * KC, KC).permute((1, 0)).load(a_layout)
+    xt2 = x_smem.slice(2 * KC, KC).permute((1, 0)).load(a_layout)
+    xt3 = x_smem.slice(3 * KC, KC).permute((1, 0)).load(a_layout)
+    wy0 = wy_smem.slice(0 * KC, KC)
+    wy1 = wy_smem.slice(1 * KC, KC)
+    wy2 = wy_smem.slice(2 * KC, KC)
+    wy3 = wy_smem.slice(3 * KC, KC)
+    return xcol_smem, out_smem, xt0, xt1, xt2, xt3, wy0, wy1, wy2, wy3
+
+
+@gluon.jit
 def _weighted(xt_k, xcol_smem, i, k: gl.constexpr, KC: gl.constexpr, xs_layout: gl.constexpr):
     """Chunk k (tokens k*KC .. k*KC+KC-1) of the operand X^T * X[:, i][None, :], in registers."""
     xi = xcol_smem.index(i).slice(k * KC, KC).load(xs_layout)
@@ -138,21 +163,7 @@ def share_gluon_sync_kernel(x_desc, wy_desc, out_desc):
     xs_layout: gl.constexpr = gl.SliceLayout(0, a_layout)
     p = gl.program_id(0)
 
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [M, D], x_desc.layout)
-    wy_smem = gl.allocate_shared_memory(gl.bfloat16, [M, D], wy_desc.layout)
-    xcol_smem = gl.allocate_shared_memory(gl.bfloat16, [D, M],
-                                          gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
-    out_smem = gl.allocate_shared_memory(gl.bfloat16, [2, D, D], out_desc.layout)
-    xcol_smem = _load_inputs(x_desc, wy_desc, p, x_smem, wy_smem, xcol_smem, M, D)
-
-    xt0 = x_smem.slice(0 * KC, KC).permute((1, 0)).load(a_layout)
-    xt1 = x_smem.slice(1 * KC, KC).permute((1, 0)).load(a_layout)
-    xt2 = x_smem.slice(2 * KC, KC).permute((1, 0)).load(a_layout)
-    xt3 = x_smem.slice(3 * KC, KC).permute((1, 0)).load(a_layout)
-    wy0 = wy_smem.slice(0 * KC, KC)
-    wy1 = wy_smem.slice(1 * KC, KC)
-    wy2 = wy_smem.slice(2 * KC, KC)
-    wy3 = wy_smem.slice(3 * KC, KC)
+    xcol_smem, out_smem, xt0, xt1, xt2, xt3, wy0, wy1, wy2, wy3 = _operands(x_desc, wy_desc, out_desc, p, a_layout)
     zero = gl.zeros([D, D], gl.float32, mma)
     for i in range(D):
         acc = warpgroup_mma(_weighted(xt0, xcol_smem, i, 0, KC, xs_layout), wy0, zero, use_acc=False)
@@ -195,21 +206,7 @@ def share_gluon_pipe_kernel(x_desc, wy_desc, out_desc, UNROLL: gl.constexpr):
     xs_layout: gl.constexpr = gl.SliceLayout(0, a_layout)
     p = gl.program_id(0)
 
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [M, D], x_desc.layout)
-    wy_smem = gl.allocate_shared_memory(gl.bfloat16, [M, D], wy_desc.layout)
-    xcol_smem = gl.allocate_shared_memory(gl.bfloat16, [D, M],
-                                          gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
-    out_smem = gl.allocate_shared_memory(gl.bfloat16, [2, D, D], out_desc.layout)
-    xcol_smem = _load_inputs(x_desc, wy_desc, p, x_smem, wy_smem, xcol_smem, M, D)
-
-    xt0 = x_smem.slice(0 * KC, KC).permute((1, 0)).load(a_layout)
-    xt1 = x_smem.slice(1 * KC, KC).permute((1, 0)).load(a_layout)
-    xt2 = x_smem.slice(2 * KC, KC).permute((1, 0)).load(a_layout)
-    xt3 = x_smem.slice(3 * KC, KC).permute((1, 0)).load(a_layout)
-    wy0 = wy_smem.slice(0 * KC, KC)
-    wy1 = wy_smem.slice(1 * KC, KC)
-    wy2 = wy_smem.slice(2 * KC, KC)
-    wy3 = wy_smem.slice(3 * KC, KC)
+    xcol_smem, out_smem, xt0, xt1, xt2, xt3, wy0, wy1, wy2, wy3 = _operands(x_desc, wy_desc, out_desc, p, a_layout)
     # Two accumulator register sets: tile i's first wgmma is issued while tile i-1 is in flight, so it must
     # not take registers that a non-wgmma instruction writes then (ptxas would serialize the wgmmas): it reuses,
     # with use_acc=False, the set of tile i-2, retired and stored. The dynamic loop runs UNROLL tiles per trip,
