@@ -1,0 +1,169 @@
+"""Check power_transformers/kernels/gluon_share.py (the forward's share kernel in Gluon, Hopper only) against
+the Triton share kernel it copies, and time both.
+
+On a CUDA device (Hopper): for seeded random inputs at (B, T, H) = (1, 65536, 16), (2, 1000, 4) (a ragged
+last chunk) and (1, 256, 2), with gating weights (log_g = logsigmoid(randn + 3), _gate_weights) and without
+(all ones), runs triton_chunk._chunk_share_kernel as _state_pass launches it for the forward (SLOT 1, no ZW)
+into one pair of state tensors and gluon_share.share_forward into another, both pre-filled with the same
+random garbage (so rows neither writes compare equal), and prints max |difference| / max |Triton| for the
+states and z_states; then times both at the 64k shape (triton.testing.do_bench, median).
+
+    PYTHONPATH=$PWD python3 benchmarks/check_gluon_share.py
+    PYTHONPATH=/work/triton36:$PWD TRITON_INTERPRET=0 python benchmarks/check_gluon_share.py --compile-only
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from power_transformers.kernels import gluon_share, triton_chunk
+from power_transformers.kernels.reference import expanded_dim
+
+D_HEAD, CHUNK = 64, 256
+BLOCK = triton_chunk.kernel_tiles(CHUNK, D_HEAD)[1]  # the kernels' block (Z_BLOCK), 128
+VARIANTS = [("convert stores", {"unroll": 8, "convert_stores": True}),
+            ("direct stores", {"unroll": 8, "convert_stores": False})]
+
+
+def triton_share(x, y, weights, states, z_states, t, n_chunks):
+    """_chunk_share_kernel exactly as _state_pass launches it for the forward (reverse=False, zw None)."""
+    bsz, _, hx, d = x.shape
+    hk, dim = states.shape[1], states.shape[3]
+    op = tl.bfloat16
+    triton_chunk._chunk_share_kernel[(n_chunks, bsz * hk)](
+        x, y, weights, z_states, states, z_states,
+        t, n_chunks * CHUNK, n_chunks, hx, hk, 1,
+        HEAD_DIM=d, D=dim, CHUNK=CHUNK, BLOCK=triton_chunk.share_source_tokens(CHUNK, BLOCK, d, hx // hk, op),
+        Z_BLOCK=BLOCK, G=hx // hk, HAS_ZW=False, OP=op, **triton_chunk._launch_opts("share", BLOCK, d, op))
+
+
+def make_case(bsz, t, h, gated, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(bsz, t, h, D_HEAD, generator=g).to("cuda", torch.bfloat16)
+    y = torch.randn(bsz, t, h, D_HEAD, generator=g).to("cuda", torch.bfloat16)
+    n_chunks = triton.cdiv(t, CHUNK)
+    log_g = F.logsigmoid(torch.randn(bsz, t, h, generator=g) + 3).to("cuda") if gated else None
+    weights, _ = triton_chunk._gate_weights(log_g, bsz, t, h, n_chunks, CHUNK, True, 1.0, "cuda")
+    dim = expanded_dim(D_HEAD, 2)
+    gc = torch.Generator(device="cuda").manual_seed(seed)
+    garbage = torch.randn(bsz, h, n_chunks + 1, dim, D_HEAD, generator=gc, device="cuda").to(torch.bfloat16)
+    zgarbage = torch.randn(bsz, h, n_chunks + 1, dim, generator=gc, device="cuda")
+    return x, y, weights, garbage, zgarbage, n_chunks
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def check(cases):
+    ok = True
+    for bsz, t, h in cases:
+        for gated in (True, False):
+            x, y, weights, garbage, zgarbage, n_chunks = make_case(bsz, t, h, gated, seed=bsz * 100003 + t + h)
+            s_ref, z_ref = garbage.clone(), zgarbage.clone()
+            triton_share(x, y, weights, s_ref, z_ref, t, n_chunks)
+            for name, opts in VARIANTS:
+                s, z = garbage.clone(), zgarbage.clone()
+                gluon_share.share_forward(x, y, weights, s, z, t, n_chunks, **opts)
+                torch.cuda.synchronize()
+                es, ez = rel(s, s_ref), rel(z, z_ref)
+                # slot 0 (the initial state, the scan's) is written by neither: it must still be the garbage
+                untouched = torch.equal(s[:, :, 0], garbage[:, :, 0]) and torch.equal(z[:, :, 0], zgarbage[:, :, 0])
+                good = es < 2e-2 and ez < 1e-4 and untouched
+                ok &= good
+                where = ""
+                if not good:  # the worst (batch, head, slot, row) of each, to see which tiles are off
+                    ds = (s.float() - s_ref.float()).abs().amax(-1)
+                    dz = (z - z_ref).abs()
+                    where = (f"  worst states at {list(torch.unravel_index(ds.argmax(), ds.shape))}"
+                             f" z at {list(torch.unravel_index(dz.argmax(), dz.shape))}")
+                print(f"B {bsz} T {t:6d} H {h:2d} {'gated' if gated else 'ones '} {name:15s} states rel {es:.2e}"
+                      f"  z rel {ez:.2e}  slot 0 untouched {untouched}{'' if good else '  WRONG'}{where}", flush=True)
+            del s_ref, z_ref, garbage, zgarbage
+    return ok
+
+
+def bench(bsz, t, h):
+    x, y, weights, garbage, zgarbage, n_chunks = make_case(bsz, t, h, True, seed=1)
+    s, z = garbage, zgarbage
+    runs = [("triton _chunk_share_kernel", lambda: triton_share(x, y, weights, s, z, t, n_chunks))]
+    runs += [(f"gluon share_forward, {name}", lambda o=opts: gluon_share.share_forward(x, y, weights, s, z, t,
+                                                                                          n_chunks, **o))
+             for name, opts in VARIANTS]
+    for name, fn in runs:
+        ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+        print(f"time B {bsz} T {t} H {h}: {name:34s} {ms:.3f} ms (median)", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# offline compile for sm_90 (no GPU): registers, spills, shared memory
+# --------------------------------------------------------------------------------------------------------------
+def _ptxas_info(ptx):
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    text = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    sst = re.search(r"(\d+) bytes spill stores", text)
+    sld = re.search(r"(\d+) bytes spill loads", text)
+    warnings = [ln.strip() for ln in text.splitlines() if "warning" in ln.lower() or "serializ" in ln.lower()]
+    return (int(regs.group(1)) if regs else None, int(sst.group(1)) if sst else None,
+            int(sld.group(1)) if sld else None, warnings)
+
+
+def compile_only():
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    print(f"triton {triton.__version__} from {os.path.dirname(triton.__file__)}; target sm_90 (offline)")
+    sig = {"X": "*bf16", "Y": "*bf16", "W": "*fp32", "OUT": "*bf16", "ZOUT": "*fp32", "T": "i32", "T_PAD": "i32",
+           "NUM_CHUNKS": "i32", "HK": "i32", "HEAD_DIM": "constexpr", "D": "constexpr", "CHUNK": "constexpr",
+           "UNROLL": "constexpr", "CONVERT": "constexpr"}
+    attrs = {(i, ): [["tt.divisibility", 16]] for i in range(5)}
+    ok = True
+    for name, opts in VARIANTS + [("convert stores, 4 a trip", {"unroll": 4, "convert_stores": True})]:
+        consts = {"HEAD_DIM": D_HEAD, "D": expanded_dim(D_HEAD, 2), "CHUNK": CHUNK, "UNROLL": opts["unroll"],
+                  "CONVERT": opts["convert_stores"]}
+        try:
+            src = GluonASTSource(fn=gluon_share._share_fwd_kernel, signature=sig, constexprs=consts, attrs=attrs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            regs, sst, sld, warnings = _ptxas_info(compiled.asm["ptx"])
+            print(f"ok     gluon {name:26s} unroll {opts['unroll']} regs {regs} spill stores {sst} B loads {sld} B"
+                  f" shared {compiled.metadata.shared} B")
+            for w in warnings:
+                print(f"       ptxas: {w}")
+        except Exception as err:  # noqa: BLE001
+            ok = False
+            msg = str(err).strip().splitlines()
+            print(f"FAILED gluon {name}: {type(err).__name__}: {' | '.join(msg[-8:])[:3000]}")
+    return 0 if ok else 1
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--compile-only", action="store_true")
+    args = parser.parse_args()
+    if args.compile_only:
+        return compile_only()
+    print(f"device {torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}, "
+          f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    ok = check([(1, 65536, 16), (2, 1000, 4), (1, 256, 2)])
+    bench(1, 65536, 16)
+    print("ALL OK" if ok else "SOME WRONG")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
