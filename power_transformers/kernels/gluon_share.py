@@ -36,7 +36,7 @@ Checked on an H100 (benchmarks/check_gluon_share.py, Triton 3.6): states equal t
 bit for bit, z within 4.2e-7 of its largest entry, at (B, T, H) = (1, 256, 2), (2, 1000, 4), (1, 65536, 16),
 gated and not; at 64k tokens, 16 heads, 1.164 ms against 1.589 (median of do_bench), and 1.448 with the
 tiles stored straight from the product's layout (convert_stores=False). ptxas sm_90: 255 registers, no
-spills, 106,496 bytes of shared memory (two programs an SM).
+spills, 106,496 bytes of shared memory (room for two programs an SM by both; occupancy not measured).
 
 Gluon kernels are compiled for sm_90 only and cannot run under TRITON_INTERPRET (the CPU interpreter);
 their check is benchmarks/check_gluon_share.py on a CUDA device (Hopper).
