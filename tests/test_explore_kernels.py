@@ -88,3 +88,21 @@ def test_gluon_share_exploration_compiles_for_hopper(triton_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith(("ok ", "FAILED"))]
     assert len(lines) == 10 and all(ln.startswith("ok ") and "spill stores 0 B" in ln for ln in lines), done.stdout
+
+
+@pytest.mark.parametrize("triton_path", GPU_TRITONS)
+def test_gluon_share_kernel_compiles_for_hopper(triton_path):
+    """power_transformers/kernels/gluon_share.py, which the chunked forward takes on Hopper at d = 64,
+    C = 256 (its GPU check: benchmarks/check_gluon_share.py and check_gpu.py), compiles for sm_90 with the
+    GPU machine's Triton: the default variant without spills."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "check_gluon_share.py")
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([os.path.abspath(triton_path), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, script, "--compile-only"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(("ok ", "FAILED"))]
+    assert len(lines) == 3 and all(ln.startswith("ok ") for ln in lines), done.stdout
+    assert "spill stores 0 B" in lines[0], done.stdout

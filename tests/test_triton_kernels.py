@@ -224,6 +224,34 @@ def test_forward_keeps_its_states_for_the_backward(monkeypatch):
     assert not tp._keep_states(64, 128, None)
 
 
+def test_gluon_share_takes_only_its_configuration_on_hopper(monkeypatch):
+    """The forward's share pass goes through gluon_share only at d = 64, C = 256, G = 1, bf16, forward
+    (no z weights), and only on a CUDA device with Triton 3.6: never on the CPU or under the interpreter,
+    where _chunk_share_kernel (which the tests here check) runs instead."""
+    gs = pytest.importorskip("power_transformers.kernels.gluon_share")
+    assert gs.configuration(64, torch.bfloat16, 256, 1, False, False)
+    for args in ((128, torch.bfloat16, 256, 1, False, False), (64, torch.float16, 256, 1, False, False),
+                 (64, torch.bfloat16, 128, 1, False, False), (64, torch.bfloat16, 256, 2, False, False),
+                 (64, torch.bfloat16, 256, 1, True, False), (64, torch.bfloat16, 256, 1, False, True)):
+        assert not gs.configuration(*args), args
+    x = torch.zeros(1, 256, 2, 64, dtype=torch.bfloat16)
+    assert not gs.runs_on(x.device) and not gs.takes(x, 256, 1, False, False)
+    # a Hopper with Triton 3.6, as the GPU machine has (faked: no CUDA here)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(gs, "interpreting", lambda: False)
+    monkeypatch.setattr(gs.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert gs.runs_on(cuda)
+    monkeypatch.setenv("POWER_GLUON", "0")
+    assert not gs.runs_on(cuda)
+    monkeypatch.delenv("POWER_GLUON")
+    monkeypatch.setattr(gs.triton, "__version__", "3.9.0")
+    assert not gs.runs_on(cuda)
+    monkeypatch.setattr(gs.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    assert not gs.runs_on(cuda)
+
+
 def test_pair_weights_are_built_once_per_device():
     """No copy from the host in a forward or backward (a blocking copy waits for the GPU's queue)."""
     w = tc._pair_weights(16, "cpu")

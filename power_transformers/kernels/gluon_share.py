@@ -39,20 +39,50 @@ tiles stored straight from the product's layout (convert_stores=False). ptxas sm
 spills, 106,496 bytes of shared memory (room for two programs an SM by both; occupancy not measured).
 
 Gluon kernels are compiled for sm_90 only and cannot run under TRITON_INTERPRET (the CPU interpreter);
-their check is benchmarks/check_gluon_share.py on a CUDA device (Hopper).
+their check is benchmarks/check_gluon_share.py on a CUDA device (Hopper), and check_gpu.py's chunked
+cases at d = 64, C = 256 run through it. triton_chunk._state_pass takes it where `takes` says so
+(elsewhere, and on the CPU, _chunk_share_kernel: the interpreter's tests check that one).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from .triton_common import interpreting
 
 HEAD_DIM = 64
 CHUNK = 256
 #: tiles per trip of the loops (even; divides 32 and 16)
 UNROLL = 8
+#: the Triton whose Gluon API this module is written against and was checked with on the GPU (Gluon is
+#: experimental: Triton 3.9's rejects this code)
+TRITON_VERSION = "3.6."
+
+
+def takes(x: torch.Tensor, chunk: int, group: int, has_zw: bool, reverse: bool) -> bool:
+    """Whether triton_chunk._state_pass runs its share through this kernel: the pass is this kernel's
+    configuration (configuration) on a device and a Triton that run it (runs_on)."""
+    return configuration(x.shape[-1], x.dtype, chunk, group, has_zw, reverse) and runs_on(x.device)
+
+
+def configuration(head_dim: int, dtype: torch.dtype, chunk: int, group: int, has_zw: bool, reverse: bool) -> bool:
+    """The forward's pass (keys and values, no z weights) at d = 64, C = 256, G = 1, bf16."""
+    return (not reverse and not has_zw and group == 1 and chunk == CHUNK and head_dim == HEAD_DIM
+            and dtype == torch.bfloat16)
+
+
+def runs_on(device: torch.device) -> bool:
+    """A CUDA device of compute capability 9.0 with Triton 3.6, not under TRITON_INTERPRET;
+    POWER_GLUON=0 turns it off."""
+    if device.type != "cuda" or interpreting() or os.environ.get("POWER_GLUON") == "0":
+        return False
+    return triton.__version__.startswith(TRITON_VERSION) and torch.cuda.get_device_capability(device) == (9, 0)
 
 
 @gluon.jit
