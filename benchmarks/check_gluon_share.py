@@ -14,10 +14,7 @@ states and z_states; then times both at the 64k shape (triton.testing.do_bench, 
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -108,24 +105,8 @@ def bench(bsz, t, h):
 # --------------------------------------------------------------------------------------------------------------
 # offline compile for sm_90 (no GPU): registers, spills, shared memory
 # --------------------------------------------------------------------------------------------------------------
-def _ptxas_info(ptx):
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True)
-    text = res.stdout + res.stderr
-    regs = re.search(r"Used (\d+) registers", text)
-    sst = re.search(r"(\d+) bytes spill stores", text)
-    sld = re.search(r"(\d+) bytes spill loads", text)
-    warnings = [ln.strip() for ln in text.splitlines() if "warning" in ln.lower() or "serializ" in ln.lower()]
-    return (int(regs.group(1)) if regs else None, int(sst.group(1)) if sst else None,
-            int(sld.group(1)) if sld else None, warnings)
-
-
 def compile_only():
+    from explore_gluon_share import _ptxas_info  # (this script's folder is first on sys.path)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 

@@ -73,21 +73,28 @@ def test_query_gradient_variants(data, variant):
 GPU_TRITONS = [p for p in os.environ.get("POWER_TEST_EXTRA_TRITONS", "").split(os.pathsep) if p]
 
 
+def compile_only(script, triton_path, variants):
+    """The `ok` lines of benchmarks/`script` --compile-only run with the Triton at triton_path (a
+    subprocess without the interpreter), after asserting that it exits 0 with `variants` of them and
+    no failure."""
+    import subprocess
+
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([os.path.abspath(triton_path), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "benchmarks", script),
+                           "--compile-only"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(("ok ", "FAILED"))]
+    assert len(lines) == variants and all(ln.startswith("ok ") for ln in lines), done.stdout
+    return lines
+
+
 @pytest.mark.parametrize("triton_path", GPU_TRITONS)
 def test_gluon_share_exploration_compiles_for_hopper(triton_path):
     """benchmarks/explore_gluon_share.py (Gluon kernels cannot run under the interpreter; their GPU run
     checks them against torch) compiles every variant for sm_90 with the GPU machine's Triton, without
     spills: the script is written against Triton 3.6's Gluon API."""
-    import subprocess
-
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "explore_gluon_share.py")
-    env = dict(os.environ, TRITON_INTERPRET="0",
-               PYTHONPATH=os.pathsep.join([os.path.abspath(triton_path), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, script, "--compile-only"], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(("ok ", "FAILED"))]
-    assert len(lines) == 10 and all(ln.startswith("ok ") and "spill stores 0 B" in ln for ln in lines), done.stdout
+    assert all("spill stores 0 B" in ln for ln in compile_only("explore_gluon_share.py", triton_path, 10))
 
 
 @pytest.mark.parametrize("triton_path", GPU_TRITONS)
@@ -95,14 +102,4 @@ def test_gluon_share_kernel_compiles_for_hopper(triton_path):
     """power_transformers/kernels/gluon_share.py, which the chunked forward takes on Hopper at d = 64,
     C = 256 (its GPU check: benchmarks/check_gluon_share.py and check_gpu.py), compiles for sm_90 with the
     GPU machine's Triton: the default variant without spills."""
-    import subprocess
-
-    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "check_gluon_share.py")
-    env = dict(os.environ, TRITON_INTERPRET="0",
-               PYTHONPATH=os.pathsep.join([os.path.abspath(triton_path), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, script, "--compile-only"], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith(("ok ", "FAILED"))]
-    assert len(lines) == 3 and all(ln.startswith("ok ") for ln in lines), done.stdout
-    assert "spill stores 0 B" in lines[0], done.stdout
+    assert "spill stores 0 B" in compile_only("check_gluon_share.py", triton_path, 3)[0]
