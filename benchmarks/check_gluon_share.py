@@ -1,12 +1,13 @@
-"""Check power_transformers/kernels/gluon_share.py (the forward's share kernel in Gluon, Hopper only) against
-the Triton share kernel it copies, and time both.
+"""Check power_transformers/kernels/gluon_share.py (the share kernel in Gluon, Hopper only) against the
+Triton share kernel it copies, for the forward's pass and the backward's, and time both.
 
 On a CUDA device (Hopper): for seeded random inputs at (B, T, H) = (1, 65536, 16), (2, 1000, 4) (a ragged
 last chunk) and (1, 256, 2), with gating weights (log_g = logsigmoid(randn + 3), _gate_weights) and without
 (all ones), runs triton_chunk._chunk_share_kernel as _state_pass launches it for the forward (SLOT 1, no ZW)
-into one pair of state tensors and gluon_share.share_forward into another, both pre-filled with the same
-random garbage (so rows neither writes compare equal), and prints max |difference| / max |Triton| for the
-states and z_states; then times both at the 64k shape (triton.testing.do_bench, median).
+and for the backward (SLOT 0, ZW: a delta [B, T, H] fp32) into one pair of state tensors and
+gluon_share.chunk_share into another, both pre-filled with the same random garbage (so rows neither
+writes compare equal), and prints max |difference| / max |Triton| for the states and z_states; then
+times both at the 64k shape (triton.testing.do_bench, median).
 
     PYTHONPATH=$PWD python3 benchmarks/check_gluon_share.py
     PYTHONPATH=/work/triton36:$PWD TRITON_INTERPRET=0 python benchmarks/check_gluon_share.py --compile-only
@@ -32,30 +33,32 @@ VARIANTS = [("convert stores", {"unroll": 8, "convert_stores": True})]
 MORE_VARIANTS = [("direct stores", {"unroll": 8, "convert_stores": False})]
 
 
-def triton_share(x, y, weights, states, z_states, t, n_chunks):
-    """_chunk_share_kernel exactly as _state_pass launches it for the forward (reverse=False, zw None)."""
+def triton_share(x, y, zw, weights, states, z_states, t, n_chunks, reverse):
+    """_chunk_share_kernel exactly as _state_pass launches it (forward: zw None, slot n + 1; reverse: zw the
+    delta, slot n)."""
     bsz, _, hx, d = x.shape
     hk, dim = states.shape[1], states.shape[3]
     op = tl.bfloat16
     triton_chunk._chunk_share_kernel[(n_chunks, bsz * hk)](
-        x, y, weights, z_states, states, z_states,
-        t, n_chunks * CHUNK, n_chunks, hx, hk, 1,
+        x, y, weights, zw if zw is not None else z_states, states, z_states,
+        t, n_chunks * CHUNK, n_chunks, hx, hk, 0 if reverse else 1,
         HEAD_DIM=d, D=dim, CHUNK=CHUNK, BLOCK=triton_chunk.share_source_tokens(CHUNK, BLOCK, d, hx // hk, op),
-        Z_BLOCK=BLOCK, G=hx // hk, HAS_ZW=False, OP=op, **triton_chunk._launch_opts("share", BLOCK, d, op))
+        Z_BLOCK=BLOCK, G=hx // hk, HAS_ZW=zw is not None, OP=op, **triton_chunk._launch_opts("share", BLOCK, d, op))
 
 
-def make_case(bsz, t, h, gated, seed):
+def make_case(bsz, t, h, gated, reverse, seed):
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(bsz, t, h, D_HEAD, generator=g).to("cuda", torch.bfloat16)
     y = torch.randn(bsz, t, h, D_HEAD, generator=g).to("cuda", torch.bfloat16)
+    zw = torch.randn(bsz, t, h, generator=g).to("cuda") if reverse else None
     n_chunks = triton.cdiv(t, CHUNK)
     log_g = F.logsigmoid(torch.randn(bsz, t, h, generator=g) + 3).to("cuda") if gated else None
-    weights, _ = triton_chunk._gate_weights(log_g, bsz, t, h, n_chunks, CHUNK, True, 1.0, "cuda")
+    weights, _ = triton_chunk._gate_weights(log_g, bsz, t, h, n_chunks, CHUNK, not reverse, 1.0 / D_HEAD, "cuda")
     dim = expanded_dim(D_HEAD, 2)
     gc = torch.Generator(device="cuda").manual_seed(seed)
     garbage = torch.randn(bsz, h, n_chunks + 1, dim, D_HEAD, generator=gc, device="cuda").to(torch.bfloat16)
     zgarbage = torch.randn(bsz, h, n_chunks + 1, dim, generator=gc, device="cuda")
-    return x, y, weights, garbage, zgarbage, n_chunks
+    return x, y, zw, weights, garbage, zgarbage, n_chunks
 
 
 def rel(a, b):
@@ -65,41 +68,48 @@ def rel(a, b):
 def check(cases):
     ok = True
     for bsz, t, h in cases:
-        for gated in (True, False):
-            x, y, weights, garbage, zgarbage, n_chunks = make_case(bsz, t, h, gated, seed=bsz * 100003 + t + h)
-            s_ref, z_ref = garbage.clone(), zgarbage.clone()
-            triton_share(x, y, weights, s_ref, z_ref, t, n_chunks)
-            for name, opts in VARIANTS:
-                s, z = garbage.clone(), zgarbage.clone()
-                gluon_share.share_forward(x, y, weights, s, z, t, n_chunks, **opts)
-                torch.cuda.synchronize()
-                es, ez = rel(s, s_ref), rel(z, z_ref)
-                # slot 0 (the initial state, the scan's) is written by neither: it must still be the garbage
-                untouched = torch.equal(s[:, :, 0], garbage[:, :, 0]) and torch.equal(z[:, :, 0], zgarbage[:, :, 0])
-                good = es < 2e-2 and ez < 1e-4 and untouched
-                ok &= good
-                where = ""
-                if not good:  # the worst (batch, head, slot, row) of each, to see which tiles are off
-                    ds = (s.float() - s_ref.float()).abs().amax(-1)
-                    dz = (z - z_ref).abs()
-                    where = (f"  worst states at {list(torch.unravel_index(ds.argmax(), ds.shape))}"
-                             f" z at {list(torch.unravel_index(dz.argmax(), dz.shape))}")
-                print(f"B {bsz} T {t:6d} H {h:2d} {'gated' if gated else 'ones '} {name:15s} states rel {es:.2e}"
-                      f"  z rel {ez:.2e}  slot 0 untouched {untouched}{'' if good else '  WRONG'}{where}", flush=True)
-            del s_ref, z_ref, garbage, zgarbage
+        for reverse in (False, True):
+            for gated in (True, False):
+                x, y, zw, weights, garbage, zgarbage, n_chunks = make_case(bsz, t, h, gated, reverse,
+                                                                           seed=bsz * 100003 + t + h + reverse)
+                s_ref, z_ref = garbage.clone(), zgarbage.clone()
+                triton_share(x, y, zw, weights, s_ref, z_ref, t, n_chunks, reverse)
+                for name, opts in VARIANTS:
+                    s, z = garbage.clone(), zgarbage.clone()
+                    gluon_share.chunk_share(x, y, zw, weights, s, z, t, n_chunks, reverse, **opts)
+                    torch.cuda.synchronize()
+                    es, ez = rel(s, s_ref), rel(z, z_ref)
+                    # the slot neither writes (the initial state: slot 0 forward, slot N reverse) is still garbage
+                    free = n_chunks if reverse else 0
+                    untouched = (torch.equal(s[:, :, free], garbage[:, :, free])
+                                 and torch.equal(z[:, :, free], zgarbage[:, :, free]))
+                    good = es < 2e-2 and ez < 1e-4 and untouched
+                    ok &= good
+                    where = ""
+                    if not good:  # the worst (batch, head, slot, row) of each, to see which tiles are off
+                        ds = (s.float() - s_ref.float()).abs().amax(-1)
+                        dz = (z - z_ref).abs()
+                        where = (f"  worst states at {list(torch.unravel_index(ds.argmax(), ds.shape))}"
+                                 f" z at {list(torch.unravel_index(dz.argmax(), dz.shape))}")
+                    print(f"B {bsz} T {t:6d} H {h:2d} {'backward' if reverse else 'forward '} "
+                          f"{'gated' if gated else 'ones '} {name:15s} states rel {es:.2e}  z rel {ez:.2e}  "
+                          f"initial slot untouched {untouched}{'' if good else '  WRONG'}{where}", flush=True)
+                del s_ref, z_ref, garbage, zgarbage
     return ok
 
 
 def bench(bsz, t, h):
-    x, y, weights, garbage, zgarbage, n_chunks = make_case(bsz, t, h, True, seed=1)
-    s, z = garbage, zgarbage
-    runs = [("triton _chunk_share_kernel", lambda: triton_share(x, y, weights, s, z, t, n_chunks))]
-    runs += [(f"gluon share_forward, {name}", lambda o=opts: gluon_share.share_forward(x, y, weights, s, z, t,
-                                                                                          n_chunks, **o))
-             for name, opts in VARIANTS]
-    for name, fn in runs:
-        ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-        print(f"time B {bsz} T {t} H {h}: {name:34s} {ms:.3f} ms (median)", flush=True)
+    for reverse in (False, True):
+        x, y, zw, weights, garbage, zgarbage, n_chunks = make_case(bsz, t, h, True, reverse, seed=1)
+        s, z = garbage, zgarbage
+        runs = [("triton _chunk_share_kernel", lambda: triton_share(x, y, zw, weights, s, z, t, n_chunks, reverse))]
+        runs += [(f"gluon chunk_share, {name}", lambda o=opts: gluon_share.chunk_share(x, y, zw, weights, s, z, t,
+                                                                                       n_chunks, reverse, **o))
+                 for name, opts in VARIANTS]
+        for name, fn in runs:
+            ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+            print(f"time B {bsz} T {t} H {h} {'backward' if reverse else 'forward'}: {name:34s} {ms:.3f} ms (median)",
+                  flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -111,16 +121,20 @@ def compile_only():
     from triton.experimental.gluon._runtime import GluonASTSource
 
     print(f"triton {triton.__version__} from {os.path.dirname(triton.__file__)}; target sm_90 (offline)")
-    sig = {"X": "*bf16", "Y": "*bf16", "W": "*fp32", "OUT": "*bf16", "ZOUT": "*fp32", "T": "i32", "T_PAD": "i32",
-           "NUM_CHUNKS": "i32", "HK": "i32", "HEAD_DIM": "constexpr", "D": "constexpr", "CHUNK": "constexpr",
-           "UNROLL": "constexpr", "CONVERT": "constexpr"}
-    attrs = {(i, ): [["tt.divisibility", 16]] for i in range(5)}
+    sig = {"X": "*bf16", "Y": "*bf16", "ZW": "*fp32", "W": "*fp32", "OUT": "*bf16", "ZOUT": "*fp32", "T": "i32",
+           "T_PAD": "i32", "NUM_CHUNKS": "i32", "HK": "i32", "HEAD_DIM": "constexpr", "D": "constexpr",
+           "CHUNK": "constexpr", "SLOT": "constexpr", "HAS_ZW": "constexpr", "UNROLL": "constexpr",
+           "CONVERT": "constexpr"}
+    attrs = {(i, ): [["tt.divisibility", 16]] for i in range(6)}
     ok = True
-    for name, opts in VARIANTS + MORE_VARIANTS + [("convert stores, 4 a trip", {"unroll": 4, "convert_stores": True})]:
-        consts = {"HEAD_DIM": D_HEAD, "D": expanded_dim(D_HEAD, 2), "CHUNK": CHUNK, "UNROLL": opts["unroll"],
-                  "CONVERT": opts["convert_stores"]}
+    default = VARIANTS[0][1]
+    for name, opts, reverse in ([("convert stores", default, False), ("convert stores, backward", default, True)]
+                                + [(n, o, False) for n, o in MORE_VARIANTS]
+                                + [("convert stores, 4 a trip", {"unroll": 4, "convert_stores": True}, False)]):
+        consts = {"HEAD_DIM": D_HEAD, "D": expanded_dim(D_HEAD, 2), "CHUNK": CHUNK, "SLOT": 0 if reverse else 1,
+                  "HAS_ZW": reverse, "UNROLL": opts["unroll"], "CONVERT": opts["convert_stores"]}
         try:
-            src = GluonASTSource(fn=gluon_share._share_fwd_kernel, signature=sig, constexprs=consts, attrs=attrs)
+            src = GluonASTSource(fn=gluon_share._share_kernel, signature=sig, constexprs=consts, attrs=attrs)
             compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
             regs, sst, sld, warnings = _ptxas_info(compiled.asm["ptx"])
             print(f"ok     gluon {name:26s} unroll {opts['unroll']} regs {regs} spill stores {sst} B loads {sld} B"

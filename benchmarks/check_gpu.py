@@ -190,8 +190,8 @@ def main() -> int:
     check_training("bf16 d64 T5000 B2 H8/4 gated C512 (4 blocks a chunk)", 2, 5000, 8, 4, 64, chunk=512)
     # one head's two blocks held by the share kernel for every row-block (its C = 256 path at d <= 64)
     check_training("bf16 d64 T5000 B2 H8/8 gated C256 (two blocks held)", 2, 5000, 8, 8, 64, chunk=256)
-    # the forward's share in Gluon on Hopper (gluon_share: d = 64, C = 256, G = 1, bf16), ungated too
-    check_training("bf16 d64 T3000 B2 H4/4 ungated C256 (the forward's share in Gluon)", 2, 3000, 4, 4, 64,
+    # the state passes' shares in Gluon on Hopper (gluon_share: d = 64, C = 256, G = 1, bf16), ungated too
+    check_training("bf16 d64 T3000 B2 H4/4 ungated C256 (the shares in Gluon)", 2, 3000, 4, 4, 64,
                    gated=False, chunk=256)
     if "--quick" in sys.argv:  # one case of each kind: after a kernel change, on little device time
         check_training("fp32 d64 T1000 B1 H2/2 gated C64 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=64,

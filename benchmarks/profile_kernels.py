@@ -30,7 +30,7 @@ CHUNKS = [int(c) for c in (ARGS[1] if len(ARGS) > 1 else "128,64").split(",")]
 LAUNCHES = ARGS[2:] or ["default"]
 B, H, D = 65536 // T, int(OPTIONS.get("heads", 16)), int(OPTIONS.get("head-dim", 64))
 HK = int(OPTIONS.get("kv-heads", H))
-KERNELS = ["_chunk_share_kernel", "_share_fwd_kernel", "_state_scan_kernel", "_chunk_fwd_kernel", "_chunk_bwd_q_kernel",
+KERNELS = ["_chunk_share_kernel", "_share_kernel", "_state_scan_kernel", "_chunk_fwd_kernel", "_chunk_bwd_q_kernel",
            "_chunk_bwd_kv_kernel", "_output_grads_kernel"]
 
 

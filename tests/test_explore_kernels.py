@@ -101,5 +101,6 @@ def test_gluon_share_exploration_compiles_for_hopper(triton_path):
 def test_gluon_share_kernel_compiles_for_hopper(triton_path):
     """power_transformers/kernels/gluon_share.py, which the chunked forward takes on Hopper at d = 64,
     C = 256 (its GPU check: benchmarks/check_gluon_share.py and check_gpu.py), compiles for sm_90 with the
-    GPU machine's Triton: the default variant without spills."""
-    assert "spill stores 0 B" in compile_only("check_gluon_share.py", triton_path, 3)[0]
+    GPU machine's Triton (the forward's pass, the backward's and two variants); the forward's default without
+    spills (the backward's spills 40 bytes, ptxas sm_90)."""
+    assert "spill stores 0 B" in compile_only("check_gluon_share.py", triton_path, 4)[0]

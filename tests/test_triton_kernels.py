@@ -225,11 +225,12 @@ def test_forward_keeps_its_states_for_the_backward(monkeypatch):
 
 
 def test_gluon_share_takes_only_its_configuration_on_hopper(monkeypatch):
-    """The forward's share pass goes through gluon_share only at d = 64, C = 256, G = 1, bf16, forward
-    (no z weights), and only on a CUDA device with Triton 3.6: never on the CPU or under the interpreter,
-    where _chunk_share_kernel (which the tests here check) runs instead."""
+    """The state passes' shares go through gluon_share only at d = 64, C = 256, G = 1, bf16 (the forward's
+    without z weights, the backward's with them), and only on a CUDA device with Triton 3.6: never on the
+    CPU or under the interpreter, where _chunk_share_kernel (which the tests here check) runs instead."""
     gs = pytest.importorskip("power_transformers.kernels.gluon_share")
-    assert gs.configuration(64, torch.bfloat16, 256, 1, False, False)
+    assert gs.configuration(64, torch.bfloat16, 256, 1, False, False)  # the forward's pass
+    assert gs.configuration(64, torch.bfloat16, 256, 1, True, True)  # the backward's (z weights: delta)
     for args in ((128, torch.bfloat16, 256, 1, False, False), (64, torch.float16, 256, 1, False, False),
                  (64, torch.bfloat16, 128, 1, False, False), (64, torch.bfloat16, 256, 2, False, False),
                  (64, torch.bfloat16, 256, 1, True, False), (64, torch.bfloat16, 256, 1, False, True)):

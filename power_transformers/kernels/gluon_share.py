@@ -1,18 +1,20 @@
-"""The chunk share kernel of the forward state pass in Gluon (Triton 3.6's low-level dialect), Hopper only.
+"""The chunk share kernel of the state passes in Gluon (Triton 3.6's low-level dialect), Hopper only.
 
 One configuration of triton_chunk._chunk_share_kernel: d = 64, C = 256, one query head a key/value head
-(G = 1), no z weights (HAS_ZW False), bf16 inputs, SLOT = 1 (the forward pass). Shapes (contiguous):
+(G = 1), bf16 inputs; the forward's pass (keys and values, no z weights, SLOT = 1) or the backward's
+(queries and dO, z weights zw = delta, SLOT = 0). Shapes (contiguous):
 
-    x, y        [B, T, Hk, d]     bf16 (keys and values)
+    x, y        [B, T, Hk, d]     bf16 (keys and values; queries and dO)
+    zw          [B, T, Hk]        fp32 (the backward's delta), or none
     weights     [B, Hk, N C]      fp32 token weights (triton_chunk._gate_weights; tokens past T unread)
     states      [B, Hk, N + 1, D, d]  bf16, D = d (d + 1) / 2 = 2080: row-block i's rows (i, j), j >= i,
                 start at row i d - i (i - 1) / 2
     z_states    [B, Hk, N + 1, D] fp32
 
-For each chunk n (C tokens t, those past T read as 0) and each (batch, head), slot n + 1 gets
+For each chunk n (C tokens t, those past T read as 0) and each (batch, head), slot n + SLOT gets
 
-    R_i[j, :] = sum_t w_t x_ti x_tj y_t    (row-block i, rows j >= i)
-    Z[i, j]   = sum_t w_t x_ti x_tj        (i <= j)
+    R_i[j, :] = sum_t w_t x_ti x_tj y_t          (row-block i, rows j >= i)
+    Z[i, j]   = sum_t w_t zw_t x_ti x_tj         (i <= j; zw = 1 in the forward)
 
 as the Triton kernel writes them (the other slots and rows are not touched). The products are the Triton
 kernel's: row-blocks i < 32 one [64, 64] tile each ((x^T * x_i) @ (w y), every row j, rows j < i not
@@ -35,8 +37,10 @@ tf32x3 form (both round w x to fp32 first).
 Checked on an H100 (benchmarks/check_gluon_share.py, Triton 3.6): states equal to the Triton kernel's
 bit for bit, z within 4.2e-7 of its largest entry, at (B, T, H) = (1, 256, 2), (2, 1000, 4), (1, 65536, 16),
 gated and not; at 64k tokens, 16 heads, 1.164 ms against 1.589 (median of do_bench), and 1.448 with the
-tiles stored straight from the product's layout (convert_stores=False). ptxas sm_90: 255 registers, no
-spills, 106,496 bytes of shared memory (room for two programs an SM by both; occupancy not measured).
+tiles stored straight from the product's layout (convert_stores=False). The backward's pass (RESULTS.md
+run T, call 10): states bit for bit, z within 3.7e-7, at the same shapes; 1.184 ms against 1.609. ptxas
+sm_90: 255 registers, no spills (the backward's 40 bytes), 106,496 bytes of shared memory (room for two
+programs an SM by both; occupancy not measured).
 
 Gluon kernels are compiled for sm_90 only and cannot run under TRITON_INTERPRET (the CPU interpreter);
 their check is benchmarks/check_gluon_share.py on a CUDA device (Hopper), and check_gpu.py's chunked
@@ -72,8 +76,9 @@ def takes(x: torch.Tensor, chunk: int, group: int, has_zw: bool, reverse: bool) 
 
 
 def configuration(head_dim: int, dtype: torch.dtype, chunk: int, group: int, has_zw: bool, reverse: bool) -> bool:
-    """The forward's pass (keys and values, no z weights) at d = 64, C = 256, G = 1, bf16."""
-    return (not reverse and not has_zw and group == 1 and chunk == CHUNK and head_dim == HEAD_DIM
+    """A state pass at d = 64, C = 256, G = 1, bf16: the forward's (keys and values, no z weights) or
+    the backward's (queries and dO, reverse, with z weights)."""
+    return (has_zw == reverse and group == 1 and chunk == CHUNK and head_dim == HEAD_DIM
             and dtype == torch.bfloat16)
 
 
@@ -192,8 +197,9 @@ def _load_x(X, x_head, t0, T, stride_t, col0: gl.constexpr, M: gl.constexpr, HEA
 
 
 @gluon.jit
-def _share_fwd_kernel(X, Y, W, OUT, ZOUT, T, T_PAD, NUM_CHUNKS, HK, HEAD_DIM: gl.constexpr, D: gl.constexpr,
-                      CHUNK: gl.constexpr, UNROLL: gl.constexpr, CONVERT: gl.constexpr):
+def _share_kernel(X, Y, ZW, W, OUT, ZOUT, T, T_PAD, NUM_CHUNKS, HK, HEAD_DIM: gl.constexpr, D: gl.constexpr,
+                  CHUNK: gl.constexpr, SLOT: gl.constexpr, HAS_ZW: gl.constexpr, UNROLL: gl.constexpr,
+                  CONVERT: gl.constexpr):
     M: gl.constexpr = CHUNK
     KC: gl.constexpr = M // 4
     HALF: gl.constexpr = HEAD_DIM // 2
@@ -217,7 +223,7 @@ def _share_fwd_kernel(X, Y, W, OUT, ZOUT, T, T_PAD, NUM_CHUNKS, HK, HEAD_DIM: gl
     stride_t = HK * HEAD_DIM
     x_head = (b.to(gl.int64) * T * HK + h) * HEAD_DIM
     w_base = W + bh.to(gl.int64) * T_PAD + t0
-    slot = bh.to(gl.int64) * (NUM_CHUNKS + 1) + n + 1
+    slot = bh.to(gl.int64) * (NUM_CHUNKS + 1) + n + SLOT
 
     # x and w y [M, d] into NVMMA shared memory; a plain copy of x^T [d, M] for the columns x[:, i]
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [M, HEAD_DIM], nvmma)
@@ -242,7 +248,7 @@ def _share_fwd_kernel(X, Y, W, OUT, ZOUT, T, T_PAD, NUM_CHUNKS, HK, HEAD_DIM: gl
     xt2 = x_smem.slice(2 * KC, KC).permute((1, 0)).load(a_layout)
     xt3 = x_smem.slice(3 * KC, KC).permute((1, 0)).load(a_layout)
 
-    # Z = (w x)^T @ x: w x in fp32 split into three bf16 pieces, each product exact, fp32 accumulation
+    # Z = (w zw x)^T @ x: w zw x in fp32 split into three bf16 pieces, each product exact, fp32 accumulation
     zacc = gl.zeros([HEAD_DIM, HEAD_DIM], gl.float32, mma)
     for k in gl.static_range(4):
         if k == 0:
@@ -253,7 +259,10 @@ def _share_fwd_kernel(X, Y, W, OUT, ZOUT, T, T_PAD, NUM_CHUNKS, HK, HEAD_DIM: gl
             xt_k = xt2
         else:
             xt_k = xt3
-        wk = gl.load(w_base + k * KC + gl.arange(0, KC, layout=xs_layout))
+        tk = k * KC + gl.arange(0, KC, layout=xs_layout)
+        wk = gl.load(w_base + tk)
+        if HAS_ZW:  # Z's own token weights (the backward's delta), 0 past T
+            wk = wk * gl.load(ZW + (b.to(gl.int64) * T * HK + h) + (t0 + tk) * HK, mask=t0 + tk < T, other=0.0)
         v = xt_k.to(gl.float32) * gl.expand_dims(wk, 0)
         hi = v.to(gl.bfloat16)
         r1 = v - hi.to(gl.float32)
@@ -288,21 +297,25 @@ def _share_fwd_kernel(X, Y, W, OUT, ZOUT, T, T_PAD, NUM_CHUNKS, HK, HEAD_DIM: gl
            HEAD_DIM, mma, xs_layout, rows_layout, store_layout, CONVERT)
 
 
-def share_forward(x, y, weights, states, z_states, t: int, n_chunks: int, unroll: int = UNROLL,
-                  convert_stores: bool = True) -> None:
-    """Fill slots 1 .. N of states / z_states (as _states_forward allocates them) with every chunk's own
-    share, as triton_chunk._state_pass's _chunk_share_kernel does for the forward at d = 64, C = 256,
-    G = 1, bf16. weights: the state pass's token weights [B, Hk, N C] fp32."""
+def chunk_share(x, y, zw, weights, states, z_states, t: int, n_chunks: int, reverse: bool, unroll: int = UNROLL,
+                convert_stores: bool = True) -> None:
+    """Every chunk's own share into the slots of states / z_states (as _state_pass allocates them), as
+    triton_chunk._chunk_share_kernel writes them at d = 64, C = 256, G = 1, bf16: the forward (x, y the
+    keys and values, zw None, slots 1 .. N) or, reverse, the backward's (x, y the queries and dO, zw
+    [B, T, Hk] fp32 the delta, slots 0 .. N - 1). weights: the pass's token weights [B, Hk, N C] fp32."""
     bsz, t_x, hx, d = x.shape
     hk = states.shape[1]
     assert d == HEAD_DIM and hx == hk and t_x == t, "d = 64, one query head a key/value head"
     assert x.dtype == y.dtype == states.dtype == torch.bfloat16 and z_states.dtype == torch.float32
     assert n_chunks == states.shape[2] - 1 == -(-t // CHUNK)
     assert weights.dtype == torch.float32 and weights.numel() == bsz * hk * n_chunks * CHUNK
+    assert (zw is not None) == reverse, "the backward's pass has z weights (delta), the forward's none"
+    assert zw is None or (zw.dtype == torch.float32 and zw.shape == (bsz, t, hk) and zw.is_contiguous())
     assert x.is_contiguous() and y.is_contiguous() and weights.is_contiguous()
     assert states.is_contiguous() and z_states.is_contiguous()
     if n_chunks == 0:
         return
-    _share_fwd_kernel[(n_chunks, bsz * hk)](x, y, weights, states, z_states, t, n_chunks * CHUNK, n_chunks, hk,
-                                            HEAD_DIM=d, D=states.shape[3], CHUNK=CHUNK, UNROLL=unroll,
-                                            CONVERT=convert_stores, num_warps=4)
+    _share_kernel[(n_chunks, bsz * hk)](x, y, zw if zw is not None else weights, weights, states, z_states, t,
+                                        n_chunks * CHUNK, n_chunks, hk, HEAD_DIM=d, D=states.shape[3], CHUNK=CHUNK,
+                                        SLOT=0 if reverse else 1, HAS_ZW=zw is not None, UNROLL=unroll,
+                                        CONVERT=convert_stores, num_warps=4)

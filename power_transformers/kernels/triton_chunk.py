@@ -24,7 +24,7 @@ log-gates and beta the chunk total:
 Kernels (phi(q), phi(k) built row-block by row-block on chip, never stored; see triton_common):
 
     _chunk_share_kernel grid (N, B Hk): every chunk's own share of the (unweighted) state,
-                        all chunks in parallel. (The forward's at d = 64, C = 256 on Hopper:
+                        all chunks in parallel. (At d = 64, C = 256, G = 1 on Hopper:
                         gluon_share, the same products in Gluon.)
     _state_scan_kernel  grid (D / 64, B Hk): chains the shares into the chunk-start states, in
                         place (memory-bound).
@@ -1024,9 +1024,10 @@ def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_f
     final = (s_final if s_final is not None else dummy, z_final if z_final is not None else dummy)
     forward_states = inner_with if inner_with is not None else (dummy, dummy)
     if n_chunks and gluon_share is not None and gluon_share.takes(x, chunk, hx // hk, zw is not None, reverse):
-        # the same products and the same states bit for bit, 1.164 ms against 1.589 (H100, 64k tokens,
-        # 16 heads; benchmarks/check_gluon_share.py, RESULTS.md run T)
-        gluon_share.share_forward(x, y, weights, states, z_states, t, n_chunks)
+        # the same products and the same states bit for bit: 1.164 ms against 1.589 for the forward's,
+        # 1.184 against 1.609 for the backward's (H100, 64k tokens, 16 heads; check_gluon_share.py,
+        # RESULTS.md run T)
+        gluon_share.chunk_share(x, y, zw, weights, states, z_states, t, n_chunks, reverse)
     elif n_chunks:
         _chunk_share_kernel[(n_chunks, bsz * hk)](
             x, y, weights, zw if zw is not None else dummy, states, z_states,
