@@ -33,17 +33,10 @@ VARIANTS = [("convert stores", {"unroll": 8, "convert_stores": True})]
 MORE_VARIANTS = [("direct stores", {"unroll": 8, "convert_stores": False})]
 
 
-def triton_share(x, y, zw, weights, states, z_states, t, n_chunks, reverse):
-    """_chunk_share_kernel exactly as _state_pass launches it (forward: zw None, slot n + 1; reverse: zw the
-    delta, slot n)."""
-    bsz, _, hx, d = x.shape
-    hk, dim = states.shape[1], states.shape[3]
-    op = tl.bfloat16
-    triton_chunk._chunk_share_kernel[(n_chunks, bsz * hk)](
-        x, y, weights, zw if zw is not None else z_states, states, z_states,
-        t, n_chunks * CHUNK, n_chunks, hx, hk, 0 if reverse else 1,
-        HEAD_DIM=d, D=dim, CHUNK=CHUNK, BLOCK=triton_chunk.share_source_tokens(CHUNK, BLOCK, d, hx // hk, op),
-        Z_BLOCK=BLOCK, G=hx // hk, HAS_ZW=zw is not None, OP=op, **triton_chunk._launch_opts("share", BLOCK, d, op))
+def triton_share(x, y, zw, weights, states, z_states, reverse):
+    """_chunk_share_kernel as _state_pass launches it where gluon_share does not take the pass."""
+    triton_chunk.triton_share(x, y, zw, weights, states, z_states, reverse=reverse, chunk=CHUNK, block=BLOCK,
+                              op=tl.bfloat16)
 
 
 def make_case(bsz, t, h, gated, reverse, seed):
@@ -73,7 +66,7 @@ def check(cases):
                 x, y, zw, weights, garbage, zgarbage, n_chunks = make_case(bsz, t, h, gated, reverse,
                                                                            seed=bsz * 100003 + t + h + reverse)
                 s_ref, z_ref = garbage.clone(), zgarbage.clone()
-                triton_share(x, y, zw, weights, s_ref, z_ref, t, n_chunks, reverse)
+                triton_share(x, y, zw, weights, s_ref, z_ref, reverse)
                 for name, opts in VARIANTS:
                     s, z = garbage.clone(), zgarbage.clone()
                     gluon_share.chunk_share(x, y, zw, weights, s, z, t, n_chunks, reverse, **opts)
@@ -102,7 +95,7 @@ def bench(bsz, t, h):
     for reverse in (False, True):
         x, y, zw, weights, garbage, zgarbage, n_chunks = make_case(bsz, t, h, True, reverse, seed=1)
         s, z = garbage, zgarbage
-        runs = [("triton _chunk_share_kernel", lambda: triton_share(x, y, zw, weights, s, z, t, n_chunks, reverse))]
+        runs = [("triton _chunk_share_kernel", lambda: triton_share(x, y, zw, weights, s, z, reverse))]
         runs += [(f"gluon chunk_share, {name}", lambda o=opts: gluon_share.chunk_share(x, y, zw, weights, s, z, t,
                                                                                        n_chunks, reverse, **o))
                  for name, opts in VARIANTS]

@@ -6,6 +6,7 @@ on two cores. The same comparisons at real sizes on a GPU: benchmarks/check_gpu.
 
 import math
 import os
+import types
 import warnings
 
 import pytest
@@ -251,6 +252,36 @@ def test_gluon_share_takes_only_its_configuration_on_hopper(monkeypatch):
     monkeypatch.setattr(gs.triton, "__version__", "3.6.0")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     assert not gs.runs_on(cuda)
+
+
+def test_state_passes_hand_their_shares_to_gluon_where_it_takes_them(monkeypatch):
+    """_state_pass gives gluon_share the forward's pass (keys and values, no z weights, forward) and the
+    backward's (queries and dO, the delta as z weights, reverse) with the tensors it would give the
+    Triton share kernel, and launches nothing else for them: a stand-in that fills the states through
+    triton_share (the Triton kernel) gives the same outputs and gradients, to the bit, as the plain run."""
+    q, k, v, log_g = make_inputs(1, 40, 2, 2, 16, gated=True, seed=3)
+
+    def run():
+        qs, ks, vs, gs = (x.clone().requires_grad_() for x in (q, k, v, log_g))
+        y, _ = tp.power_attention(qs, ks, vs, gs, chunk_size=16, initial_state=random_state(1, 2, 16, seed=4),
+                                  output_final_state=True)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        return y.detach(), qs.grad, ks.grad, vs.grad, gs.grad
+
+    plain = run()
+    calls = []
+
+    def chunk_share(x, y, zw, weights, states, z_states, t, n_chunks, reverse):
+        calls.append((x.data_ptr(), y.data_ptr(), zw, reverse, t, n_chunks))
+        tc.triton_share(x, y, zw, weights, states, z_states, reverse=reverse, chunk=16,
+                        block=tc.kernel_tiles(16, 16)[1], op=tc.dot_dtype(x.dtype))
+
+    monkeypatch.setattr(tc, "gluon_share", types.SimpleNamespace(takes=lambda *args: True, chunk_share=chunk_share))
+    through = run()
+    for a, b in zip(plain, through):
+        assert torch.equal(a, b)
+    assert [(c[2] is None, c[3], c[4], c[5]) for c in calls] == [(True, False, 40, 3), (False, True, 40, 3)]
+    assert calls[1][2].shape == (1, 40, 2) and calls[1][2].dtype == torch.float32  # the delta
 
 
 def test_pair_weights_are_built_once_per_device():

@@ -81,7 +81,7 @@ from .triton_common import (
 from . import reference
 from .reference import expanded_dim
 
-try:  # the forward's share kernel in Gluon (Hopper, Triton 3.6), where a Triton has Gluon at all
+try:  # the state passes' share kernel in Gluon (Hopper, Triton 3.6), where a Triton has Gluon at all
     from . import gluon_share
 except ImportError:  # pragma: no cover - Tritons before Gluon
     gluon_share = None
@@ -1002,6 +1002,19 @@ def _pair_weights(head_dim: int, device) -> torch.Tensor:
     return _PAIR_WEIGHTS[key]
 
 
+def triton_share(x, y, zw, weights, states, z_states, *, reverse: bool, chunk: int, block: int, op):
+    """Every chunk's own share into its slot of states / z_states [B, Hk, N+1, ...] with
+    _chunk_share_kernel (slot n + 1 forward, n reverse); zw: Z's token weights [B, T, Hx] or None.
+    (_state_pass's share where gluon_share does not take it; check_gluon_share.py's reference.)"""
+    bsz, t, hx, d = x.shape
+    hk, n_chunks, dim = states.shape[1], states.shape[2] - 1, states.shape[3]
+    _chunk_share_kernel[(n_chunks, bsz * hk)](
+        x, y, weights, zw if zw is not None else z_states, states, z_states,
+        t, n_chunks * chunk, n_chunks, hx, hk, 0 if reverse else 1,
+        HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK=share_source_tokens(chunk, block, d, hx // hk, op), Z_BLOCK=block,
+        G=hx // hk, HAS_ZW=zw is not None, OP=op, **_launch_opts("share", block, d, op))
+
+
 def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_final, z_final, *, reverse: bool,
                 chunk: int, block: int, op, inner_with=None):
     """Fill states / z_states [B, Hk, N+1, ...] with the recurrence over chunks; forward, s_final /
@@ -1029,11 +1042,7 @@ def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_f
         # RESULTS.md run T)
         gluon_share.chunk_share(x, y, zw, weights, states, z_states, t, n_chunks, reverse)
     elif n_chunks:
-        _chunk_share_kernel[(n_chunks, bsz * hk)](
-            x, y, weights, zw if zw is not None else dummy, states, z_states,
-            t, n_chunks * chunk, n_chunks, hx, hk, 0 if reverse else 1,
-            HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK=share_source_tokens(chunk, block, d, hx // hk, op), Z_BLOCK=block,
-            G=hx // hk, HAS_ZW=zw is not None, OP=op, **_launch_opts("share", block, d, op))
+        triton_share(x, y, zw, weights, states, z_states, reverse=reverse, chunk=chunk, block=block, op=op)
     block_r = 64 if d <= 64 else 32
     n_blocks = triton.cdiv(dim, block_r)
     inner = None
