@@ -1,6 +1,9 @@
 """The Triton kernels against the PyTorch reference at real sizes, on a CUDA GPU.
 
-    python benchmarks/check_gpu.py [--quick] [--launch=share=4:3,...]   (exit status 1 if any check fails)
+    python benchmarks/check_gpu.py [--quick | --decode-only] [--launch=share=4:3,...]   (exit status 1 if any check fails)
+
+--decode-only runs the full list's decode and fused-step cases alone (the full list takes 210-350 s on an
+H100, more than a device call that also benchmarks can give it).
 
 The kernels run on bf16 inputs (fp32 for one case); the reference runs in fp32 on the same
 inputs upcast (fp64 where the sequence is short). Every comparison is the relative norm
@@ -185,59 +188,60 @@ def main() -> int:
             triton_chunk.LAUNCH.update(triton_chunk.parse_launch(arg[len("--launch="):]))
     start = time.time()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
-    check_training("bf16 d64 T4096 B2 H8/4 gated C128", 2, 4096, 8, 4, 64)
-    check_training("bf16 d64 T4096 B2 H8/4 gated, attention form", 2, 4096, 8, 4, 64, form="attention")
-    check_training("bf16 d64 T5000 B2 H8/4 gated C512 (4 blocks a chunk)", 2, 5000, 8, 4, 64, chunk=512)
-    # one head's two blocks held by the share kernel for every row-block (its C = 256 path at d <= 64)
-    check_training("bf16 d64 T5000 B2 H8/8 gated C256 (two blocks held)", 2, 5000, 8, 8, 64, chunk=256)
-    # the state passes' shares in Gluon on Hopper (gluon_share: d = 64, C = 256, G = 1, bf16), ungated too
-    check_training("bf16 d64 T3000 B2 H4/4 ungated C256 (the shares in Gluon)", 2, 3000, 4, 4, 64,
-                   gated=False, chunk=256)
-    if "--quick" in sys.argv:  # one case of each kind: after a kernel change, on little device time
+    if "--decode-only" not in sys.argv:
+        check_training("bf16 d64 T4096 B2 H8/4 gated C128", 2, 4096, 8, 4, 64)
+        check_training("bf16 d64 T4096 B2 H8/4 gated, attention form", 2, 4096, 8, 4, 64, form="attention")
+        check_training("bf16 d64 T5000 B2 H8/4 gated C512 (4 blocks a chunk)", 2, 5000, 8, 4, 64, chunk=512)
+        # one head's two blocks held by the share kernel for every row-block (its C = 256 path at d <= 64)
+        check_training("bf16 d64 T5000 B2 H8/8 gated C256 (two blocks held)", 2, 5000, 8, 8, 64, chunk=256)
+        # the state passes' shares in Gluon on Hopper (gluon_share: d = 64, C = 256, G = 1, bf16), ungated too
+        check_training("bf16 d64 T3000 B2 H4/4 ungated C256 (the shares in Gluon)", 2, 3000, 4, 4, 64,
+                       gated=False, chunk=256)
+        if "--quick" in sys.argv:  # one case of each kind: after a kernel change, on little device time
+            check_training("fp32 d64 T1000 B1 H2/2 gated C64 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=64,
+                           ref_dtype=torch.float64)
+            check_decode("decode bf16 d64 B4 H8/4, 1000 + 64 tokens", 4, 1000, 64, 8, 4, 64)
+            check_decode("decode bf16 d64 B8 H16/16, 1000 + 64 tokens (one query row: one sum per program)", 8, 1000, 64, 16, 16, 64)
+            check_decode(f"tail decode bf16 d64 B8 H16/16, 1000 + 150 tokens (tail {DECODE_TAIL})", 8, 1000, 150, 16, 16, 64,
+                         tail=True)
+            check_decode(f"tail decode bf16 d64 B1 H12/12, 1000 + 150 tokens (tail {DECODE_TAIL}, 8 readers a head, folding)",
+                         1, 1000, 150, 12, 12, 64, tail=True)
+            fused_step_checks()
+            failed = [r for r in RESULTS if not (r[2] == r[2] and r[2] < r[3])]
+            print(f"{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed in {time.time() - start:.0f} s", flush=True)
+            return 1 if failed else 0
+        check_training("bf16 d64 T3000 B2 H4/4 ungated C64", 2, 3000, 4, 4, 64, gated=False, chunk=64)
+        check_training("bf16 d32 T2048 B2 H4/2 gated C128", 2, 2048, 4, 2, 32)
+        # before the state part of chunk_bwd_kv ran first, this shape gave wrong dk, dv on the GPU (and C64 an
+        # illegal memory access) while the interpreter passed: keep both
+        check_training("bf16 d32 T2048 B2 H4/2 gated C64", 2, 2048, 4, 2, 32, chunk=64)
+        check_training("bf16 d128 T2048 B1 H4/4 gated C64", 1, 2048, 4, 4, 128, chunk=64)
+        check_training("fp16 d64 T1024 B2 H4/4 gated C128", 2, 1024, 4, 4, 64, dtype=torch.float16)
         check_training("fp32 d64 T1000 B1 H2/2 gated C64 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=64,
                        ref_dtype=torch.float64)
-        check_decode("decode bf16 d64 B4 H8/4, 1000 + 64 tokens", 4, 1000, 64, 8, 4, 64)
-        check_decode("decode bf16 d64 B8 H16/16, 1000 + 64 tokens (one query row: one sum per program)", 8, 1000, 64, 16, 16, 64)
-        check_decode(f"tail decode bf16 d64 B8 H16/16, 1000 + 150 tokens (tail {DECODE_TAIL})", 8, 1000, 150, 16, 16, 64,
-                     tail=True)
-        check_decode(f"tail decode bf16 d64 B1 H12/12, 1000 + 150 tokens (tail {DECODE_TAIL}, 8 readers a head, folding)",
-                     1, 1000, 150, 12, 12, 64, tail=True)
-        fused_step_checks()
-        failed = [r for r in RESULTS if not (r[2] == r[2] and r[2] < r[3])]
-        print(f"{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed in {time.time() - start:.0f} s", flush=True)
-        return 1 if failed else 0
-    check_training("bf16 d64 T3000 B2 H4/4 ungated C64", 2, 3000, 4, 4, 64, gated=False, chunk=64)
-    check_training("bf16 d32 T2048 B2 H4/2 gated C128", 2, 2048, 4, 2, 32)
-    # before the state part of chunk_bwd_kv ran first, this shape gave wrong dk, dv on the GPU (and C64 an
-    # illegal memory access) while the interpreter passed: keep both
-    check_training("bf16 d32 T2048 B2 H4/2 gated C64", 2, 2048, 4, 2, 32, chunk=64)
-    check_training("bf16 d128 T2048 B1 H4/4 gated C64", 1, 2048, 4, 4, 128, chunk=64)
-    check_training("fp16 d64 T1024 B2 H4/4 gated C128", 2, 1024, 4, 4, 64, dtype=torch.float16)
-    check_training("fp32 d64 T1000 B1 H2/2 gated C64 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=64,
-                   ref_dtype=torch.float64)
-    check_training("bf16 d64 T16384 B1 H4/2 gated C128", 1, 16384, 4, 2, 64)
-    check_training("bf16 d128 T3000 B1 H4/4 gated C256 (4 blocks of 64)", 1, 3000, 4, 4, 128, chunk=256)
-    check_training("bf16 d128 T5000 B1 H4/2 gated C512 (d = 128's default chunk)", 1, 5000, 4, 2, 128, chunk=512)
-    check_training("fp32 d64 T1000 B1 H2/2 gated C256 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=256,
-                   ref_dtype=torch.float64)
-    # fp32 at d = 128: the query-side backward on its own block of 32 (query_backward_block)
-    check_training("fp32 d128 T1500 B1 H4/2 gated C512 vs fp64", 1, 1500, 4, 2, 128, dtype=torch.float32, chunk=512,
-                   ref_dtype=torch.float64)
-    check_training("bf16 d32 T4096 B1 H4/1 ungated C1024", 1, 4096, 4, 1, 32, gated=False, chunk=1024)
-    check_training("bf16 d128 T2048 B1 H4/4 gated, attention form", 1, 2048, 4, 4, 128, form="attention")
-    check_training("fp32 d64 T1000 B1 H2/2 gated, attention form vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32,
-                   ref_dtype=torch.float64, form="attention")
-    check_training("bf16 d64 T16384 B1 H4/2 gated, attention form", 1, 16384, 4, 2, 64, form="attention")
-    check_training("bf16 d64 T3000 B2 H4/4 ungated, attention form", 2, 3000, 4, 4, 64, gated=False, form="attention")
-    # fp32 at d = 128: the key side walks query blocks of 16 (triton_attention._CONFIGS["fp32_128"])
-    check_training("fp32 d128 T1500 B1 H4/2 gated, attention form vs fp64", 1, 1500, 4, 2, 128, dtype=torch.float32,
-                   ref_dtype=torch.float64, form="attention")
-    check_training("fp16 d64 T2000 B2 H8/2 gated, attention form", 2, 2000, 8, 2, 64, dtype=torch.float16,
-                   form="attention")
-    check_training("bf16 d64 T65536 B1 H2/1 gated C128 (fwd)", 1, 65536, 2, 1, 64, grads=False)
-    check_training("bf16 d64 T65536 B1 H2/1 gated C512 (fwd)", 1, 65536, 2, 1, 64, grads=False, chunk=512)
-    check_training("bf16 d64 T65536 B1 H2/2 gated C256 (two blocks held)", 1, 65536, 2, 2, 64, chunk=256)
-    check_training("bf16 d64 T3000 B2 H4/2 gated C256 (a GQA group of two)", 2, 3000, 4, 2, 64, chunk=256)
+        check_training("bf16 d64 T16384 B1 H4/2 gated C128", 1, 16384, 4, 2, 64)
+        check_training("bf16 d128 T3000 B1 H4/4 gated C256 (4 blocks of 64)", 1, 3000, 4, 4, 128, chunk=256)
+        check_training("bf16 d128 T5000 B1 H4/2 gated C512 (d = 128's default chunk)", 1, 5000, 4, 2, 128, chunk=512)
+        check_training("fp32 d64 T1000 B1 H2/2 gated C256 vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32, chunk=256,
+                       ref_dtype=torch.float64)
+        # fp32 at d = 128: the query-side backward on its own block of 32 (query_backward_block)
+        check_training("fp32 d128 T1500 B1 H4/2 gated C512 vs fp64", 1, 1500, 4, 2, 128, dtype=torch.float32, chunk=512,
+                       ref_dtype=torch.float64)
+        check_training("bf16 d32 T4096 B1 H4/1 ungated C1024", 1, 4096, 4, 1, 32, gated=False, chunk=1024)
+        check_training("bf16 d128 T2048 B1 H4/4 gated, attention form", 1, 2048, 4, 4, 128, form="attention")
+        check_training("fp32 d64 T1000 B1 H2/2 gated, attention form vs fp64", 1, 1000, 2, 2, 64, dtype=torch.float32,
+                       ref_dtype=torch.float64, form="attention")
+        check_training("bf16 d64 T16384 B1 H4/2 gated, attention form", 1, 16384, 4, 2, 64, form="attention")
+        check_training("bf16 d64 T3000 B2 H4/4 ungated, attention form", 2, 3000, 4, 4, 64, gated=False, form="attention")
+        # fp32 at d = 128: the key side walks query blocks of 16 (triton_attention._CONFIGS["fp32_128"])
+        check_training("fp32 d128 T1500 B1 H4/2 gated, attention form vs fp64", 1, 1500, 4, 2, 128, dtype=torch.float32,
+                       ref_dtype=torch.float64, form="attention")
+        check_training("fp16 d64 T2000 B2 H8/2 gated, attention form", 2, 2000, 8, 2, 64, dtype=torch.float16,
+                       form="attention")
+        check_training("bf16 d64 T65536 B1 H2/1 gated C128 (fwd)", 1, 65536, 2, 1, 64, grads=False)
+        check_training("bf16 d64 T65536 B1 H2/1 gated C512 (fwd)", 1, 65536, 2, 1, 64, grads=False, chunk=512)
+        check_training("bf16 d64 T65536 B1 H2/2 gated C256 (two blocks held)", 1, 65536, 2, 2, 64, chunk=256)
+        check_training("bf16 d64 T3000 B2 H4/2 gated C256 (a GQA group of two)", 2, 3000, 4, 2, 64, chunk=256)
     check_decode("decode bf16 d64 B4 H8/4, 1000 + 64 tokens", 4, 1000, 64, 8, 4, 64)
     check_decode("decode bf16 d64 B8 H16/16, 1000 + 64 tokens (one query row: one sum per program)", 8, 1000, 64, 16, 16, 64)
     check_decode("decode fp32 d128 B2 H4/4, 300 + 16 tokens (one query row: one sum per program)", 2, 300, 16, 4, 4, 128,
