@@ -109,7 +109,7 @@ def bench(bsz, t, h):
 # offline compile for sm_90 (no GPU): registers, spills, shared memory
 # --------------------------------------------------------------------------------------------------------------
 def compile_only():
-    from explore_gluon_share import _ptxas_info  # (this script's folder is first on sys.path)
+    from explore_gluon_share import report_compile  # (this script's folder is first on sys.path)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -126,18 +126,9 @@ def compile_only():
                                 + [("convert stores, 4 a trip", {"unroll": 4, "convert_stores": True}, False)]):
         consts = {"HEAD_DIM": D_HEAD, "D": expanded_dim(D_HEAD, 2), "CHUNK": CHUNK, "SLOT": 0 if reverse else 1,
                   "HAS_ZW": reverse, "UNROLL": opts["unroll"], "CONVERT": opts["convert_stores"]}
-        try:
-            src = GluonASTSource(fn=gluon_share._share_kernel, signature=sig, constexprs=consts, attrs=attrs)
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-            regs, sst, sld, warnings = _ptxas_info(compiled.asm["ptx"])
-            print(f"ok     gluon {name:26s} unroll {opts['unroll']} regs {regs} spill stores {sst} B loads {sld} B"
-                  f" shared {compiled.metadata.shared} B")
-            for w in warnings:
-                print(f"       ptxas: {w}")
-        except Exception as err:  # noqa: BLE001
-            ok = False
-            msg = str(err).strip().splitlines()
-            print(f"FAILED gluon {name}: {type(err).__name__}: {' | '.join(msg[-8:])[:3000]}")
+        src = GluonASTSource(fn=gluon_share._share_kernel, signature=sig, constexprs=consts, attrs=attrs)
+        ok &= report_compile(f"gluon {name:26s} unroll {opts['unroll']}", lambda src=src: triton.compile(
+            src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}))
     return 0 if ok else 1
 
 

@@ -341,21 +341,29 @@ def compile_offline(kind, arg):
     return triton.compile(src, target=target, options={"num_warps": 4})
 
 
+def report_compile(label, build):
+    """Compile with build() (offline, returns the compiled kernel) and print `ok     label regs R spill
+    stores S B loads L B shared M B warps W` and ptxas's warnings, or `FAILED label` and the error's last
+    lines; returns whether it compiled. (check_gluon_share.py reports its kernels through it too.)"""
+    try:
+        compiled = build()
+        regs, sst, sld, warnings = _ptxas_info(compiled.asm["ptx"])
+        print(f"ok     {label} regs {regs} spill stores {sst} B loads {sld} B shared {compiled.metadata.shared} B"
+              f" warps {compiled.metadata.num_warps}")
+        for w in warnings:
+            print(f"       ptxas: {w}")
+        return True
+    except Exception as err:  # noqa: BLE001
+        msg = str(err).strip().splitlines()
+        print(f"FAILED {label} {type(err).__name__}: {' | '.join(msg[-8:])[:3000]}")
+        return False
+
+
 def compile_only():
     print(f"triton {triton.__version__} from {os.path.dirname(triton.__file__)}; target sm_90 (offline)")
     ok = True
     for name, kind, arg in VARIANTS:
-        try:
-            compiled = compile_offline(kind, arg)
-            regs, sst, sld, warnings = _ptxas_info(compiled.asm["ptx"])
-            print(f"ok     {name:32s} regs {regs} spill stores {sst} B loads {sld} B shared {compiled.metadata.shared} B"
-                  f" warps {compiled.metadata.num_warps}")
-            for w in warnings:
-                print(f"       ptxas: {w}")
-        except Exception as err:  # noqa: BLE001
-            ok = False
-            msg = str(err).strip().splitlines()
-            print(f"FAILED {name:32s} {type(err).__name__}: {' | '.join(msg[-6:])[:1500]}")
+        ok &= report_compile(f"{name:32s}", lambda kind=kind, arg=arg: compile_offline(kind, arg))
     return 0 if ok else 1
 
 
