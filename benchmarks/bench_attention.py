@@ -1,4 +1,4 @@
-"""Attention kernel benchmark (issue 3): ours vs SDPA flash vs Manifest's `retention`, one run.
+"""Attention kernel benchmark (issue 3): ours vs SDPA (flash, cuDNN and its default choice) vs Manifest's `retention`, one run.
 
     python benchmarks/bench_attention.py [--out results.md] [--retention-budget 240]
 
@@ -126,21 +126,29 @@ def profile_parts(t, chunk):
     return {name: bench(fn, rep=100) for name, fn in parts.items()}
 
 
-def time_sdpa(t):
-    b = TOKENS // t
-    q, k, v = (torch.randn(b, HEADS, t, D_HEAD, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+def time_sdpa(t, backend="flash"):
+    """SDPA (causal) forward and forward+backward with one backend forced: "flash" (FlashAttention-2,
+    the issue's baseline), "cudnn" (cuDNN's fused attention), or "default" (SDPA's own choice)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    b = TOKENS // t
+    q, k, v = (torch.randn(b, HEADS, t, D_HEAD, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    gy = torch.randn_like(q)
+    forced = {"flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION], "default": None}[backend]
+
+    def run():
         with torch.no_grad():
             fwd = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        gy = torch.randn_like(q)
 
         def fb():
             F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(gy)
 
-        fwdbwd = bench(fb, grad_to_none=[q, k, v])
-    return fwd, fwdbwd
+        return fwd, bench(fb, grad_to_none=[q, k, v])
+
+    if forced is None:
+        return run()
+    with sdpa_kernel(forced):
+        return run()
 
 
 class Timeout(Exception):
@@ -284,10 +292,11 @@ def main() -> int:
     print("\n".join(lines), flush=True)
 
     lines += ["Training, 64k tokens per batch, 16 heads, d = 64, p = 2, gating, bf16 (ms, median):", "",
-              "| T | batch | SDPA fwd | SDPA fwd+bwd | retention fwd (C=%d) | retention fwd+bwd | "
+              "| T | batch | SDPA flash fwd | SDPA flash fwd+bwd | SDPA cuDNN fwd | fwd+bwd | SDPA default fwd+bwd "
+              "| retention fwd (C=%d) | retention fwd+bwd | "
               % args.retention_chunk + " | ".join(f"ours chunked fwd (C={c}) | fwd+bwd | TFLOP/s fwd / fwd+bwd" for c in chunks)
               + " | ours attention form fwd | fwd+bwd | TFLOP/s fwd / fwd+bwd |",
-              "|---" * (9 + 3 * len(chunks)) + "|"]
+              "|---" * (12 + 3 * len(chunks)) + "|"]
     # retention first, in the order asked (its autotuning takes minutes per shape; the budget is shared)
     ret_deadline = time.time() + args.retention_budget
     ret = {}
@@ -304,6 +313,14 @@ def main() -> int:
     for t in seqlens:
         s_f, s_fb = time_sdpa(t)
         cells = [f"{t // 1024}k", str(TOKENS // t), f"{s_f:.3f}", f"{s_fb:.3f}"]
+        for backend, both in (("cudnn", True), ("default", False)):
+            try:
+                times = time_sdpa(t, backend)
+                cells += [f"{x:.3f}" for x in (times if both else times[1:])]
+            except Exception as err:  # noqa: BLE001 - a backend this torch or card lacks
+                print(f"SDPA {backend} failed:", repr(err)[:300], flush=True)
+                cells += ["failed"] * (2 if both else 1)
+            torch.cuda.empty_cache()
         r = ret.get(t)
         if isinstance(r, str):
             cells += [r] * 2

@@ -59,6 +59,7 @@ reverse running sum inside each chunk.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -1098,6 +1099,40 @@ def chunk_forward(q, k, v, log_g, s0, z0, scale: float, eps: float, chunk_size: 
     return y, den, s_final, z_final, ((states, z_states) if keep_states else None)
 
 
+#: chunk_backward runs the reverse state pass (dR: the share kernel, then the memory-bound scan) on a
+#: second stream of high priority while the query-side kernel, which needs only the forward's states,
+#: runs on the caller's; POWER_BACKWARD_OVERLAP=0 runs them one after the other. Gradients are the same
+#: bit for bit, and the two streams join before bwd_kv. H100, 64k tokens, d = 64, C = 256, forward +
+#: backward: 12.81 / 12.81 / 12.80 ms against 12.95 / 12.90 / 12.90 (RESULTS.md, attention kernels, run V;
+#: the query side on the second stream instead, in either launch order, gained nothing: each of the two
+#: kernels fills an SM's registers, so they share the GPU by turns, not side by side).
+BACKWARD_OVERLAP = True
+_SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
+
+
+def _concurrently(first, second, device):
+    """first() on a high-priority side stream while second() runs on the current one, joined before
+    returning first()'s result (where BACKWARD_OVERLAP and the device is CUDA; else one after the
+    other). Every tensor either touches stays alive until the join, so the caching allocator needs no
+    record_stream. CUDA graph capture takes the fork and the join (checked on the H100, run V)."""
+    device = torch.device(device)
+    if (not BACKWARD_OVERLAP or os.environ.get("POWER_BACKWARD_OVERLAP") == "0" or device.type != "cuda"
+            or interpreting()):
+        out = first()
+        second()
+        return out
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index, priority=-1)
+    main, side = torch.cuda.current_stream(index), _SIDE_STREAMS[index]
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        out = first()
+    second()
+    main.wait_stream(side)
+    return out
+
+
 def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale: float, eps: float, chunk_size: int,
                    kept=None):
     """Backward: (dq, dk, dv, dlog_g [B, T, Hk] fp32 or None, dS0 [B, Hk, D, d], dz0 [B, Hk, D]).
@@ -1126,20 +1161,27 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
     lg = log_g if log_g is not None else k
     # dR_n = sum_t s^2 e^{b_t} q_t q_t^T-products do_t^T (chunk n's queries, every head of the group) + e^{beta_n} dR_{n+1}
     weights, decays = _gate_weights(log_g, bsz, t, hk, n_chunks, chunk, False, scale * scale, q.device)
-    dbeta = _state_pass(q, do, delta, weights, decays, ds_final, dz_final, dstates, dz_states, None, None,
-                        reverse=True, chunk=chunk, block=block, op=op, inner_with=(states, z_states))
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbq = torch.empty(bsz, t_pad, hq, dtype=torch.float32, device=q.device)
     dbk = torch.empty(bsz, t_pad, hk, dtype=torch.float32, device=q.device)
+    common = dict(HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK=block, HAS_GATE=log_g is not None, OP=op)
+    q_block = query_backward_block(block, d, op)
+
+    def query_side():  # dq and the query side of the gate gradient: needs the forward's states, not dR
+        if n_chunks:
+            _chunk_bwd_q_kernel[(n_chunks * (chunk // q_block), bsz * hq)](
+                q, k, v, lg, states, z_states, do, delta, dq, dbq, t, t_pad, n_chunks, hq, hk, scale,
+                **dict(common, BLOCK=q_block), **_launch_opts("bwd_q", q_block, d, op))
+
+    def reverse_pass():
+        return _state_pass(q, do, delta, weights, decays, ds_final, dz_final, dstates, dz_states, None, None,
+                           reverse=True, chunk=chunk, block=block, op=op, inner_with=(states, z_states))
+
+    dbeta = _concurrently(reverse_pass, query_side, q.device)
     if n_chunks:
-        common = dict(HEAD_DIM=d, D=dim, CHUNK=chunk, BLOCK=block, HAS_GATE=log_g is not None, OP=op)
         blocks = n_chunks * (chunk // block)  # every block of every chunk: the gate gradients cover T_PAD
-        q_block = query_backward_block(block, d, op)
-        _chunk_bwd_q_kernel[(n_chunks * (chunk // q_block), bsz * hq)](
-            q, k, v, lg, states, z_states, do, delta, dq, dbq, t, t_pad, n_chunks, hq, hk, scale,
-            **dict(common, BLOCK=q_block), **_launch_opts("bwd_q", q_block, d, op))
         _chunk_bwd_kv_kernel[(blocks, bsz * hk)](
             q, k, v, lg, dstates, dz_states, dbeta, do, delta, dk, dv, dbk,
             t, t_pad, n_chunks, hq, hk, scale, **common, QROWS=max(16, min(block, BWD_KV_QUERY_ROWS)),
