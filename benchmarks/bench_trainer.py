@@ -6,7 +6,7 @@ Both models have the shape of bench_generate.py (12 layers, hidden 768, 12 heads
 vocab 32k, random init) and go through the same `Trainer` run: bf16 mixed precision, gradient
 checkpointing, AdamW, one sequence of `--seq-len` tokens per step, consecutive windows of *Emma*
 (UTF-8 bytes as token ids). The power model uses the Triton kernels (`--backend`), the Llama
-SDPA (flash). Measured per model:
+SDPA (attn_implementation="sdpa", with the backend SDPA picks: no backend is forced). Measured per model:
 
     tokens/s   over the `--steps` steps after `--warmup` steps (which take the Triton compilation
                and the allocator's growth), from a callback that synchronises the GPU at each step end
