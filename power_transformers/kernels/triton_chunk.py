@@ -1102,10 +1102,11 @@ def chunk_forward(q, k, v, log_g, s0, z0, scale: float, eps: float, chunk_size: 
 #: chunk_backward runs the reverse state pass (dR: the share kernel, then the memory-bound scan) on a
 #: second stream of high priority while the query-side kernel, which needs only the forward's states,
 #: runs on the caller's; POWER_BACKWARD_OVERLAP=0 runs them one after the other. Gradients are the same
-#: bit for bit, and the two streams join before bwd_kv. H100, 64k tokens, d = 64, C = 256, forward +
-#: backward: 12.81 / 12.81 / 12.80 ms against 12.95 / 12.90 / 12.90 (RESULTS.md, attention kernels, run V;
-#: the query side on the second stream instead, in either launch order, gained nothing: each of the two
-#: kernels fills an SM's registers, so they share the GPU by turns, not side by side).
+#: bit for bit, and the two streams join before bwd_kv. A small gain: H100, 64k tokens, d = 64, C = 256,
+#: forward + backward 12.81 / 12.81 / 12.80 ms against 12.95 / 12.90 / 12.90 in one call, 0.01 to 0.07 ms
+#: less in two others (RESULTS.md, attention kernels, run V). Each of the two kernels fills an SM's
+#: registers, so they share the GPU by turns, not side by side; bwd_q at 4 warps, which would leave room,
+#: is 2 ms slower.
 BACKWARD_OVERLAP = True
 _SIDE_STREAMS: dict[int, "torch.cuda.Stream"] = {}
 
