@@ -255,7 +255,9 @@ def decode_rows(copy_tbs, retention_ok, retention_budget):
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None, help="write the markdown tables here")
-    parser.add_argument("--retention-budget", type=float, default=150.0, help="seconds for all retention rows")
+    parser.add_argument("--retention-budget", type=float, default=150.0,
+                        help="seconds for all retention rows (its autotuning alone took 388 s cold at 64k on an "
+                             "H100, RESULTS.md run U: give it 420 and fewer --retention-order lengths per call)")
     parser.add_argument("--chunks", default="64,128", help="our chunk sizes to time")
     parser.add_argument("--retention-chunk", type=int, default=1024)
     parser.add_argument("--retention-order", default=None,
