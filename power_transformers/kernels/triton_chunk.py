@@ -1115,7 +1115,10 @@ def _concurrently(first, second, device):
     """first() on a high-priority side stream while second() runs on the current one, joined before
     returning first()'s result (where BACKWARD_OVERLAP and the device is CUDA; else one after the
     other). Every tensor either touches stays alive until the join, so the caching allocator needs no
-    record_stream. CUDA graph capture takes the fork and the join (checked on the H100, run V)."""
+    record_stream; what first() allocates comes from the side stream's pool, is used on the caller's
+    stream only after the join, and its memory is reused on the side stream only after the next
+    wait_stream, so after everything queued on the caller's stream until then. CUDA graph capture
+    takes the fork and the join (checked on the H100, run V)."""
     device = torch.device(device)
     if (not BACKWARD_OVERLAP or os.environ.get("POWER_BACKWARD_OVERLAP") == "0" or device.type != "cuda"
             or interpreting()):
