@@ -28,7 +28,7 @@ from power_transformers.kernels.reference import expanded_dim
 D_HEAD, CHUNK = 64, 256
 BLOCK = triton_chunk.kernel_tiles(CHUNK, D_HEAD)[1]  # the kernels' block (Z_BLOCK), 128
 #: the launcher's default (tiles converted to 16-byte rows for their stores), and with --all-variants the tiles
-#: stored from the product's layout (H100, 64k: 1.448 ms against 1.164; same results)
+#: stored from the product's layout (H100, 64k: 1.448 ms against 1.164 before run V's conflict-free x^T; same results)
 VARIANTS = [("convert stores", {"unroll": 8, "convert_stores": True})]
 MORE_VARIANTS = [("direct stores", {"unroll": 8, "convert_stores": False})]
 

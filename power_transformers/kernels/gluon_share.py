@@ -36,11 +36,12 @@ tf32x3 form (both round w x to fp32 first).
 
 Checked on an H100 (benchmarks/check_gluon_share.py, Triton 3.6): states equal to the Triton kernel's
 bit for bit, z within 4.2e-7 of its largest entry, at (B, T, H) = (1, 256, 2), (2, 1000, 4), (1, 65536, 16),
-gated and not; at 64k tokens, 16 heads, 1.164 ms against 1.589 (median of do_bench), and 1.448 with the
-tiles stored straight from the product's layout (convert_stores=False). The backward's pass (RESULTS.md
-run T, call 10): states bit for bit, z within 3.7e-7, at the same shapes; 1.184 ms against 1.609. ptxas
-sm_90: 255 registers, no spills (the backward's 40 bytes), 106,496 bytes of shared memory (room for two
-programs an SM by both; occupancy not measured).
+gated and not, forward's pass and backward's (RESULTS.md runs T and V). At 64k tokens, 16 heads (median of
+do_bench): 0.956 ms against the Triton kernel's 1.588 for the forward's pass, 0.999 against 1.603 for the
+backward's, since x^T is read out of x_smem without bank conflicts (run V call 8; 1.164 and 1.184 before,
+and 1.448 with the tiles stored straight from the product's layout, convert_stores=False, run T). ptxas
+sm_90: 255 registers, no spills (the backward's 24 bytes), 106,496 bytes of shared memory: two programs an
+SM (ncu, run V call 6).
 
 Gluon kernels are compiled for sm_90 only and cannot run under TRITON_INTERPRET (the CPU interpreter);
 their check is benchmarks/check_gluon_share.py on a CUDA device (Hopper), and check_gpu.py's chunked
@@ -211,7 +212,10 @@ def _share_kernel(X, Y, ZW, W, OUT, ZOUT, T, T_PAD, NUM_CHUNKS, HK, HEAD_DIM: gl
     xs_layout: gl.constexpr = gl.SliceLayout(0, a_layout)
     rows_layout: gl.constexpr = gl.SliceLayout(1, a_layout)
     io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    t_layout: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+    # x^T read out of x_smem (128-byte swizzle): a warp's lanes over 8 columns and 4 token groups, so that a
+    # load hits 4 rows of the tile at once (4-way bank conflicts), not 32 (lanes over tokens: a 32-way conflict
+    # on each of its 128 loads a thread, about a quarter of the kernel's time under ncu, RESULTS.md run V)
+    t_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     nvmma: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 

@@ -1038,9 +1038,9 @@ def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_f
     final = (s_final if s_final is not None else dummy, z_final if z_final is not None else dummy)
     forward_states = inner_with if inner_with is not None else (dummy, dummy)
     if n_chunks and gluon_share is not None and gluon_share.takes(x, chunk, hx // hk, zw is not None, reverse):
-        # the same products and the same states bit for bit: 1.164 ms against 1.589 for the forward's,
-        # 1.184 against 1.609 for the backward's (H100, 64k tokens, 16 heads; check_gluon_share.py,
-        # RESULTS.md run T)
+        # the same products and the same states bit for bit: 0.956 ms against 1.588 for the forward's,
+        # 0.999 against 1.603 for the backward's (H100, 64k tokens, 16 heads; check_gluon_share.py,
+        # RESULTS.md runs T and V)
         gluon_share.chunk_share(x, y, zw, weights, states, z_states, t, n_chunks, reverse)
     elif n_chunks:
         triton_share(x, y, zw, weights, states, z_states, reverse=reverse, chunk=chunk, block=block, op=op)
