@@ -212,9 +212,10 @@ def _share_kernel(X, Y, ZW, W, OUT, ZOUT, T, T_PAD, NUM_CHUNKS, HK, HEAD_DIM: gl
     xs_layout: gl.constexpr = gl.SliceLayout(0, a_layout)
     rows_layout: gl.constexpr = gl.SliceLayout(1, a_layout)
     io_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    # x^T read out of x_smem (128-byte swizzle): a warp's lanes over 8 columns and 4 token groups, so that a
-    # load hits 4 rows of the tile at once (4-way bank conflicts), not 32 (lanes over tokens: a 32-way conflict
-    # on each of its 128 loads a thread, about a quarter of the kernel's time under ncu, RESULTS.md run V)
+    # x^T read out of x_smem (128-byte swizzle) with a warp's lanes over 8 columns and 4 token groups: the
+    # compiler then reads it with ldmatrix.trans, 8 instructions a thread. With the lanes over 32 tokens of one
+    # column it took 128 2-byte loads a thread, each a 32-way bank conflict: 1.164 ms a pass at 64k, 0.956 now
+    # (H100, RESULTS.md run V, calls 7-8)
     t_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
     store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     nvmma: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
