@@ -96,6 +96,8 @@ def _load_inputs(x_desc, wy_desc, p, x_smem, wy_smem, xcol_smem, M: gl.constexpr
     tma.async_copy_global_to_shared(wy_desc, [p * M, 0], bar, wy_smem)
     mbarrier.wait(bar, phase=0)
     mbarrier.invalidate(bar)
+    # (as timed in RESULTS.md: this read is a 32-way bank conflict on every load; gluon_share's t_layout,
+    # lanes over columns, lets the compiler use ldmatrix.trans instead, run V call 8)
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
     xcol_smem.store(x_smem.permute((1, 0)).load(blk))
     gl.thread_barrier()
