@@ -27,6 +27,7 @@ Timing: triton.testing.do_bench, median, after warm-up; inputs random (never zer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import signal
@@ -134,21 +135,15 @@ def time_sdpa(t, backend="flash"):
     b = TOKENS // t
     q, k, v = (torch.randn(b, HEADS, t, D_HEAD, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     gy = torch.randn_like(q)
-    forced = {"flash": [SDPBackend.FLASH_ATTENTION], "cudnn": [SDPBackend.CUDNN_ATTENTION], "default": None}[backend]
+    forced = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "default": None}[backend]
 
-    def run():
+    def fb():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(gy)
+
+    with sdpa_kernel(forced) if forced is not None else contextlib.nullcontext():
         with torch.no_grad():
             fwd = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
-
-        def fb():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(gy)
-
         return fwd, bench(fb, grad_to_none=[q, k, v])
-
-    if forced is None:
-        return run()
-    with sdpa_kernel(forced):
-        return run()
 
 
 class Timeout(Exception):
