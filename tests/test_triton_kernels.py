@@ -759,3 +759,38 @@ def test_torch_compile_fullgraph():
     y = step(q[:, :1], k[:, :1], v[:, :1], log_g[:, :1], *state)
     y_eager = tp.power_attention_decode_(q[:, :1], k[:, :1], v[:, :1], log_g[:, :1], state_eager)
     assert rel(y, y_eager) < 1e-6 and rel(state[0], state_eager[0]) < 1e-6 and rel(state[1], state_eager[1]) < 1e-6
+
+
+def _sass(*lines):
+    """SASS text as nvdisasm -c prints it: one instruction a line at consecutive addresses."""
+    out, address = [], 0x100
+    for line in lines:
+        if line.endswith(":"):
+            out.append(line)
+        else:
+            out.append(f"        /*{address:04x}*/                   {line} ;")
+            address += 0x10
+    return "\n".join(out)
+
+
+def test_sass_audit_finds_a_write_to_an_operand_read_by_a_product_in_flight():
+    """tests/sass_audit.py (run on every kernel by compile_sm90.py): the loop head that builds the
+    next operand in the registers a product of the step before still reads, with that product left
+    in flight by the wait before the back edge, is found; waiting for every product first is clean;
+    so is a write to registers no product in flight reads, and a write after the wait."""
+    from sass_audit import operand_hazards
+
+    def loop(keep, head="HMUL2.BF16_V2 R24, R40, R28.H0_H0"):
+        return _sass(".L_x_0:", head, "WARPGROUP.ARRIVE", "HGMMA.64x64x16.F32.BF16 R88, R24, gdesc[UR16].tnspB, R88, gsb0",
+                     f"WARPGROUP.DEPBAR.LE gsb0, {keep:#x}", "@P6 BRA `(.L_x_0)", "EXIT")
+
+    found = operand_hazards(loop(1))
+    assert len(found) == 1 and found[0].startswith("loop 00100-00140: 00100 HMUL2.BF16_V2") and "R24" in found[0]
+    assert operand_hazards(loop(0)) == []
+    assert operand_hazards(loop(1, head="HMUL2.BF16_V2 R32, R40, R28.H0_H0")) == []  # R32: not A's R24-R27
+    assert operand_hazards(loop(1, head="LDS.128 R20, [R2]")) == []  # writes R20-R23
+    assert len(operand_hazards(loop(1, head="LDS.64 R26, [R2]"))) == 1  # writes R26-R27, read by the product
+    straight = ["HGMMA.64x64x16.F32.BF16 R88, R24, gdesc[UR16].tnspB, R88, gsb0", "FMUL R27, R1, R2",
+                "WARPGROUP.DEPBAR.LE gsb0, 0x0", "FMUL R26, R1, R2", "EXIT"]
+    found = operand_hazards(_sass(*straight))
+    assert len(found) == 1 and found[0].startswith("00110 FMUL R27")
