@@ -286,8 +286,10 @@ def _store_row_block(OUT, acc, i, slot, offs_j, offs_d, partner, PAIR: tl.conste
 @triton.jit
 def _columns(x_rows, ok, i):
     """x[:, i] and x[:, i + 1] [M] as stored (0 where not ok) of the rows x_rows [M], read as one
-    [M, 2] load of 4 bytes a row: in a loop Triton loads that ahead through shared memory
-    (cp.async), where a column of 2 bytes a row is read only where it is used."""
+    [M, 2] load of 4 bytes a row. (Triton 3.6 does not read it ahead through shared memory, as
+    once hoped: it reads it in place and converts it to its users' layout through shared memory,
+    with a barrier. Two loads of 2 bytes a row, each in its user's layout, were slower all the same
+    in bwd_kv, 3.53 -> 4.31 ms at 64k tokens; RESULTS.md, attention kernels, run W.)"""
     two = tl.arange(0, 2)
     return tl.split(tl.load(x_rows[:, None] + i + two[None, :], mask=ok[:, None], other=0.0))
 
