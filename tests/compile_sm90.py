@@ -80,7 +80,8 @@ def compile_variant(name, fn, consts, launch, pointer_types=None):
         print(f"FAILED {name}: {len(hazards)} writes to a wgmma's operand registers in flight, first "
               f"{hazards[0]}")
         return False
-    print(f"ok {name} {launch}" + (f" ({len(hazards)} known writes in flight, KNOWN_OPERAND_HAZARDS)" if hazards else ""))
+    known_note = f" ({len(hazards)} known writes in flight, KNOWN_OPERAND_HAZARDS)" if hazards else ""
+    print(f"ok {name} {launch}{known_note}")
     return True
 
 

@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import triton
 
@@ -32,13 +33,10 @@ A_REGISTERS = 4
 def disassemble(cubin: bytes) -> str:
     """SASS of a cubin, through the nvdisasm that the triton wheel bundles."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    path = f"/tmp/sass_audit_{os.getpid()}.cubin"
-    with open(path, "wb") as f:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
-    try:
-        return subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.remove(path)
+        f.flush()
+        return subprocess.run([tool, "-c", f.name], capture_output=True, text=True, check=True).stdout
 
 
 def parse(sass: str) -> list[tuple[int, str, list[str]]]:

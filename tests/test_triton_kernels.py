@@ -781,7 +781,8 @@ def test_sass_audit_finds_a_write_to_an_operand_read_by_a_product_in_flight():
     from sass_audit import operand_hazards
 
     def loop(keep, head="HMUL2.BF16_V2 R24, R40, R28.H0_H0"):
-        return _sass(".L_x_0:", head, "WARPGROUP.ARRIVE", "HGMMA.64x64x16.F32.BF16 R88, R24, gdesc[UR16].tnspB, R88, gsb0",
+        return _sass(".L_x_0:", head, "WARPGROUP.ARRIVE",
+                     "HGMMA.64x64x16.F32.BF16 R88, R24, gdesc[UR16].tnspB, R88, gsb0",
                      f"WARPGROUP.DEPBAR.LE gsb0, {keep:#x}", "@P6 BRA `(.L_x_0)", "EXIT")
 
     found = operand_hazards(loop(1))
