@@ -63,13 +63,19 @@ def parse(sass: str) -> list[tuple[int, str, list[str]]]:
 
 
 def _written(opcode: str, operands: list[str]) -> set[int]:
-    """The registers an instruction writes: its first operand, as wide as the access."""
+    """The registers an instruction writes: its first operand and, for a wide result, the ones after
+    it (128- and 64-bit accesses, ldmatrix's .4 / .2, IMAD.WIDE's pair, mma.sync's fragment)."""
     if opcode.startswith(_NO_DESTINATION) or not operands:
         return set()
     m = re.match(r"^R(\d+)$", operands[0].split(".")[0])
     if not m:
         return set()
-    width = 4 if ".128" in opcode or opcode.endswith(".4") else 2 if (".64" in opcode or opcode.endswith(".2")) else 1
+    if ".128" in opcode or opcode.endswith(".4") or (opcode.startswith("HMMA") and ".F32" in opcode):
+        width = 4
+    elif ".64" in opcode or opcode.endswith(".2") or ".WIDE" in opcode or opcode.startswith("HMMA"):
+        width = 2
+    else:
+        width = 1
     return set(range(int(m.group(1)), int(m.group(1)) + width))
 
 

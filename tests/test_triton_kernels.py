@@ -791,6 +791,10 @@ def test_sass_audit_finds_a_write_to_an_operand_read_by_a_product_in_flight():
     assert operand_hazards(loop(1, head="HMUL2.BF16_V2 R32, R40, R28.H0_H0")) == []  # R32: not A's R24-R27
     assert operand_hazards(loop(1, head="LDS.128 R20, [R2]")) == []  # writes R20-R23
     assert len(operand_hazards(loop(1, head="LDS.64 R26, [R2]"))) == 1  # writes R26-R27, read by the product
+    assert len(operand_hazards(loop(1, head="IMAD.WIDE R22, R3, 0x4, R4"))) == 0  # writes R22-R23
+    assert len(operand_hazards(loop(1, head="IMAD.WIDE R23, R3, 0x4, R4"))) == 1  # writes R23-R24
+    assert len(operand_hazards(loop(1, head="HMMA.16816.F32.BF16 R20, R4, R8, RZ"))) == 0  # writes R20-R23
+    assert len(operand_hazards(loop(1, head="HMMA.16816.F32.BF16 R22, R4, R8, RZ"))) == 1  # writes R22-R25
     straight = ["HGMMA.64x64x16.F32.BF16 R88, R24, gdesc[UR16].tnspB, R88, gsb0", "FMUL R27, R1, R2",
                 "WARPGROUP.DEPBAR.LE gsb0, 0x0", "FMUL R26, R1, R2", "EXIT"]
     found = operand_hazards(_sass(*straight))
