@@ -23,9 +23,13 @@ import triton
 _INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 # opcodes whose first operand is not a register they write
-_NO_DESTINATION = ("ST", "BRA", "BAR", "WARPGROUP", "HGMMA", "RED", "ATOM", "EXIT", "RET", "CALL", "NOP", "DEPBAR",
+_NO_DESTINATION = ("ST", "BRA", "BAR", "WARPGROUP", "HGMMA", "RED", "EXIT", "RET", "CALL", "NOP", "DEPBAR",
                    "LDGSTS", "LDGDEPBAR", "MEMBAR", "FENCE", "SYNCS", "UTMA", "ERRBAR", "CCTL", "BSYNC", "BSSY",
                    "WARPSYNC", "YIELD", "BPT", "ELECT", "PREEXIT")
+# opcodes that write a predicate first and then a register (SHFL.BFLY PT, R16, ...; ATOMG.E.ADD PT, R5,
+# ...; LOP3.LUT P0, R4, ...): the register is their second operand
+_PREDICATE_THEN_REGISTER = ("SHFL", "ATOM", "LOP3")
+_PREDICATE = re.compile(r"^U?P[T0-9]$")
 #: registers of a thread's fragment of A in one HGMMA (m64 x k16 of 16-bit numbers, or k8 of fp32)
 A_REGISTERS = 4
 
@@ -63,10 +67,13 @@ def parse(sass: str) -> list[tuple[int, str, list[str]]]:
 
 
 def _written(opcode: str, operands: list[str]) -> set[int]:
-    """The registers an instruction writes: its first operand and, for a wide result, the ones after
-    it (128- and 64-bit accesses, ldmatrix's .4 / .2, IMAD.WIDE's pair, mma.sync's fragment)."""
+    """The registers an instruction writes: its first operand (its second after a predicate, for
+    _PREDICATE_THEN_REGISTER) and, for a wide result, the ones after it (128- and 64-bit accesses,
+    ldmatrix's .4 / .2, IMAD.WIDE's pair, mma.sync's fragment)."""
     if opcode.startswith(_NO_DESTINATION) or not operands:
         return set()
+    if opcode.startswith(_PREDICATE_THEN_REGISTER) and _PREDICATE.match(operands[0]) and len(operands) > 1:
+        operands = operands[1:]
     m = re.match(r"^R(\d+)$", operands[0].split(".")[0])
     if not m:
         return set()
