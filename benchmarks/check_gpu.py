@@ -74,6 +74,12 @@ def inputs(b, t, hq, hk, d, dtype, gated=True, seed=0):
     return q, k, v, log_g
 
 
+def leaves(tensors, grads=True, dtype=None):
+    """Fresh leaf copies of tensors (None stays None), in dtype if given, asking for gradients if grads."""
+    return [None if x is None else (x.detach().clone() if dtype is None else x.detach().to(dtype)).requires_grad_(grads)
+            for x in tensors]
+
+
 @survives
 def check_training(case, b, t, hq, hk, d, dtype=torch.bfloat16, gated=True, chunk=128, ref_dtype=torch.float32,
                    grads=True, seed=0, form="chunked"):
@@ -81,8 +87,8 @@ def check_training(case, b, t, hq, hk, d, dtype=torch.bfloat16, gated=True, chun
     raises triton_power.ATTENTION_FORM_MAX_T to cover T: the attention-form kernels."""
     tol = 2e-2 if dtype != torch.float32 else 2e-3
     q, k, v, log_g = inputs(b, t, hq, hk, d, dtype, gated, seed)
-    ins = [x.detach().clone().requires_grad_(grads) if x is not None else None for x in (q, k, v, log_g)]
-    ref_ins = [x.detach().to(ref_dtype).requires_grad_(grads) if x is not None else None for x in (q, k, v, log_g)]
+    ins = leaves((q, k, v, log_g), grads)
+    ref_ins = leaves((q, k, v, log_g), grads, ref_dtype)
     poison_allocator()
     chunked = form == "chunked"
     if not chunked:  # the attention form past the T where power_attention would pick it
@@ -116,7 +122,7 @@ def check_repeatable(case, b, t, hq, hk, d, chunk, gated=True):
     gy = torch.randn(b, t, hq, d, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     runs = []
     for _ in range(2):
-        ins = [x.detach().clone().requires_grad_() if x is not None else None for x in (q, k, v, log_g)]
+        ins = leaves((q, k, v, log_g))
         poison_allocator()
         y, state = tp.power_attention(*ins, chunk_size=chunk, output_final_state=True)
         (y.float() * gy).sum().backward()
