@@ -357,6 +357,7 @@ def main() -> int:
     text = "\n".join(lines)
     print("\n" + text, flush=True)
     if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write(text + "\n")
     return 0

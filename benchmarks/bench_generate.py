@@ -338,6 +338,7 @@ def main():
 
     def write():
         text = "\n".join(out)
+        os.makedirs(args.out, exist_ok=True)  # (a folder under $OUT, for one run among several)
         with open(os.path.join(args.out, "generate_table.md"), "w") as f:
             f.write(text + "\n")
         return text

@@ -1,9 +1,13 @@
 """Exploration (GPU): what a kernel boundary costs in a chain like a one-token decode step, and what
 a counter between the stages of one launch would cost instead.
 
-Answer (H100, RESULTS.md, generation, run M): 60 stages of [1024, 1024] took 1.94 us a stage as
-launches with PDL, 3.73 as counters polled by atomic_add and 9.53 polled by ld.acquire, against a
-floor of 0.70; so the decode step keeps its launches.
+Answer (H100, RESULTS.md, generation, runs M and Y): 60 stages of [1024, 1024] took 1.94 us a stage
+as launches with PDL, 3.73 as counters polled by atomic_add and 9.53 polled by ld.acquire, against a
+floor of 0.70. Persistent programs (one wave that walks every stage, so that only they poll) took
+1.94 / 1.86: no better than the launches, and worse at 12 stages (2.00 against 1.70) or 16 rows a
+program (2.19 against 1.85); only at [2048, 2048] a little better (4.09 against 4.71). So the decode
+step keeps its launches: a stage boundary costs about the same as a counter between resident
+programs as it does as a launch.
 
     python benchmarks/explore_launch_chain.py [--stages 60] [--dim 1024] [--rows 8] [--warps 4]
     TRITON_INTERPRET=1 python benchmarks/explore_launch_chain.py --check-only --stages 4 --dim 64 --rows 16
@@ -16,11 +20,14 @@ us past its bytes even with programmatic dependent launch (RESULTS.md, generatio
 is 21 us in five launches against floors of 7). Fewer, larger launches would need a stage to wait
 for the one before inside a launch. This times a chain of `stages` matrix-vector products
 y_s = W_s y_{s-1} ([dim, dim] bf16 weights per stage, more than L2 holds in all; `rows` output rows
-per program), graphed, two ways:
+per program), graphed, three ways:
 
     launches   one launch per stage; on Hopper with programmatic dependent launch, as the fused
                step launches: a program loads its weight tile, waits for the launch before, then
                reads y_{s-1}
+    persistent one launch of dim / rows programs (at most one an SM, all resident at once), each
+               walking the stages: its weight tile of stage s issued, then a spin on stage s - 1's
+               counter as below (not run in the interpreter, which runs programs one at a time)
     counters   one launch for the whole chain, program ids ordered by stage: a program loads its
                weight tile, spins until the counter of stage s - 1 says all that stage's programs
                stored their rows, reads y_{s-1} from L2, stores its rows of y_s, and raises stage
@@ -28,9 +35,11 @@ per program), graphed, two ways:
                single-pass scans rely on), so every program a stage waits for has started. The
                counters are zeroed by a memset inside the graph (counted in the time).
 
-and prints both against the floor (the weights read once at the copy bandwidth measured here).
-Both chains must give the same numbers, bit for bit (the same products in the same order): a
-stage that read y_{s-1} before it was complete would not. Both are also compared with torch.
+and prints each against the floor (the weights read once at the copy bandwidth measured here).
+Every chain must give the same numbers, bit for bit (the same products in the same order): a
+stage that read y_{s-1} before it was complete would not. They are also compared with torch.
+(Triton lowers the scalar atomic_add(c, 0) poll to one thread's ld.acquire and a broadcast through
+shared memory; the inline ld.acquire poll runs on every thread.)
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ import triton.language as tl
 
 sys.path.append(os.path.join(os.path.dirname(__file__), ".."))  # after PYTHONPATH: a tree named there is the one imported
 from power_transformers.kernels.triton_common import (  # noqa: E402
-    dependent_launch, interpreting, pdl_options, wait_for_previous_kernel)
+    dependent_launch, interpreting, multiprocessors, pdl_options, wait_for_previous_kernel)
 
 
 @triton.jit
@@ -103,6 +112,33 @@ def _chain_kernel(W, XS, COUNT, DIM: tl.constexpr, ROWS: tl.constexpr, POLL_LOAD
     tl.atomic_add(COUNT + s, 1, sem="release")
 
 
+@triton.jit
+def wait_stage(COUNT, s, P: tl.constexpr, POLL_LOAD: tl.constexpr):
+    """Spin until stage s's counter says its P programs stored their rows."""
+    if POLL_LOAD:
+        while acquire_load(COUNT + s) < P:
+            pass
+    else:
+        while tl.atomic_add(COUNT + s, 0, sem="acquire") < P:
+            pass
+
+
+@triton.jit
+def _persistent_chain_kernel(W, XS, COUNT, STAGES, DIM: tl.constexpr, ROWS: tl.constexpr, POLL_LOAD: tl.constexpr):
+    """Every stage in P = DIM / ROWS programs that stay resident (grid (P,), at most one wave): each
+    program walks the stages, issues the load of its stage-s weight tile, waits for stage s - 1's
+    counter, then stores its rows of y_s and raises stage s's counter. Unlike _chain_kernel (one
+    program a stage and part, thousands of them spinning at once), only P programs poll."""
+    P: tl.constexpr = DIM // ROWS
+    for s in range(STAGES):
+        w, rows = stage_rows(W, XS, s, tl.program_id(0), DIM, ROWS)
+        if s > 0:
+            wait_stage(COUNT, s - 1, P, POLL_LOAD)
+        store_product(XS, s, w, rows, DIM)
+        tl.debug_barrier()  # every thread's stores issued before the release below
+        tl.atomic_add(COUNT + s, 1, sem="release")
+
+
 def run_launches(w, xs, rows, warps):
     stages, dim = w.shape[0], w.shape[1]
     pdl = dependent_launch(xs.device)
@@ -116,6 +152,13 @@ def run_counters(w, xs, count, rows, warps, poll_load=False):
     count.zero_()
     _chain_kernel[(stages * dim // rows,)](w, xs, count, DIM=dim, ROWS=rows, POLL_LOAD=poll_load and not interpreting(),
                                            **({} if interpreting() else {"num_warps": warps}))
+
+
+def run_persistent(w, xs, count, rows, warps, poll_load=False):
+    stages, dim = w.shape[0], w.shape[1]
+    count.zero_()
+    _persistent_chain_kernel[(dim // rows,)](w, xs, count, stages, DIM=dim, ROWS=rows, POLL_LOAD=poll_load,
+                                             num_warps=warps)
 
 
 def main() -> int:
@@ -132,20 +175,29 @@ def main() -> int:
     g = torch.Generator(device=device).manual_seed(0)
     w = (torch.randn(args.stages, args.dim, args.dim, generator=g, device=device) / args.dim**0.5).to(torch.bfloat16)
     x0 = torch.randn(args.dim, generator=g, device=device).to(torch.bfloat16)
-    xs = {name: torch.zeros(args.stages + 1, args.dim, dtype=torch.bfloat16, device=device) for name in ("l", "c", "p")}
+    xs = {name: torch.zeros(args.stages + 1, args.dim, dtype=torch.bfloat16, device=device) for name in ("l", "c", "p", "r", "q")}
     for buf in xs.values():
         buf[0] = x0
     count = torch.zeros(args.stages, dtype=torch.int32, device=device)
     run_launches(w, xs["l"], args.rows, args.warps)
     run_counters(w, xs["c"], count, args.rows, args.warps)
     run_counters(w, xs["p"], count, args.rows, args.warps, poll_load=True)
+    # The persistent chain spins on programs that run beside it: not in the interpreter, which runs
+    # programs one after another; all P programs must be resident at once, so at most one per SM.
+    persistent = not interpreting() and args.dim // args.rows <= multiprocessors(xs["r"].device)
+    if persistent:
+        run_persistent(w, xs["r"], count, args.rows, args.warps)
+        run_persistent(w, xs["q"], count, args.rows, args.warps, poll_load=True)
+    else:
+        xs["r"].copy_(xs["l"])
+        xs["q"].copy_(xs["l"])
     ref = x0.float()
     for s in range(args.stages):
         ref = (w[s].float() @ ref).to(torch.bfloat16).float()
-    same = torch.equal(xs["l"], xs["c"]) and torch.equal(xs["l"], xs["p"])
+    same = all(torch.equal(xs["l"], xs[name]) for name in ("c", "p", "r", "q"))
     err = ((xs["c"][-1].float() - ref).norm() / ref.norm()).item()
     # (against torch the roundings of 60 stages drift apart: printed, not a condition)
-    print(f"launches and both counter chains bit for bit the same: {same}; last stage against torch: {err:.2e}", flush=True)
+    print(f"launches and every counter chain{'' if persistent else ' (the persistent ones not run)'} bit for bit the same: {same}; last stage against torch: {err:.2e}", flush=True)
     if not same:
         return 1
     if args.check_only:
@@ -159,11 +211,17 @@ def main() -> int:
     t_launch = graphed_ms(lambda: run_launches(w, xs["l"], args.rows, args.warps), 4) * 1e3
     t_count = graphed_ms(lambda: run_counters(w, xs["c"], count, args.rows, args.warps), 4) * 1e3
     t_poll = graphed_ms(lambda: run_counters(w, xs["p"], count, args.rows, args.warps, poll_load=True), 4) * 1e3
+    rows = [("launches", t_launch), ("counters, polled by atomic_add", t_count),
+            ("counters, polled by ld.acquire", t_poll)]
+    if persistent:
+        rows.append(("persistent programs, counters polled by atomic_add",
+                     graphed_ms(lambda: run_persistent(w, xs["r"], count, args.rows, args.warps), 4) * 1e3))
+        rows.append(("persistent programs, counters polled by ld.acquire",
+                     graphed_ms(lambda: run_persistent(w, xs["q"], count, args.rows, args.warps, True), 4) * 1e3))
     print(f"{torch.cuda.get_device_name()}; {args.stages} stages of [{args.dim}, {args.dim}] bf16, {args.rows} rows a "
           f"program, {args.warps} warps; PDL {dependent_launch(xs['l'].device)}; copy {copy_tbs:.2f} TB/s")
     print("| chain | us | us a stage | floor us a stage |\n|---|---|---|---|")
-    for name, t in (("launches", t_launch), ("counters, polled by atomic_add", t_count),
-                    ("counters, polled by ld.acquire", t_poll)):
+    for name, t in rows:
         print(f"| {name} | {t:.1f} | {t / args.stages:.2f} | {floor_us / args.stages:.2f} |")
     return 0
 
