@@ -94,25 +94,6 @@ def acquire_load(ptr):
 
 
 @triton.jit
-def _chain_kernel(W, XS, COUNT, DIM: tl.constexpr, ROWS: tl.constexpr, POLL_LOAD: tl.constexpr):
-    """Every stage: grid (stages * DIM / ROWS,), stage s the programs s * P .. (s + 1) * P - 1.
-    POLL_LOAD: spin on acquire_load rather than on atomic_add(count, 0)."""
-    P: tl.constexpr = DIM // ROWS
-    s = tl.program_id(0) // P
-    w, rows = stage_rows(W, XS, s, tl.program_id(0) % P, DIM, ROWS)
-    if s > 0:
-        if POLL_LOAD:
-            while acquire_load(COUNT + s - 1) < P:
-                pass
-        else:
-            while tl.atomic_add(COUNT + s - 1, 0, sem="acquire") < P:
-                pass
-    store_product(XS, s, w, rows, DIM)
-    tl.debug_barrier()  # every thread's stores issued before the release below
-    tl.atomic_add(COUNT + s, 1, sem="release")
-
-
-@triton.jit
 def wait_stage(COUNT, s, P: tl.constexpr, POLL_LOAD: tl.constexpr):
     """Spin until stage s's counter says its P programs stored their rows."""
     if POLL_LOAD:
@@ -121,6 +102,26 @@ def wait_stage(COUNT, s, P: tl.constexpr, POLL_LOAD: tl.constexpr):
     else:
         while tl.atomic_add(COUNT + s, 0, sem="acquire") < P:
             pass
+
+
+@triton.jit
+def store_and_release(XS, COUNT, s, w, rows, DIM: tl.constexpr):
+    """store_product, then raise stage s's counter once every thread's stores were issued."""
+    store_product(XS, s, w, rows, DIM)
+    tl.debug_barrier()
+    tl.atomic_add(COUNT + s, 1, sem="release")
+
+
+@triton.jit
+def _chain_kernel(W, XS, COUNT, DIM: tl.constexpr, ROWS: tl.constexpr, POLL_LOAD: tl.constexpr):
+    """Every stage: grid (stages * DIM / ROWS,), stage s the programs s * P .. (s + 1) * P - 1.
+    POLL_LOAD: spin on acquire_load rather than on atomic_add(count, 0)."""
+    P: tl.constexpr = DIM // ROWS
+    s = tl.program_id(0) // P
+    w, rows = stage_rows(W, XS, s, tl.program_id(0) % P, DIM, ROWS)
+    if s > 0:
+        wait_stage(COUNT, s - 1, P, POLL_LOAD)
+    store_and_release(XS, COUNT, s, w, rows, DIM)
 
 
 @triton.jit
@@ -134,9 +135,7 @@ def _persistent_chain_kernel(W, XS, COUNT, STAGES, DIM: tl.constexpr, ROWS: tl.c
         w, rows = stage_rows(W, XS, s, tl.program_id(0), DIM, ROWS)
         if s > 0:
             wait_stage(COUNT, s - 1, P, POLL_LOAD)
-        store_product(XS, s, w, rows, DIM)
-        tl.debug_barrier()  # every thread's stores issued before the release below
-        tl.atomic_add(COUNT + s, 1, sem="release")
+        store_and_release(XS, COUNT, s, w, rows, DIM)
 
 
 def run_launches(w, xs, rows, warps):
