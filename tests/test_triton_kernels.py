@@ -799,6 +799,8 @@ def test_sass_audit_finds_a_write_to_an_operand_read_by_a_product_in_flight():
     assert len(operand_hazards(loop(1, head="SHFL.BFLY PT, R25, R63, 0x10, 0x1f"))) == 1
     assert len(operand_hazards(loop(1, head="SHFL.BFLY PT, R32, R25, 0x10, 0x1f"))) == 0  # reads R25
     assert len(operand_hazards(loop(1, head="ATOMG.E.ADD.STRONG.GPU PT, R26, desc[UR6][R2.64], R5"))) == 1
+    assert len(operand_hazards(loop(1, head="LOP3.LUT P0, R27, R2, 0x3, RZ, 0xc0, !PT"))) == 1
+    assert len(operand_hazards(loop(1, head="LOP3.LUT R27, R2, 0x3, RZ, 0xc0, !PT"))) == 1  # no predicate
     assert len(operand_hazards(loop(1, head="ISETP.GE.AND P0, PT, R24, R3, PT"))) == 0  # writes predicates only
     straight = ["HGMMA.64x64x16.F32.BF16 R88, R24, gdesc[UR16].tnspB, R88, gsb0", "FMUL R27, R1, R2",
                 "WARPGROUP.DEPBAR.LE gsb0, 0x0", "FMUL R26, R1, R2", "EXIT"]
