@@ -174,29 +174,34 @@ def main() -> int:
     g = torch.Generator(device=device).manual_seed(0)
     w = (torch.randn(args.stages, args.dim, args.dim, generator=g, device=device) / args.dim**0.5).to(torch.bfloat16)
     x0 = torch.randn(args.dim, generator=g, device=device).to(torch.bfloat16)
-    xs = {name: torch.zeros(args.stages + 1, args.dim, dtype=torch.bfloat16, device=device) for name in ("l", "c", "p", "r", "q")}
-    for buf in xs.values():
-        buf[0] = x0
     count = torch.zeros(args.stages, dtype=torch.int32, device=device)
-    run_launches(w, xs["l"], args.rows, args.warps)
-    run_counters(w, xs["c"], count, args.rows, args.warps)
-    run_counters(w, xs["p"], count, args.rows, args.warps, poll_load=True)
+    chains = {  # name: a function of the chain's [stages + 1, dim] buffer, row 0 the input
+        "launches": lambda xs: run_launches(w, xs, args.rows, args.warps),
+        "counters, polled by atomic_add": lambda xs: run_counters(w, xs, count, args.rows, args.warps),
+        "counters, polled by ld.acquire": lambda xs: run_counters(w, xs, count, args.rows, args.warps, poll_load=True),
+    }
     # The persistent chain spins on programs that run beside it: not in the interpreter, which runs
     # programs one after another; all P programs must be resident at once, so at most one per SM.
-    persistent = not interpreting() and args.dim // args.rows <= multiprocessors(xs["r"].device)
+    persistent = not interpreting() and args.dim // args.rows <= multiprocessors(torch.device(device))
     if persistent:
-        run_persistent(w, xs["r"], count, args.rows, args.warps)
-        run_persistent(w, xs["q"], count, args.rows, args.warps, poll_load=True)
-    else:
-        xs["r"].copy_(xs["l"])
-        xs["q"].copy_(xs["l"])
+        chains["persistent programs, counters polled by atomic_add"] = (
+            lambda xs: run_persistent(w, xs, count, args.rows, args.warps))
+        chains["persistent programs, counters polled by ld.acquire"] = (
+            lambda xs: run_persistent(w, xs, count, args.rows, args.warps, poll_load=True))
+    outs = {}
+    for name, run in chains.items():
+        outs[name] = torch.zeros(args.stages + 1, args.dim, dtype=torch.bfloat16, device=device)
+        outs[name][0] = x0
+        run(outs[name])
     ref = x0.float()
     for s in range(args.stages):
         ref = (w[s].float() @ ref).to(torch.bfloat16).float()
-    same = all(torch.equal(xs["l"], xs[name]) for name in ("c", "p", "r", "q"))
-    err = ((xs["c"][-1].float() - ref).norm() / ref.norm()).item()
+    same = all(torch.equal(outs["launches"], y) for y in outs.values())
+    last = outs["counters, polled by atomic_add"][-1].float()
+    err = ((last - ref).norm() / ref.norm()).item()
     # (against torch the roundings of 60 stages drift apart: printed, not a condition)
-    print(f"launches and every counter chain{'' if persistent else ' (the persistent ones not run)'} bit for bit the same: {same}; last stage against torch: {err:.2e}", flush=True)
+    print(f"launches and every counter chain{'' if persistent else ' (the persistent ones not run)'} bit for bit the "
+          f"same: {same}; last stage against torch: {err:.2e}", flush=True)
     if not same:
         return 1
     if args.check_only:
@@ -207,21 +212,12 @@ def main() -> int:
 
     _, copy_tbs = ceilings()
     floor_us = w.numel() * w.element_size() / (copy_tbs * 1e12) * 1e6
-    t_launch = graphed_ms(lambda: run_launches(w, xs["l"], args.rows, args.warps), 4) * 1e3
-    t_count = graphed_ms(lambda: run_counters(w, xs["c"], count, args.rows, args.warps), 4) * 1e3
-    t_poll = graphed_ms(lambda: run_counters(w, xs["p"], count, args.rows, args.warps, poll_load=True), 4) * 1e3
-    rows = [("launches", t_launch), ("counters, polled by atomic_add", t_count),
-            ("counters, polled by ld.acquire", t_poll)]
-    if persistent:
-        rows.append(("persistent programs, counters polled by atomic_add",
-                     graphed_ms(lambda: run_persistent(w, xs["r"], count, args.rows, args.warps), 4) * 1e3))
-        rows.append(("persistent programs, counters polled by ld.acquire",
-                     graphed_ms(lambda: run_persistent(w, xs["q"], count, args.rows, args.warps, True), 4) * 1e3))
     print(f"{torch.cuda.get_device_name()}; {args.stages} stages of [{args.dim}, {args.dim}] bf16, {args.rows} rows a "
-          f"program, {args.warps} warps; PDL {dependent_launch(xs['l'].device)}; copy {copy_tbs:.2f} TB/s")
+          f"program, {args.warps} warps; PDL {dependent_launch(torch.device(device))}; copy {copy_tbs:.2f} TB/s")
     print("| chain | us | us a stage | floor us a stage |\n|---|---|---|---|")
-    for name, t in rows:
-        print(f"| {name} | {t:.1f} | {t / args.stages:.2f} | {floor_us / args.stages:.2f} |")
+    for name, run in chains.items():
+        us = graphed_ms(lambda run=run, xs=outs[name]: run(xs), 4) * 1e3
+        print(f"| {name} | {us:.1f} | {us / args.stages:.2f} | {floor_us / args.stages:.2f} |")
     return 0
 
 
