@@ -172,8 +172,9 @@ def check_fused_step(case, batch, dtype, offset=0, **overrides):
     from power_transformers.compat import CACHE_NAME
 
     torch.manual_seed(7)
-    config = PowerConfig(vocab_size=1000, hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
-                         num_attention_heads=12, head_dim=64, chunk_size=128, **overrides)
+    shape = dict(vocab_size=1000, hidden_size=768, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=12,
+                 head_dim=64, chunk_size=128)
+    config = PowerConfig(**{**shape, **overrides})
     model = PowerForCausalLM(config).cuda().eval()
     with torch.no_grad():
         for layer in model.model.layers:
@@ -205,6 +206,11 @@ def fused_step_checks() -> None:
     check_fused_step("fused step fp32 B2 H12/12 positions from 131000", 2, torch.float32, offset=131_000)
     check_fused_step("fused step bf16 B1 H12/12 vs fp32", 1, torch.bfloat16)
     check_fused_step("fused step bf16 B8 H12/12 vs fp32", 8, torch.bfloat16)
+    # a 7B-class layer (hidden 4096, GQA 32/8 of 128, intermediate 11008): the projections' K in tiles of
+    # 4096 (MAX_K_BLOCK), down's in three
+    check_fused_step("fused step bf16 B3 hidden 4096 H32/8 d128 vs fp32", 3, torch.bfloat16, hidden_size=4096,
+                     intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128)
 
 
 def main() -> int:
