@@ -730,7 +730,7 @@ def _chunk_bwd_kv_kernel(
 ):
     """dk, dv of block m for one kv head (its whole query group) and dL/db_j from the key side
     (DBK [B, T_PAD, Hk]; the chunk total's gradient, DBETA [B Hk, N + 1] at slot n + 1 from the
-    reverse scan, added at the chunk's last position)."""
+    reverse scan, added at the chunk's last position; without gates DBK is not read, nor DBETA made)."""
     m = tl.program_id(0)
     SUB: tl.constexpr = CHUNK // BLOCK
     n = m // SUB
@@ -1181,15 +1181,16 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
                 q, k, v, lg, states, z_states, do, delta, dq, dbq, t, t_pad, n_chunks, hq, hk, scale,
                 **dict(common, BLOCK=q_block), **_launch_opts("bwd_q", q_block, d, op))
 
-    def reverse_pass():
+    def reverse_pass():  # dR and, with gates, the decay gradients <dR, R> (without, none: no reads of R)
         return _state_pass(q, do, delta, weights, decays, ds_final, dz_final, dstates, dz_states, None, None,
-                           reverse=True, chunk=chunk, block=block, op=op, inner_with=(states, z_states))
+                           reverse=True, chunk=chunk, block=block, op=op,
+                           inner_with=(states, z_states) if log_g is not None else None)
 
     dbeta = _concurrently(reverse_pass, query_side, q.device)
     if n_chunks:
         blocks = n_chunks * (chunk // block)  # every block of every chunk: the gate gradients cover T_PAD
         _chunk_bwd_kv_kernel[(blocks, bsz * hk)](
-            q, k, v, lg, dstates, dz_states, dbeta, do, delta, dk, dv, dbk,
+            q, k, v, lg, dstates, dz_states, dbeta if dbeta is not None else dz_states, do, delta, dk, dv, dbk,
             t, t_pad, n_chunks, hq, hk, scale, **common, QROWS=max(16, min(block, BWD_KV_QUERY_ROWS)),
             **_launch_opts("bwd_kv", block, d, op))
     dlog_g = _gate_grad(dbq, dbk, t, chunk) if log_g is not None else None
