@@ -730,7 +730,8 @@ def _chunk_bwd_kv_kernel(
 ):
     """dk, dv of block m for one kv head (its whole query group) and dL/db_j from the key side
     (DBK [B, T_PAD, Hk]; the chunk total's gradient, DBETA [B Hk, N + 1] at slot n + 1 from the
-    reverse scan, added at the chunk's last position; without gates DBK is not read, nor DBETA made)."""
+    reverse scan, added at the chunk's last position; without gates (HAS_GATE) the reverse scan makes no
+    DBETA, this kernel reads none, and nothing reads DBK)."""
     m = tl.program_id(0)
     SUB: tl.constexpr = CHUNK // BLOCK
     n = m // SUB
@@ -770,8 +771,8 @@ def _chunk_bwd_kv_kernel(
     v2 += dot_f32(k, load_sym_matrix(DZSTATES + slot * D, HEAD_DIM))
     dk = (2.0 * c)[:, None] * v2
     db = -c * tl.sum(k * v2, axis=1)  # (the loop below reads k in the operand dtype only: fewer live registers)
-    # every term of R_{n+1} carries e^beta (b_j held fixed): dL/dbeta = <dR_{n+1}, R_{n+1}>
-    db += tl.where((offs_c == BLOCK - 1) & (s == SUB - 1), tl.load(DBETA + slot), 0.0)
+    if HAS_GATE:  # every term of R_{n+1} carries e^beta (b_j held fixed): dL/dbeta = <dR_{n+1}, R_{n+1}>
+        db += tl.where((offs_c == BLOCK - 1) & (s == SUB - 1), tl.load(DBETA + slot), 0.0)
 
     # Chunk-local attention: the chunk's queries from this block on, QROWS at a time (smaller score
     # tiles: fewer live registers), every query head of the group.
@@ -1190,7 +1191,8 @@ def chunk_backward(q, k, v, log_g, s0, z0, y, den, dy, ds_final, dz_final, scale
     if n_chunks:
         blocks = n_chunks * (chunk // block)  # every block of every chunk: the gate gradients cover T_PAD
         _chunk_bwd_kv_kernel[(blocks, bsz * hk)](
-            q, k, v, lg, dstates, dz_states, dbeta if dbeta is not None else dz_states, do, delta, dk, dv, dbk,
+            q, k, v, lg, dstates, dz_states, dbeta if dbeta is not None else dz_states,  # (unread without gates)
+            do, delta, dk, dv, dbk,
             t, t_pad, n_chunks, hq, hk, scale, **common, QROWS=max(16, min(block, BWD_KV_QUERY_ROWS)),
             **_launch_opts("bwd_kv", block, d, op))
     dlog_g = _gate_grad(dbq, dbk, t, chunk) if log_g is not None else None
