@@ -1027,11 +1027,13 @@ def _state_pass(x, y, zw, weights, decays, init_s, init_z, states, z_states, s_f
     of the backward).
 
     Every chunk's own share at once (_chunk_share_kernel, the matrix products), then a scan that
-    chains them (_state_scan_kernel, memory-bound). Two designs that did both in one kernel were
+    chains them (_state_scan_kernel, memory-bound). Three designs that did both in one kernel were
     slower on the H100 at 64k tokens: one serial pass per row-block group, 7.5 ms per pass against
     3.4 + 1.6 ms for these two; the shares' products in parallel with their chaining a
     wavefront through an fp32 ring in L2 and per-row-block flags, 25.5 ms for the forward's and
-    the backward's pass against 8.6 (run H, RESULTS.md)."""
+    the backward's pass against 8.6 (run H, RESULTS.md); and that wavefront in the Gluon share kernel,
+    2.2 ms a forward pass against 1.7, 2.5 even with no flags at all (run AA, branch
+    chained-gluon-pass)."""
     bsz, t, hx, d = x.shape
     hk, slots, dim = states.shape[1], states.shape[2], states.shape[3]
     n_chunks = slots - 1
