@@ -18,8 +18,16 @@ WY in shared memory (the B operand, loaded once by TMA), and:
   accumulator register sets alternate; UNROLL tiles per trip of the loop, the wgmmas drained at the end
   of each trip (else ptxas serializes them: see the comment in the kernel).
 
+- "gluon warp-specialised": a worker warp group weights the operand into a ring of shared buffers (mbarriers
+  ready / empty), the default warp group issues the wgmmas with A from shared memory and stores the tiles.
+  Right, but half as fast as the pipelined kernel on the H100 (2.18-2.35 ms against 1.17 at N = 4096; RESULTS.md,
+  attention kernels, run AA): the operand makes a round trip through shared memory that the pipelined kernel's
+  register operand avoids (per tile 32 KB written and 64 KB read by the wgmmas, about 0.85 ms of the SM's
+  shared-memory bandwidth over the whole run), and the buffers leave one program an SM instead of two.
+
     PYTHONPATH=$PWD python3 benchmarks/explore_gluon_share.py            # check + time (CUDA device)
     PYTHONPATH=/work/triton36 TRITON_INTERPRET=0 python benchmarks/explore_gluon_share.py --compile-only
+    (--only "pipelined,warp" times the variants whose names hold one of the substrings)
 """
 
 import argparse
@@ -239,6 +247,88 @@ def share_gluon_pipe_kernel(x_desc, wy_desc, out_desc, UNROLL: gl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Gluon: warp specialised. A worker warp group weights the operand (CUDA cores) into a ring of shared buffers;
+# the default warp group only issues the wgmmas (A from shared memory) and stores the tiles
+# --------------------------------------------------------------------------------------------------------------
+@gluon.jit
+def _ws_weigh(x_smem, xcol, a_bufs, ready, empty, D: gl.constexpr, KC: gl.constexpr):
+    """Worker: for every tile i and piece k, X^T[:, piece k] * X[piece k, i] into ring slot (4 i + k) % STAGES
+    once the wgmma that read that slot before has finished (empty), then ready."""
+    STAGES: gl.constexpr = a_bufs.type.shape[0]
+    lay: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    xs_layout: gl.constexpr = gl.SliceLayout(0, lay)
+    xt0 = x_smem.slice(0 * KC, KC).permute((1, 0)).load(lay)
+    xt1 = x_smem.slice(1 * KC, KC).permute((1, 0)).load(lay)
+    xt2 = x_smem.slice(2 * KC, KC).permute((1, 0)).load(lay)
+    xt3 = x_smem.slice(3 * KC, KC).permute((1, 0)).load(lay)
+    for i in range(D):
+        for k in gl.static_range(4):
+            if k == 0:
+                xt_k = xt0
+            elif k == 1:
+                xt_k = xt1
+            elif k == 2:
+                xt_k = xt2
+            else:
+                xt_k = xt3
+            c = i * 4 + k
+            idx = c % STAGES
+            mbarrier.wait(empty.index(idx), ((c // STAGES) & 1) ^ 1)
+            xi = xcol.index(i).slice(k * KC, KC).load(xs_layout)
+            a_bufs.index(idx).store(xt_k * gl.expand_dims(xi, 0))
+            fence_async_shared()
+            mbarrier.arrive(ready.index(idx), count=1)
+
+
+@gluon.jit
+def _ws_mma(a_bufs, ready, empty, wy_smem, out_desc, out_smem, p, D: gl.constexpr, KC: gl.constexpr):
+    """Default partition: each tile's four wgmmas from the ring (a slot released once its wgmma is done),
+    then the tile's store (_store_tile)."""
+    STAGES: gl.constexpr = a_bufs.type.shape[0]
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    zero = gl.zeros([D, D], gl.float32, mma)
+    for i in range(D):
+        for k in gl.static_range(4):
+            c = i * 4 + k
+            idx = c % STAGES
+            mbarrier.wait(ready.index(idx), (c // STAGES) & 1)
+            if k == 0:
+                acc = warpgroup_mma(a_bufs.index(idx), wy_smem.slice(k * KC, KC), zero, use_acc=False, is_async=True)
+            else:
+                acc = warpgroup_mma(a_bufs.index(idx), wy_smem.slice(k * KC, KC), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                mbarrier.arrive(empty.index((c - 1) % STAGES), count=1)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(empty.index((i * 4 + 3) % STAGES), count=1)
+        _store_tile(acc, out_desc, out_smem, (p * D + i) * D, i % 2)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def share_gluon_ws_kernel(x_desc, wy_desc, out_desc, STAGES: gl.constexpr, WREGS: gl.constexpr):
+    M: gl.constexpr = x_desc.block_type.shape[0]
+    D: gl.constexpr = x_desc.block_type.shape[1]
+    KC: gl.constexpr = M // 4
+    gl.static_assert(gl.num_warps() == 4, "one warp group issues the wgmmas")
+    p = gl.program_id(0)
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [M, D], x_desc.layout)
+    wy_smem = gl.allocate_shared_memory(gl.bfloat16, [M, D], wy_desc.layout)
+    xcol_smem = gl.allocate_shared_memory(gl.bfloat16, [D, M],
+                                          gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+    out_smem = gl.allocate_shared_memory(gl.bfloat16, [2, D, D], out_desc.layout)
+    a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, KC], gl.bfloat16)
+    a_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, D, KC], a_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    xcol = _load_inputs(x_desc, wy_desc, p, x_smem, wy_smem, xcol_smem, M, D)
+    gl.warp_specialize([(_ws_mma, (a_bufs, ready, empty, wy_smem, out_desc, out_smem, p, D, KC)),
+                        (_ws_weigh, (x_smem, xcol, a_bufs, ready, empty, D, KC))], [4], [WREGS])
+
+
+# --------------------------------------------------------------------------------------------------------------
 # launchers, variants
 # --------------------------------------------------------------------------------------------------------------
 def _layouts():
@@ -286,6 +376,8 @@ VARIANTS = [(f"triton w{w} s{s}", "triton", (w, s)) for w in (8, 4) for s in (2,
 VARIANTS += [(f"triton w{w} s2, TMA stores", "triton_tma", (w, 2)) for w in (8, 4)]
 VARIANTS += [("gluon sync (TMA stores)", "gluon", (share_gluon_sync_kernel, {}))]
 VARIANTS += [(f"gluon pipelined, {u} tiles/trip", "gluon", (share_gluon_pipe_kernel, {"UNROLL": u})) for u in (2, 4, 8)]
+VARIANTS += [(f"gluon warp-specialised, {st} stages, worker {r} regs", "gluon",
+              (share_gluon_ws_kernel, {"STAGES": st, "WREGS": r})) for st, r in ((2, 152), (4, 152), (8, 152))]
 
 
 def make_runner(kind, arg):
@@ -391,7 +483,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--only", default="", help="comma-separated substrings: the variants whose names hold one")
     args = parser.parse_args()
+    if args.only:
+        VARIANTS[:] = [v for v in VARIANTS if any(o in v[0] for o in args.only.split(","))]
     if args.compile_only:
         return compile_only()
     dev = "cuda"

@@ -94,7 +94,7 @@ def test_gluon_share_exploration_compiles_for_hopper(triton_path):
     """benchmarks/explore_gluon_share.py (Gluon kernels cannot run under the interpreter; their GPU run
     checks them against torch) compiles every variant for sm_90 with the GPU machine's Triton, without
     spills: the script is written against Triton 3.6's Gluon API."""
-    assert all("spill stores 0 B" in ln for ln in compile_only("explore_gluon_share.py", triton_path, 10))
+    assert all("spill stores 0 B" in ln for ln in compile_only("explore_gluon_share.py", triton_path, 13))
 
 
 @pytest.mark.parametrize("triton_path", GPU_TRITONS)
