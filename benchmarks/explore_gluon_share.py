@@ -257,20 +257,11 @@ def _ws_weigh(x_smem, xcol, a_bufs, ready, empty, D: gl.constexpr, KC: gl.conste
     STAGES: gl.constexpr = a_bufs.type.shape[0]
     lay: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     xs_layout: gl.constexpr = gl.SliceLayout(0, lay)
-    xt0 = x_smem.slice(0 * KC, KC).permute((1, 0)).load(lay)
-    xt1 = x_smem.slice(1 * KC, KC).permute((1, 0)).load(lay)
-    xt2 = x_smem.slice(2 * KC, KC).permute((1, 0)).load(lay)
-    xt3 = x_smem.slice(3 * KC, KC).permute((1, 0)).load(lay)
+    xts = (x_smem.slice(0 * KC, KC).permute((1, 0)).load(lay), x_smem.slice(1 * KC, KC).permute((1, 0)).load(lay),
+           x_smem.slice(2 * KC, KC).permute((1, 0)).load(lay), x_smem.slice(3 * KC, KC).permute((1, 0)).load(lay))
     for i in range(D):
         for k in gl.static_range(4):
-            if k == 0:
-                xt_k = xt0
-            elif k == 1:
-                xt_k = xt1
-            elif k == 2:
-                xt_k = xt2
-            else:
-                xt_k = xt3
+            xt_k = xts[k]
             c = i * 4 + k
             idx = c % STAGES
             mbarrier.wait(empty.index(idx), ((c // STAGES) & 1) ^ 1)
