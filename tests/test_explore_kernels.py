@@ -119,3 +119,13 @@ def test_the_decay_gradient_recurrence_is_exact_for_exact_states():
     direct_err = ((r["direct"] - r["exact"]).norm() / r["exact"].norm()).item()
     stored_err = ((stored - r["exact"]).norm() / r["exact"].norm()).item()
     assert 1e-5 < direct_err < 1e-2 and stored_err < 2 * direct_err
+
+
+def test_split_k_exploration_matches_torch(monkeypatch):
+    """benchmarks/explore_split_k.py's fused launch (rows of the hidden state from the down projection, then
+    the q/k/v projection's split-K sums and the sum of squares by atomics) against the model's down launch
+    and torch, under the interpreter (its --check-only: exit 1 when a sum is off)."""
+    import explore_split_k as esk
+
+    monkeypatch.setattr(sys, "argv", ["explore_split_k.py", "--check-only", "--rows", "8"])
+    assert esk.main() == 0
