@@ -3,8 +3,8 @@
 Answer (H100, RESULTS.md, generation, run AA): no. Per layer, graphed, 12 layers: the model's two launches
 5.59 / 6.13 us (the down launch alone 2.44 / 2.77), the fused launch 13.06 us with 2 rows of h a program,
 25.91 with 4, 17.87 with 8, 28.52 with 16. Each program adds a partial sum for every one of the 2304
-outputs, so 96 to 384 programs make 0.2 to 0.9 million fp32 atomics a layer, which cost far more than
-the launch they save.
+outputs, so 48 to 384 programs make 0.1 to 0.9 million fp32 atomics a layer, which cost far more than
+the launch they save. (`python benchmarks/explore_split_k.py --rows 2,4,8,16`, one call.)
 
 At batch 1 the q/k/v launch costs the benchmark model's step about 57 us (4.8 us a layer; RESULTS.md,
 generation, run X: the step without it 0.230 ms against 0.287), and 5x the Llama needs 0.236. The
@@ -29,7 +29,8 @@ This times a chain of `layers` layers of the benchmark model's shape (hidden 768
     down only   the down launch alone (what the fused launch must beat, with the q/k/v launch gone)
     fused       one launch a layer (_down_qkv_kernel): rows of h = h_prev + W_down a, then the split-K
                 sums into z [2304] fp32 and the sum of squares, by atomics (zeroed by a memset inside
-                the graph, counted); rows_per_program programs' worth of rows each
+                the graph, counted); --rows rows of h a program. The gate's 12 projections are left
+                out (12 more sums a program)
 
 and checks the fused sums against torch (z / rms against the normed projections, fp32).
 
@@ -67,7 +68,8 @@ def _down_qkv_kernel(A, W1, H_PREV, H, W2T, GW, Z, SS, K1: tl.constexpr, N2: tl.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     w1 = tl.load(W1 + rows[:, None] * K1 + tl.arange(0, K1)[None, :])
     offs_z = tl.arange(0, BZ)
-    # the q/k/v weights of these rows, loaded before the wait like the down weights: N2 / BZ tiles
+    # these rows' q/k/v weights before the wait, like the down weights: the first of their N2 / BZ tiles
+    # in registers, all of them asked into L2 (with PDL)
     w2 = tl.load(W2T + rows[:, None] * N2 + offs_z[None, :])
     if PDL:
         lines = tl.arange(0, LINES) * 64
